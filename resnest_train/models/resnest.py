@@ -1,0 +1,235 @@
+"""The ResNeSt trunk and bottleneck (arXiv 2004.08955) and the ResNet-D / SE-Net trunks it generalises.
+
+One trunk class serves every model of the zoo: the block type and its options (radix, cardinality,
+bottleneck width, avd, SE) are passed in; the stem (deep 3x3 or 7x7) and the shortcut (ResNet-D average
+pool, or strided 1x1 conv) are trunk options. Module names follow timm's `ResNet` so state dicts are
+interchangeable (`conv1.0.weight`, `layer1.0.conv2.fc1.weight`, `fc.weight`, ...); the structure follows
+the official PyTorch port and torchvision's `resnet.py`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+from torchvision.ops import DropBlock2d, drop_block2d
+
+from resnest_train.models.split_attention import SplitAttentionConv2d
+
+NormLayer = Callable[[int], nn.Module]
+
+
+class SqueezeExcite(nn.Module):
+    """SE-Net channel gate (arXiv 1709.01507): GAP -> 1x1 (C/16) -> ReLU -> 1x1 (C) -> sigmoid."""
+
+    def __init__(self, channels: int, *, reduction: int = 16, divisor: int = 8):
+        super().__init__()
+        # timm's rounding of the reduced width (a multiple of 8), so its seresnet50 weights fit.
+        reduced = max(divisor, int(channels / reduction + divisor / 2) // divisor * divisor)
+        self.fc1 = nn.Conv2d(channels, reduced, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(reduced, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
+        return x * torch.sigmoid(gate)
+
+
+class OddDropBlock2d(DropBlock2d):
+    """torchvision's DropBlock, with the block shrunk to an odd size on maps smaller than it (torchvision
+    raises on a 2x2 map, which small-image runs reach in stage 4)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        block_size = min(self.block_size, x.shape[-1], x.shape[-2])
+        block_size -= 1 - block_size % 2
+        return drop_block2d(x, self.p, block_size, self.inplace, self.eps, self.training)
+
+
+def make_drop_block(prob: float) -> Optional[nn.Module]:
+    """DropBlock (block 3, as the reference) or None; its `p` is ramped by `ResNeSt.set_dropblock_prob`."""
+    return OddDropBlock2d(prob, block_size=3) if prob > 0 else None
+
+
+class ResNeStBottleneck(nn.Module):
+    """1x1 -> split-attention 3x3 (or plain 3x3 when radix == 0) -> 1x1, with avd and optional SE."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        *,
+        stride: int = 1,
+        downsample: Optional[nn.Module] = None,
+        radix: int = 2,
+        cardinality: int = 1,
+        bottleneck_width: int = 64,
+        avd: bool = True,
+        avd_first: bool = False,
+        dilation: int = 1,
+        squeeze_excite: bool = False,
+        dropblock_prob: float = 0.0,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+    ):
+        super().__init__()
+        group_width = int(planes * (bottleneck_width / 64.0)) * cardinality
+        # avd: the stride moves from the 3x3 conv to a 3x3 average pool (before or after it).
+        avd_stride = stride if avd and stride > 1 else 0
+        conv_stride = 1 if avd_stride else stride
+        self.conv1 = nn.Conv2d(inplanes, group_width, 1, bias=False)
+        self.bn1 = norm_layer(group_width)
+        self.drop1 = make_drop_block(dropblock_prob) or nn.Identity()
+        self.act1 = nn.ReLU(inplace=True)
+        self.avd_first = nn.AvgPool2d(3, avd_stride, padding=1) if avd_stride and avd_first else None
+        if radix >= 1:
+            self.conv2 = SplitAttentionConv2d(
+                group_width, group_width, kernel_size=3, stride=conv_stride, padding=dilation,
+                dilation=dilation, cardinality=cardinality, radix=radix, norm_layer=norm_layer,
+                drop_layer=make_drop_block(dropblock_prob))
+            self.bn2 = nn.Identity()
+            self.drop2 = nn.Identity()
+            self.act2 = nn.Identity()
+        else:
+            self.conv2 = nn.Conv2d(group_width, group_width, 3, conv_stride, padding=dilation,
+                                   dilation=dilation, groups=cardinality, bias=False)
+            self.bn2 = norm_layer(group_width)
+            self.drop2 = make_drop_block(dropblock_prob) or nn.Identity()
+            self.act2 = nn.ReLU(inplace=True)
+        self.avd_last = nn.AvgPool2d(3, avd_stride, padding=1) if avd_stride and not avd_first else None
+        self.conv3 = nn.Conv2d(group_width, planes * self.expansion, 1, bias=False)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.drop3 = make_drop_block(dropblock_prob) or nn.Identity()
+        self.se = SqueezeExcite(planes * self.expansion) if squeeze_excite else None
+        self.act3 = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.bn3.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.act1(self.drop1(self.bn1(self.conv1(x))))
+        if self.avd_first is not None:
+            out = self.avd_first(out)
+        out = self.act2(self.drop2(self.bn2(self.conv2(out))))
+        if self.avd_last is not None:
+            out = self.avd_last(out)
+        out = self.drop3(self.bn3(self.conv3(out)))
+        if self.se is not None:
+            out = self.se(out)
+        return self.act3(out + shortcut)
+
+
+def make_stem(stem_width: int, deep_stem: bool, norm_layer: NormLayer) -> tuple[nn.Module, int]:
+    """Deep stem: three 3x3 convs (ResNet-C/D, arXiv 1812.01187); otherwise the 7x7 conv. Returns the
+    module (named `conv1`, followed by the trunk's `bn1`) and its output width."""
+    if not deep_stem:
+        return nn.Conv2d(3, stem_width, 7, stride=2, padding=3, bias=False), stem_width
+    stem = nn.Sequential(
+        nn.Conv2d(3, stem_width, 3, stride=2, padding=1, bias=False),
+        norm_layer(stem_width),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(stem_width, stem_width, 3, stride=1, padding=1, bias=False),
+        norm_layer(stem_width),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(stem_width, stem_width * 2, 3, stride=1, padding=1, bias=False),
+    )
+    return stem, stem_width * 2
+
+
+def make_downsample(inplanes: int, outplanes: int, stride: int, dilation: int, avg_down: bool,
+                    norm_layer: NormLayer) -> nn.Module:
+    """Shortcut projection. ResNet-D (`avg_down`): 2x2 average pool then a 1x1 conv, so no activation
+    is skipped by a strided 1x1 (arXiv 1812.01187, fig. 2c)."""
+    if not avg_down:
+        return nn.Sequential(nn.Conv2d(inplanes, outplanes, 1, stride=stride, bias=False), norm_layer(outplanes))
+    if stride == 1 and dilation == 1:
+        pool: nn.Module = nn.Identity()
+    else:
+        pool = nn.AvgPool2d(2, stride if dilation == 1 else 1, ceil_mode=True, count_include_pad=False)
+    return nn.Sequential(pool, nn.Conv2d(inplanes, outplanes, 1, bias=False), norm_layer(outplanes))
+
+
+class ResNeSt(nn.Module):
+    """stem -> maxpool -> four stages of bottlenecks -> global average pool -> dropout -> fc."""
+
+    def __init__(
+        self,
+        block: Callable[..., nn.Module],
+        layers: Sequence[int],
+        *,
+        num_classes: int = 1000,
+        stem_width: int = 64,
+        deep_stem: bool = False,
+        avg_down: bool = False,
+        dilations: Sequence[int] = (1, 1, 1, 1),
+        dropout: float = 0.0,
+        dropblock_prob: float = 0.0,
+        zero_init_last_bn: bool = True,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        **block_kwargs,
+    ):
+        super().__init__()
+        self.conv1, inplanes = make_stem(stem_width, deep_stem, norm_layer)
+        self.bn1 = norm_layer(inplanes)
+        self.act1 = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        expansion = 4  # every block of the zoo is a bottleneck
+        for index, (planes, num_blocks, dilation) in enumerate(zip((64, 128, 256, 512), layers, dilations)):
+            # A dilated stage keeps its resolution (stride 1) instead of halving it (DeepLab-style).
+            stride = 1 if index == 0 or dilation > 1 else 2
+            downsample = None
+            if stride != 1 or inplanes != planes * expansion:
+                downsample = make_downsample(inplanes, planes * expansion, stride, dilation, avg_down, norm_layer)
+            stage = []
+            for block_index in range(num_blocks):
+                stage.append(block(
+                    inplanes, planes, stride=stride if block_index == 0 else 1,
+                    downsample=downsample if block_index == 0 else None, dilation=dilation,
+                    # DropBlock in stages 3 and 4 only, as in the recipe of the released weights.
+                    dropblock_prob=dropblock_prob if index >= 2 else 0.0,
+                    norm_layer=norm_layer, **block_kwargs))
+                inplanes = planes * expansion
+            self.add_module(f"layer{index + 1}", nn.Sequential(*stage))
+        self.num_features = inplanes
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(inplanes, num_classes)
+        self.init_weights(zero_init_last_bn)
+
+    def init_weights(self, zero_init_last_bn: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        # After every other init, so no later loop undoes it (the official port's bug). Each residual
+        # block then starts as the identity: "Accurate, Large Minibatch SGD", arXiv 1706.02677, 5.1.
+        if zero_init_last_bn:
+            for module in self.modules():
+                if hasattr(module, "zero_init_last"):
+                    module.zero_init_last()
+
+    def set_dropblock_prob(self, prob: float) -> None:
+        """Set every DropBlock's probability (the trainer ramps it linearly from 0 over training)."""
+        for module in self.modules():
+            if isinstance(module, DropBlock2d):
+                module.p = prob
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        return self.layer4(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.drop(x.mean((2, 3)))  # dropout right before the classifier, active in train mode only
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+

@@ -1,0 +1,95 @@
+"""Split-Attention convolution (ResNeSt, arXiv 2004.08955, section 3) in the radix-major layout.
+
+The layout follows the official implementation and timm (`layers/split_attn.py`), so their weights load
+unchanged: one grouped conv with `groups = cardinality * radix` whose output channels are radix-major
+(split r occupies channels [r*C, (r+1)*C)); the attention MLP (fc1, fc2) is grouped by cardinality, so
+its output is cardinality-major and `RadixSoftmax` turns it back into radix-major weights.
+
+Unlike timm, the forward never reshapes the feature map into a 5-d tensor and never calls `.contiguous()`:
+the splits are channel slices combined with element-wise ops, which keep whatever memory format the input
+has. That is what keeps channels_last fast (timm's version is 2.6x slower in training with it, BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RadixSoftmax(nn.Module):
+    """Softmax across the radix splits of each cardinal group; a sigmoid gate when radix == 1."""
+
+    def __init__(self, radix: int, cardinality: int):
+        super().__init__()
+        self.radix = radix
+        self.cardinality = cardinality
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.radix == 1:
+            return torch.sigmoid(x)
+        batch = x.shape[0]
+        # (B, cardinality*radix*C', 1, 1) -> (B, cardinality, radix, C'): cardinality-major from fc2
+        x = x.reshape(batch, self.cardinality, self.radix, -1)
+        x = F.softmax(x, dim=2)
+        # (B, cardinality, radix, C') -> (B, radix, cardinality, C') -> (B, radix*cardinality*C', 1, 1)
+        return x.transpose(1, 2).reshape(batch, -1, 1, 1)
+
+
+class SplitAttentionConv2d(nn.Module):
+    """conv (groups = cardinality * radix) -> BN -> ReLU -> split attention -> (B, out_channels, H, W)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int = 1,
+        dilation: int = 1,
+        cardinality: int = 1,
+        radix: int = 2,
+        reduction_factor: int = 4,
+        min_inter_channels: int = 32,
+        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        act_layer: Callable[..., nn.Module] = nn.ReLU,
+        drop_layer: Optional[nn.Module] = None,
+    ):
+        super().__init__()
+        self.radix = radix
+        self.out_channels = out_channels
+        # The reference's width of the attention MLP: max(in * radix / 4, 32).
+        inter_channels = max(in_channels * radix // reduction_factor, min_inter_channels)
+        self.conv = nn.Conv2d(in_channels, out_channels * radix, kernel_size, stride, padding, dilation,
+                              groups=cardinality * radix, bias=False)
+        self.bn0 = norm_layer(out_channels * radix)
+        self.drop = drop_layer if drop_layer is not None else nn.Identity()
+        self.act0 = act_layer(inplace=True)
+        self.fc1 = nn.Conv2d(out_channels, inter_channels, 1, groups=cardinality)
+        self.bn1 = norm_layer(inter_channels)
+        self.act1 = act_layer(inplace=True)
+        self.fc2 = nn.Conv2d(inter_channels, out_channels * radix, 1, groups=cardinality)
+        self.radix_softmax = RadixSoftmax(radix, cardinality)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act0(self.drop(self.bn0(self.conv(x))))  # (B, radix*C, H, W)
+        batch = x.shape[0]
+        # GAP of the sum over splits == sum over splits of the GAP: pool first, on the small tensor.
+        gap = x.mean((2, 3), keepdim=True)  # (B, radix*C, 1, 1)
+        if self.radix > 1:
+            # (B, radix*C, 1, 1) -> (B, radix, C, 1, 1) -> (B, C, 1, 1)
+            gap = gap.reshape(batch, self.radix, self.out_channels, 1, 1).sum(1)
+        attn = self.fc2(self.act1(self.bn1(self.fc1(gap))))
+        attn = self.radix_softmax(attn)  # (B, radix*C, 1, 1), radix-major
+        if self.radix == 1:
+            return x * attn
+        # Channel slices are views in both NCHW and channels_last; no layout-breaking reshape.
+        splits = x.split(self.out_channels, dim=1)
+        weights = attn.split(self.out_channels, dim=1)
+        out = splits[0] * weights[0]
+        for split, weight in zip(splits[1:], weights[1:]):
+            out = torch.addcmul(out, split, weight)
+        return out
