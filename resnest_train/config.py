@@ -21,8 +21,10 @@ from typing import Any, Optional
 
 import yaml
 
+from resnest_train.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A user error in a config file, an override or a path the config names."""
 
 

@@ -1,0 +1,62 @@
+"""The command-line front doors of train.py and evaluate.py: parse, load the config, run, and turn every
+user error into one `error: ...` line with exit code 2 (no traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from resnest_train.config import load_config, to_yaml
+from resnest_train.errors import UserError
+
+
+def _report(main, argv) -> int:
+    try:
+        return main(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _train(argv) -> int:
+    parser = argparse.ArgumentParser(prog="train.py", description="Train a ResNeSt model from a YAML config.")
+    parser.add_argument("--config", required=True, help="YAML experiment config (configs/*.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override a config key (YAML value)")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(config), end="")
+        return 0
+    from resnest_train.runner import train
+    folder = train(config)
+    print(f"run folder: {folder}")
+    return 0
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    return _report(_train, argv)
+
+
+def _evaluate(argv) -> int:
+    parser = argparse.ArgumentParser(prog="evaluate.py", description="Evaluate a checkpoint at one or more crops.")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--checkpoint", required=True, help="our checkpoint, an official ResNeSt .pth, or timm weights")
+    parser.add_argument("--crop-size", type=int, nargs="+", help="default: data.val_crop_size")
+    parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument("--predictions", help="write per-image top-5 predictions as CSV here")
+    parser.add_argument("--batch-size", type=int, help="default: train.batch_size")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    from resnest_train.evaluation import evaluate_checkpoint
+    evaluate_checkpoint(config, args.checkpoint, crop_sizes=args.crop_size, output=args.output,
+                        predictions=args.predictions, batch_size=args.batch_size)
+    return 0
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    return _report(_evaluate, argv)

@@ -1,0 +1,137 @@
+"""NVIDIA DALI pipelines for training and validation, one function each with a CPU/GPU device switch.
+
+Training: file reader sharded by global rank over the dataset index, globally reshuffled every epoch
+(`shuffle_after_epoch`, the same reader seed on every rank so shards stay disjoint) -> decode with random
+crop (`mixed` = nvJPEG on the GPU, or `cpu`) -> resize -> AutoAugment (ImageNet policy) -> color jitter ->
+PCA lighting -> flip + normalize. Augmentation seeds derive from the seed and the *global* rank, so nodes
+never repeat each other. `pad_last_batch` with `reader_name` gives every rank the same number of batches
+(a per-rank `size` does not: a silent DDP mismatch, then a stall).
+
+Validation: each rank reads its own slice of the val list (`files[rank::world]`), so there is no padding at
+all and every image is counted exactly once; resize the shorter side, center crop, normalize.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.auto_aug import auto_augment
+from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+from nvidia.dali.plugin.pytorch import DALIClassificationIterator
+
+from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVAL, PCA_EIGVEC
+
+_INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
+
+
+def _normalize(images, *, device_layout: str, mirror=None, crop=None):
+    kwargs = dict(dtype=types.FLOAT, output_layout=device_layout,
+                  mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
+    if crop is not None:
+        kwargs.update(crop=crop, crop_pos_x=0.5, crop_pos_y=0.5)
+    if mirror is not None:
+        kwargs["mirror"] = mirror
+    return fn.crop_mirror_normalize(images, **kwargs)
+
+
+def _lighting(images, std: float):
+    """AlexNet PCA lighting: add eigvec @ (alpha * eigval), alpha ~ N(0, std), per image (0-255 scale)."""
+    alpha = fn.random.normal(shape=[1, 3], stddev=std)
+    # (1, 3) point through M = 255 * eigvec * eigval -> the (1, 3) RGB shift
+    shift = fn.coord_transform(alpha, M=(255.0 * np.array(PCA_EIGVEC) * np.array(PCA_EIGVAL)).ravel().tolist())
+    shift = fn.reshape(shift, shape=[3])
+    return fn.coord_transform(images, T=shift, dtype=types.FLOAT)
+
+
+@pipeline_def(enable_conditionals=True)
+def _train_pipeline(*, root, files, labels, shard_id, num_shards, reader_seed, device, crop_size, rrc_scale,
+                    interpolation, hflip, autoaugment, color_jitter, lighting, layout):
+    jpegs, targets = fn.readers.file(
+        file_root=root, files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
+        shuffle_after_epoch=True, seed=reader_seed, pad_last_batch=True, name="reader")
+    images = fn.decoders.image_random_crop(
+        jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
+        random_area=list(rrc_scale), random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
+    images = fn.resize(images, resize_x=crop_size, resize_y=crop_size, interp_type=_INTERP[interpolation],
+                       antialias=True)
+    if autoaugment == "imagenet":
+        images = auto_augment.auto_augment_image_net(images, shape=[crop_size, crop_size])
+    if color_jitter > 0:
+        low, high = 1 - color_jitter, 1 + color_jitter
+        images = fn.color_twist(images, brightness=fn.random.uniform(range=[low, high]),
+                                contrast=fn.random.uniform(range=[low, high]),
+                                saturation=fn.random.uniform(range=[low, high]))
+    if lighting > 0:
+        images = _lighting(images, lighting)
+    mirror = fn.random.coin_flip(probability=0.5) if hflip else None
+    images = _normalize(images, device_layout=layout, mirror=mirror)
+    return images, targets.gpu() if device == "gpu" else targets
+
+
+@pipeline_def
+def _val_pipeline(*, root, files, labels, device, crop_size, resize_size, interpolation, layout):
+    jpegs, targets = fn.readers.file(file_root=root, files=files, labels=labels, random_shuffle=False,
+                                     pad_last_batch=True, name="reader")
+    images = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+    images = fn.resize(images, resize_shorter=resize_size, interp_type=_INTERP[interpolation], antialias=True)
+    images = _normalize(images, device_layout=layout, crop=(crop_size, crop_size))
+    return images, targets.gpu() if device == "gpu" else targets
+
+
+class DaliLoader:
+    """Iterates (images, targets) torch tensors; `len()` is the batches per epoch, equal on every rank."""
+
+    def __init__(self, pipeline, drop_last: bool):
+        self.pipeline = pipeline
+        self.pipeline.build()
+        policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
+        self.iterator = DALIClassificationIterator(
+            pipeline, reader_name="reader", last_batch_policy=policy, auto_reset=True)
+        self._len = len(self.iterator)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self):
+        for batch in self.iterator:
+            yield batch[0]["data"], batch[0]["label"].reshape(-1).long()
+
+    def state(self) -> str:
+        """The reader and augmentation RNG position after the batches consumed so far (DALI checkpoint)."""
+        return self.iterator.checkpoints()[0]
+
+
+def _device_id(device: str) -> int | None:
+    return torch.cuda.current_device() if device == "gpu" else None
+
+
+def build_dali_train(index, data_cfg, *, batch_size: int, rank: int, world_size: int, seed: int,
+                     device: str, channels_last: bool, state: str | None = None) -> DaliLoader:
+    files, labels = zip(*index.train)
+    pipe = _train_pipeline(
+        batch_size=batch_size, num_threads=max(1, data_cfg.workers), device_id=_device_id(device),
+        seed=seed * 1000 + rank + 1, prefetch_queue_depth=2, enable_checkpointing=True, checkpoint=state,
+        root=index.root, files=list(files), labels=list(labels), shard_id=rank, num_shards=world_size,
+        reader_seed=seed + 17, device=device, crop_size=data_cfg.crop_size, rrc_scale=data_cfg.rrc_scale,
+        interpolation=data_cfg.interpolation, hflip=data_cfg.hflip, autoaugment=data_cfg.autoaugment,
+        color_jitter=data_cfg.color_jitter, lighting=data_cfg.lighting,
+        layout="HWC" if channels_last else "CHW")
+    return DaliLoader(pipe, drop_last=True)
+
+
+def build_dali_val(index, data_cfg, *, batch_size: int, rank: int, world_size: int, device: str,
+                   crop_size: int, resize_size: int, channels_last: bool) -> DaliLoader | list:
+    shard = index.val[rank::world_size]
+    if not shard:
+        return []
+    files, labels = zip(*shard)
+    pipe = _val_pipeline(
+        batch_size=batch_size, num_threads=max(1, data_cfg.workers), device_id=_device_id(device), seed=0,
+        root=index.root, files=list(files), labels=list(labels), device=device, crop_size=crop_size,
+        resize_size=resize_size, interpolation=data_cfg.interpolation,
+        layout="HWC" if channels_last else "CHW")
+    return DaliLoader(pipe, drop_last=False)

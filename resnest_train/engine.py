@@ -1,0 +1,76 @@
+"""One training step and one evaluation pass: explicit objects in, numbers out.
+
+One code path for every precision (STYLE.md): autocast is enabled for bf16/fp16 where the device supports
+it, and the GradScaler is a no-op unless fp16. Losses stay on the device; the caller fetches them in one
+batch at log time, so there is no host sync per step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from resnest_train.distributed import DistInfo, all_reduce_sum
+
+log = logging.getLogger(__name__)
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    enabled: bool
+    dtype: torch.dtype
+    device_type: str
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+
+def resolve_precision(amp: str, device: torch.device) -> Precision:
+    """bf16 everywhere torch autocasts it (CUDA with bf16 support, CPU); fp16 on CUDA only."""
+    if amp == "none":
+        return Precision(False, torch.float32, device.type)
+    supported = (device.type == "cuda" and (amp == "fp16" or torch.cuda.is_bf16_supported())) or (
+        device.type == "cpu" and amp == "bf16")
+    if not supported:
+        log.info("train.amp=%s is not supported on %s: training in fp32", amp, device.type)
+        return Precision(False, torch.float32, device.type)
+    return Precision(True, _AMP_DTYPES[amp], device.type)
+
+
+def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, criterion: nn.Module,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, precision: Precision,
+               mixup=None) -> torch.Tensor:
+    """Forward, backward and update on one batch; returns the detached loss (still on the device)."""
+    if mixup is not None:
+        images, targets = mixup(images, targets)
+    with precision.autocast():
+        loss = criterion(model(images), targets)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, dist: DistInfo, precision: Precision) -> dict:
+    """Top-1 / top-5 in percent from counts summed across ranks; every image counted once."""
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=dist.device)  # correct@1, correct@5, images
+    for images, targets in loader:
+        with precision.autocast():
+            logits = model(images)
+        top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == targets[:, None]
+        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
+                               torch.tensor(targets.numel(), device=hits.device)]).to(counts)
+    all_reduce_sum(counts, dist)
+    correct1, correct5, total = counts.tolist()
+    total = int(total)
+    return {"top1": 100.0 * correct1 / max(total, 1), "top5": 100.0 * correct5 / max(total, 1),
+            "num_images": total}
