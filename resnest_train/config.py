@@ -159,6 +159,10 @@ class TrainConfig:
         _check_choice("train.amp", self.amp, ("none", "bf16", "fp16"))
         _check_range("train.log_interval", self.log_interval, 1)
         _check_range("train.eval_interval", self.eval_interval, 1)
+        if self.mixup_alpha > 0 and self.batch_size % 2:
+            # Batch mixup pairs each image with its mirror in the batch (timm's Mixup).
+            raise ConfigError(f"'train.batch_size' must be even with mixup (train.mixup_alpha > 0), "
+                              f"got {self.batch_size}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` and `make test` (each creates .venv when missing).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_DATA := data/demo
+
+.PHONY: venv demo test bench lint clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(DEMO_DATA)/train:
+	$(PY) scripts/make_synthetic_dataset.py --out $(DEMO_DATA) --classes 10 --train-per-class 60 --val-per-class 20 --size 72
+
+demo: venv $(DEMO_DATA)/train
+	$(PY) train.py --config configs/demo.yaml
+	$(PY) evaluate.py --config configs/demo.yaml --checkpoint runs/demo/checkpoints/best.pt \
+		--crop-size 64 72 --output runs/demo/eval.json
+	@echo "demo run folder: runs/demo (tensorboard --logdir runs/demo/tb)"
+
+test: venv
+	$(PY) -m pytest
+
+bench: venv
+	$(PY) scripts/benchmark.py model --model resnest50 --compare --channels-last-compare
+	$(PY) scripts/benchmark.py trainer --compare
+	$(PY) scripts/benchmark.py data --root $(DEMO_DATA) --backend dali --compare
+
+lint: venv
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf runs/demo $(DEMO_DATA)

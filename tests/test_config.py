@@ -1,0 +1,126 @@
+"""The strict config: inheritance, overrides, coercion, and every user-error path of the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from resnest_train.config import ConfigError, load_config, parse_override, to_dict
+from tests.conftest import ROOT
+
+CONFIGS = ROOT / "configs"
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_resnest50_recipe():
+    config = load_config(CONFIGS / "resnest50.yaml")
+    assert config.model.name == "resnest50" and config.model.dropblock_prob == 0.1
+    assert config.optim.lr == 0.1 and config.optim.nesterov and config.optim.weight_decay == 1e-4
+    assert config.train.epochs == 270 and config.train.mixup_alpha == 0.2 and config.train.label_smoothing == 0.1
+    assert config.schedule.warmup_epochs == 5 and config.data.autoaugment == "imagenet"
+    assert config.data.val_resize_size == 256
+
+
+@pytest.mark.parametrize("name,crop,val_crop,ratio,interp,dropout", [
+    ("resnest101", 224, 256, 0.875, "bilinear", 0.0),
+    ("resnest200", 256, 320, 0.909, "bicubic", 0.2),
+    ("resnest269", 320, 416, 0.928, "bicubic", 0.2)])
+def test_model_configs_hold_the_released_recipe(name, crop, val_crop, ratio, interp, dropout):
+    config = load_config(CONFIGS / f"{name}.yaml")
+    assert (config.model.name, config.data.crop_size, config.data.val_crop_size) == (name, crop, val_crop)
+    assert (config.data.val_resize_ratio, config.data.interpolation, config.model.dropout) == (ratio, interp, dropout)
+    assert config.train.epochs == 270 and config.optim.lr == 0.1
+
+
+def test_base_inheritance_list_later_wins(tmp_path):
+    _write(tmp_path / "a.yaml", "train: {epochs: 3, seed: 1}\n")
+    _write(tmp_path / "b.yaml", "train: {epochs: 4}\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    path = _write(sub / "c.yaml", "base: [../a.yaml, ../b.yaml]\ntrain: {batch_size: 8}\n")
+    config = load_config(path)
+    assert (config.train.epochs, config.train.seed, config.train.batch_size) == (4, 1, 8)
+
+
+def test_overrides_parse_yaml_values():
+    config = load_config(CONFIGS / "resnest50.yaml",
+                         ["optim.lr=0.2", "data.rrc_scale=[0.35,1.0]", "model.pretrained=null", "train.amp=none"])
+    assert config.optim.lr == 0.2 and config.data.rrc_scale == (0.35, 1.0)
+    assert config.model.pretrained is None and config.train.amp == "none"
+    assert parse_override("a.b=c") == {"a": {"b": "c"}}
+
+
+def test_coercion_of_yaml_traps(tmp_path):
+    path = _write(tmp_path / "c.yaml", "optim: {lr: 5e-4, weight_decay: 1e-5}\ntrain: {epochs: 10.0}\n")
+    config = load_config(path)
+    assert config.optim.lr == 5e-4 and config.optim.weight_decay == 1e-5 and config.train.epochs == 10
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(CONFIGS / "resnest200.yaml")
+    path = _write(tmp_path / "resolved.yaml", yaml.safe_dump(to_dict(config)))
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optim.lrr=0.1"], "unknown key 'optim.lrr' (did you mean 'optim.lr'?)"),
+    (["train.epochs=abc"], "'train.epochs' must be an integer"),
+    (["data.backend=ffcv"], "'data.backend' must be one of"),
+    (["train.deterministic=yes please"], "'train.deterministic' must be true or false"),
+    (["train.channels_last=1"], "'train.channels_last' must be true or false"),
+    (["optim.lr=-1"], "'optim.lr' must be in"),
+    (["model.name=resnest51"], "did you mean 'resnest50'"),
+    (["data.rrc_scale=[0.9,0.1]"], "'data.rrc_scale'"),
+    (["train.batch_size=7"], "even"),
+])
+def test_bad_values_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "resnest50.yaml", overrides)
+    assert message in str(info.value)
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = _write(tmp_path / "bad.yaml", "base: " + str(CONFIGS / "base.yaml") + "\nmodel:\n  radixx: 2\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'model.radixx'"):
+        load_config(path)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config", "configs/resnest50.yaml", "optim.lrr=0.1"], "optim.lr"),
+    (["--config", "configs/resnest50.yaml", "train.epochs=abc"], "train.epochs"),
+    (["--config", "configs/nope.yaml"], "configs/nope.yaml"),
+    (["--config", "configs/resnest50.yaml", "data.backend=ffcv"], "data.backend"),
+    (["--config", "configs/resnest50.yaml", "data.root=/does/not/exist"], "/does/not/exist"),
+])
+def test_cli_errors_exit_2_with_one_line(args, needle):
+    result = _cli(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_unknown_key_in_file(tmp_path):
+    path = _write(tmp_path / "bad.yaml", f"base: {CONFIGS / 'base.yaml'}\nmodel:\n  nam: resnest50\n")
+    result = _cli("--config", str(path), "--print-config")
+    assert result.returncode == 2 and "model.nam" in result.stderr and "model.name" in result.stderr
+
+
+def test_print_config_has_every_key():
+    result = _cli("--config", "configs/resnest50.yaml", "--print-config")
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed == to_dict(load_config(CONFIGS / "resnest50.yaml"))
+    assert set(printed) == {"output_dir", "model", "data", "optim", "schedule", "train", "checkpoint"}
