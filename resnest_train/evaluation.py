@@ -40,7 +40,7 @@ def evaluate_checkpoint(config: Config, checkpoint: str, *, crop_sizes: list[int
 
 def _evaluate(config, dist: DistInfo, checkpoint, crop_sizes, output, predictions, batch_size) -> dict:
     model = create_model(config.model.name, num_classes=config.model.num_classes)
-    load_weights(model, checkpoint, "--checkpoint")
+    load_weights(model, checkpoint, "--checkpoint", f"{config.model.name} ({config.model.num_classes} classes)")
     model = model.to(dist.device, memory_format=torch.channels_last if config.train.channels_last
                      else torch.contiguous_format).eval()
     precision = resolve_precision(config.train.amp, dist.device)

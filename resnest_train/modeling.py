@@ -29,13 +29,13 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def load_weights(model: nn.Module, path: str, what: str) -> None:
+def load_weights(model: nn.Module, path: str, what: str, name: str) -> None:
     try:
         load_pretrained(model, path)
     except FileNotFoundError:
         raise UserError(f"{what}: file not found: {path}") from None
     except WeightsMismatchError as exc:
-        raise UserError(f"{what}: {path} does not fit {type(model).__name__}: {exc}") from None
+        raise UserError(f"{what}: {path} does not fit model {name}: {exc}") from None
 
 
 def build_model(config: Config, dist: DistInfo, *, pretrained: bool = True) -> nn.Module:
@@ -43,7 +43,7 @@ def build_model(config: Config, dist: DistInfo, *, pretrained: bool = True) -> n
     model = create_model(cfg.name, num_classes=cfg.num_classes, dropout=cfg.dropout,
                          zero_init_last_bn=cfg.zero_init_last_bn, dropblock_prob=cfg.dropblock_prob)
     if pretrained and cfg.pretrained:
-        load_weights(model, cfg.pretrained, "model.pretrained")
+        load_weights(model, cfg.pretrained, "model.pretrained", cfg.name)
     if cfg.sync_bn and dist.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format

@@ -24,6 +24,7 @@ from resnest_train.errors import UserError
 from resnest_train.engine import evaluate, resolve_precision, train_step
 from resnest_train.logs import RunLogger, configure_logging
 from resnest_train.modeling import build_model, unwrap
+from resnest_train.models.pretrained import WeightsMismatchError, check_fit
 from resnest_train.optim import build_optimizer
 from resnest_train.recipe import build_criterion, build_mixup, seed_everything
 from resnest_train.schedule import learning_rate
@@ -89,12 +90,6 @@ def _load_dataset_index(config: Config, dist: DistInfo):
 
 
 def _check_resume_fits(config: Config, state: dict, dist: DistInfo) -> None:
-    saved = state.get("config", {}).get("model", {})
-    for key in ("name", "num_classes"):
-        if saved.get(key) != getattr(config.model, key):
-            raise ckpt.CheckpointError(
-                f"checkpoint in {config.output_dir} is for model.{key}={saved.get(key)!r}, the config asks "
-                f"for {getattr(config.model, key)!r}; use another output_dir or checkpoint.resume=null")
     if state.get("world_size") != dist.world_size and state.get("batch", 0) > 0:
         # A DALI reader position restored into another shard layout is undefined: refuse mid-epoch.
         raise ckpt.CheckpointError(
@@ -132,6 +127,12 @@ def _prepare(config: Config, dist: DistInfo) -> Run | None:
 
 
 def _restore(run: Run, state: dict, rank_state: dict) -> None:
+    try:
+        check_fit(unwrap(run.model), state["model"])
+    except WeightsMismatchError as exc:
+        raise ckpt.CheckpointError(
+            f"checkpoint in {run.config.output_dir} does not fit model {run.config.model.name}: {exc}; use another "
+            "output_dir or checkpoint.resume=null") from None
     unwrap(run.model).load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,109 @@
+"""Nothing lost: kill -9 after a mid-epoch checkpoint, SIGTERM, corrupt checkpoints; resumed runs end
+bit-identical to uninterrupted ones (CPU, train.deterministic=true, DALI backend)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_args(root: Path, out: Path, *extra: str) -> list[str]:
+    return [str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"), f"data.root={root}",
+            f"output_dir={out}", "model.num_classes=4", "data.crop_size=32", "data.val_crop_size=32",
+            "data.workers=1", "train.batch_size=8", "train.epochs=2", "train.deterministic=true",
+            "train.log_interval=1", "checkpoint.keep_last=5", "schedule.warmup_epochs=0.5", *extra]
+
+
+def run_train(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=600, **kwargs)
+
+
+def final_weights(out: Path) -> dict:
+    return torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert different == []
+
+
+@pytest.fixture(scope="module")
+def reference(image_root, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("reference")
+    result = run_train(tiny_args(image_root, out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return final_weights(out)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, "training ended before the expected checkpoint"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_kill_after_mid_epoch_checkpoint_resumes_bit_identical(image_root, tmp_path, reference):
+    args = tiny_args(image_root, tmp_path, "checkpoint.interval_steps=2")
+    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(tmp_path / "checkpoints" / "step-000000002.pt", process)
+    process.kill()
+    process.wait()
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["batch"] > 0  # a mid-epoch checkpoint, not an epoch boundary
+    result = run_train(args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resuming from" in result.stdout
+    assert_bit_identical(final_weights(tmp_path), reference)
+
+
+def test_sigterm_saves_at_the_step_reached(image_root, tmp_path, reference):
+    args = tiny_args(image_root, tmp_path)
+    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    for line in process.stdout:
+        if "step 3/" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    started = time.time()
+    output = process.communicate(timeout=60)[0]
+    assert time.time() - started < 60 and process.returncode == 0, output
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] == 0 and state["batch"] >= 3
+    result = run_train(args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_bit_identical(final_weights(tmp_path), reference)
+    again = run_train(args)
+    assert again.returncode == 0 and "already complete" in again.stdout
+
+
+def test_truncated_checkpoint_falls_back_to_previous(image_root, tmp_path):
+    args = tiny_args(image_root, tmp_path, "train.epochs=1", "checkpoint.interval_steps=2")
+    assert run_train(args).returncode == 0
+    folder = tmp_path / "checkpoints"
+    newest = sorted(folder.glob("step-*.pt"))[-1]
+    for path in (folder / "last.pt", newest):
+        path.write_bytes(path.read_bytes()[:1000])
+    result = run_train([*args[:-2], "train.epochs=2", args[-1]])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "unreadable" in result.stdout and "resuming from" in result.stdout
+
+
+def test_checkpoint_of_another_architecture_is_refused(image_root, tmp_path):
+    assert run_train(tiny_args(image_root, tmp_path, "train.epochs=1")).returncode == 0
+    result = run_train(tiny_args(image_root, tmp_path, "model.name=resnet50d"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "resnet50d" in result.stderr and "Traceback" not in result.stderr
+    assert "missing keys: " in result.stderr and "unexpected keys: " in result.stderr
