@@ -3,8 +3,6 @@ torchvision, synthetic); every loader yields (images, targets) on the training d
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from resnest_train.config import Config
@@ -26,10 +24,7 @@ def dali_device(setting: str, device: torch.device) -> str:
 
 def _import_dali():
     try:
-        with warnings.catch_warnings():
-            # DALI's auto_aug warns about its own deprecated alias when imported; not actionable here.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from resnest_train.data import dali
+        from resnest_train.data import dali
     except ImportError as exc:
         raise DatasetError(f"data.backend=dali but DALI cannot be imported ({exc}); install "
                            "nvidia-dali-cuda130 (or -cuda120) or use data.backend=torchvision") from None

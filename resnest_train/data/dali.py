@@ -13,8 +13,8 @@ all and every image is counted exactly once; resize the shorter side, center cro
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
+import contextlib
+import warnings
 
 import numpy as np
 import torch
@@ -82,12 +82,29 @@ def _val_pipeline(*, root, files, labels, device, crop_size, resize_size, interp
     return images, targets.gpu() if device == "gpu" else targets
 
 
+@contextlib.contextmanager
+def _without_equalize_deprecation():
+    """DALI's own AutoAugment policy calls its deprecated `fn.experimental.equalize` and forces the warning
+    on (a `simplefilter("default")` inside DALI overrides ours), so drop just that message while building."""
+    show = warnings.showwarning
+
+    def filtered(message, *args, **kwargs):
+        if "experimental.equalize" not in str(message):
+            show(message, *args, **kwargs)
+    warnings.showwarning = filtered
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
+
+
 class DaliLoader:
     """Iterates (images, targets) torch tensors; `len()` is the batches per epoch, equal on every rank."""
 
     def __init__(self, pipeline, drop_last: bool):
         self.pipeline = pipeline
-        self.pipeline.build()
+        with _without_equalize_deprecation():
+            self.pipeline.build()
         policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
         self.iterator = DALIClassificationIterator(
             pipeline, reader_name="reader", last_batch_policy=policy, auto_reset=True)
@@ -112,7 +129,16 @@ def _device_id(device: str) -> int | None:
 def build_dali_train(index, data_cfg, *, batch_size: int, rank: int, world_size: int, seed: int,
                      device: str, channels_last: bool, state: str | None = None) -> DaliLoader:
     files, labels = zip(*index.train)
-    pipe = _train_pipeline(
+    with _without_equalize_deprecation():
+        pipe = _make_train_pipeline(index, data_cfg, files, labels, batch_size=batch_size, rank=rank,
+                                    world_size=world_size, seed=seed, device=device,
+                                    channels_last=channels_last, state=state)
+    return DaliLoader(pipe, drop_last=True)
+
+
+def _make_train_pipeline(index, data_cfg, files, labels, *, batch_size, rank, world_size, seed, device,
+                         channels_last, state):
+    return _train_pipeline(
         batch_size=batch_size, num_threads=max(1, data_cfg.workers), device_id=_device_id(device),
         seed=seed * 1000 + rank + 1, prefetch_queue_depth=2, enable_checkpointing=True, checkpoint=state,
         root=index.root, files=list(files), labels=list(labels), shard_id=rank, num_shards=world_size,
@@ -120,7 +146,6 @@ def build_dali_train(index, data_cfg, *, batch_size: int, rank: int, world_size:
         interpolation=data_cfg.interpolation, hflip=data_cfg.hflip, autoaugment=data_cfg.autoaugment,
         color_jitter=data_cfg.color_jitter, lighting=data_cfg.lighting,
         layout="HWC" if channels_last else "CHW")
-    return DaliLoader(pipe, drop_last=True)
 
 
 def build_dali_val(index, data_cfg, *, batch_size: int, rank: int, world_size: int, device: str,
