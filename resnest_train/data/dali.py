@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dali_math
 from nvidia.dali.auto_aug import auto_augment
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIClassificationIterator
@@ -28,11 +29,22 @@ from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVA
 _INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
 
 
+def _center(images, crop: int):
+    """Relative crop anchors that put the crop at floor(margin / 2), as PIL/torchvision's center crop
+    does; DALI's own 0.5 rounds half-pixel margins the other way (a one-pixel shift)."""
+    shape = images.shape(dtype=types.INT32)  # (H, W, C)
+
+    def anchor(margin):
+        return fn.cast(margin // 2, dtype=types.FLOAT) / fn.cast(dali_math.max(margin, 1), dtype=types.FLOAT)
+    return anchor(shape[1] - crop), anchor(shape[0] - crop)
+
+
 def _normalize(images, *, device_layout: str, mirror=None, crop=None):
     kwargs = dict(dtype=types.FLOAT, output_layout=device_layout,
                   mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
     if crop is not None:
-        kwargs.update(crop=crop, crop_pos_x=0.5, crop_pos_y=0.5)
+        pos_x, pos_y = _center(images, crop[0])
+        kwargs.update(crop=crop, crop_pos_x=pos_x, crop_pos_y=pos_y)
     if mirror is not None:
         kwargs["mirror"] = mirror
     return fn.crop_mirror_normalize(images, **kwargs)
