@@ -107,31 +107,28 @@ def find_resume_state(resume: str | None, output_dir: str | Path) -> dict | None
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as plain lists (they travel through all_gather_object and weights_only)."""
+    numpy_state = np.random.get_state()
+    state = {"python": _plain(random.getstate()),
+             "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+             "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return _plain(state)
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(_python_state(state["python"]))
-    np.random.set_state(tuple(state["numpy"]))
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 def _plain(value):
-    """numpy arrays and tuples -> lists/tensors, so `weights_only=True` can load the result."""
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(value.copy())
+    """Tuples -> lists, so `weights_only=True` can load the result."""
     if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
     return value
-
-
-def _python_state(value):
-    version, internal, gauss = value
-    return version, tuple(internal), gauss
