@@ -50,8 +50,14 @@ def _evaluate(argv) -> int:
     parser.add_argument("--predictions", help="write per-image top-5 predictions as CSV here")
     parser.add_argument("--batch-size", type=int, help="default: train.batch_size")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
+    # KEY=VALUE words are taken out first, in order: `--crop-size 224 256 data.root=X` would otherwise
+    # hand the override to the greedy crop-size list.
+    argv = sys.argv[1:] if argv is None else argv
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    if args.crop_size and min(args.crop_size) < 1:
+        raise UserError(f"--crop-size takes positive sizes, got {args.crop_size}")
+    config = load_config(args.config, overrides)
     from resnest_train.evaluation import evaluate_checkpoint
     evaluate_checkpoint(config, args.checkpoint, crop_sizes=args.crop_size, output=args.output,
                         predictions=args.predictions, batch_size=args.batch_size)

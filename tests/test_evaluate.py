@@ -1,0 +1,87 @@
+"""evaluate.py: exact-once counting on any number of processes, crop/resize sizes, backends agree,
+and a checkpoint that does not fit is a clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from resnest_train.models import create_model
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def odd_root(tmp_path_factory):
+    """65 val images (13 classes x 5): no process count of 2 or 3 divides it."""
+    out = tmp_path_factory.mktemp("odd")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_synthetic_dataset.py"), "--out", str(out),
+                    "--classes", "13", "--train-per-class", "2", "--val-per-class", "5", "--size", "40"], check=True,
+                   capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_model("resnest14", num_classes=13, zero_init_last_bn=False)
+    path = tmp_path_factory.mktemp("weights") / "model.pt"
+    torch.save({"model": model.state_dict(), "epoch": 1}, path)
+    return path
+
+
+def evaluate(root, weights, out, *extra, nproc: int = 1, check=True):
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd = [*launcher, str(ROOT / "evaluate.py"), "--config", str(ROOT / "configs" / "demo.yaml"), "--checkpoint",
+           str(weights), "--output", str(out), f"data.root={root}", "model.num_classes=13", "data.workers=1",
+           "train.batch_size=8", *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return json.loads(out.read_text())
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_every_image_counted_once_on_1_2_3_processes(odd_root, weights, tmp_path):
+    reports = [evaluate(odd_root, weights, tmp_path / f"{n}.json", "--crop-size", "32", nproc=n) for n in (1, 2, 3)]
+    rows = [report["results"][0] for report in reports]
+    assert [r["num_images"] for r in rows] == [65, 65, 65]
+    assert len({(r["top1"], r["top5"]) for r in rows}) == 1
+
+
+def test_crop_sizes_report_their_resize(odd_root, weights, tmp_path):
+    report = evaluate(odd_root, weights, tmp_path / "r.json", "--crop-size", "224", "256", "data.backend=torchvision")
+    assert [(r["crop_size"], r["resize_size"]) for r in report["results"]] == [(224, 256), (256, 293)]
+    assert report["model"] == "resnest14" and report["checkpoint"] == str(weights)
+
+
+def test_backends_agree(image_root, tmp_path):
+    torch.manual_seed(0)
+    # A model that has learnt something: a short training run on the generated dataset.
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+                    f"data.root={image_root}", f"output_dir={out}", "model.num_classes=4", "train.epochs=3",
+                    "data.crop_size=32", "data.val_crop_size=32", "train.batch_size=8", "data.workers=1"],
+                   check=True, capture_output=True, cwd=ROOT, timeout=600)
+    common = ("--crop-size", "32", "model.num_classes=4")
+    ckpt = out / "checkpoints" / "last.pt"
+    dali = evaluate(image_root, ckpt, tmp_path / "d.json", *common, "data.backend=dali")["results"][0]
+    tv = evaluate(image_root, ckpt, tmp_path / "t.json", *common, "data.backend=torchvision")["results"][0]
+    assert dali["num_images"] == tv["num_images"] == 20
+    # 20 images: one image is 5 points, so "within 0.5" means the same predictions count.
+    assert abs(dali["top1"] - tv["top1"]) <= 0.5
+
+
+def test_checkpoint_that_does_not_fit_is_an_error(odd_root, weights, tmp_path):
+    result = evaluate(odd_root, weights, tmp_path / "x.json", "model.num_classes=10", check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "fc.weight" in result.stderr
+    result = evaluate(odd_root, weights, tmp_path / "x.json", "model.name=resnet50d", check=False)
+    assert result.returncode == 2 and "missing keys" in result.stderr and "Traceback" not in result.stderr
