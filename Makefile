@@ -26,7 +26,8 @@ test: venv
 	$(PY) -m pytest
 
 bench: venv
-	$(PY) scripts/benchmark.py model --model resnest50 --compare --channels-last-compare
+	$(PY) scripts/benchmark.py model --model resnest50 --compare
+	$(PY) scripts/benchmark.py model --model resnest50 --compare --channels-last
 	$(PY) scripts/benchmark.py trainer --compare
 	$(PY) scripts/benchmark.py data --root $(DEMO_DATA) --backend dali --compare
 

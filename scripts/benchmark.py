@@ -1,0 +1,211 @@
+#!/usr/bin/env python
+"""Benchmarks, each printing its figures as one JSON line last (BENCHMARKS.md records what they showed).
+
+  benchmark.py model --model NAME [--batch-size 16] [--image-size 224] [--channels-last] [--compile] [--compare]
+      forward+backward+SGD step; --compare interleaves timm's equivalent model in the same process.
+  benchmark.py data --root DIR --backend {dali,torchvision} [--batch-size 32] [--workers 2] [--crop-size 224]
+                    [--autoaugment {none,imagenet}] [--seconds 10] [--compare]
+      the training pipeline alone (decode, augment, batches as tensors); --compare runs the other backend too.
+  benchmark.py trainer [--model resnest14] [--batch-size 32] [--image-size 64] [--compare]
+      train.py's loop on the synthetic backend; --compare interleaves a bare PyTorch loop of the same steps.
+Ratios are measured in one run, rounds interleaved, because the machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from resnest_train.models import create_model  # noqa: E402
+from resnest_train.models.zoo import TIMM_NAMES  # noqa: E402
+
+
+def _step_fn(model, batch_size: int, image_size: int, channels_last: bool, compile_: bool):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt).train()
+    if compile_:
+        model = torch.compile(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    images = torch.randn(batch_size, 3, image_size, image_size).contiguous(memory_format=fmt)
+    targets = torch.randint(0, 1000, (batch_size,))
+    criterion = torch.nn.CrossEntropyLoss()
+
+    def step():
+        loss = criterion(model(images), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def _time(step, steps: int) -> float:
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return time.perf_counter() - started
+
+
+def bench_model(args) -> dict:
+    torch.set_num_threads(args.threads)
+    sides = {"ours": create_model(args.model)}
+    if args.compare:
+        import timm
+        sides["timm"] = timm.create_model(TIMM_NAMES[args.model])
+    steps = {name: _step_fn(model, args.batch_size, args.image_size, args.channels_last, args.compile)
+             for name, model in sides.items()}
+    for step in steps.values():  # warm-up (allocator, compile)
+        _time(step, 2)
+    times = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            times[name].append(_time(step, args.steps))
+    result = {"model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
+              "channels_last": args.channels_last, "threads": args.threads}
+    for name, values in times.items():
+        result[f"{name}_images_per_sec" if name != "ours" else "images_per_sec"] = (
+            args.batch_size * args.steps / statistics.median(values))
+    if args.compare:
+        result["ratio_vs_timm"] = result["images_per_sec"] / result["timm_images_per_sec"]
+    return result
+
+
+def _data_loader(backend: str, args):
+    from resnest_train.config import DataConfig
+    from resnest_train.data.index import load_index
+    cfg = DataConfig(root=args.root, backend=backend, workers=args.workers, crop_size=args.crop_size,
+                     autoaugment=args.autoaugment)
+    index = load_index(args.root)
+    common = dict(batch_size=args.batch_size, rank=0, world_size=1, seed=0, channels_last=False)
+    if backend == "dali":
+        from resnest_train.data.dali import build_dali_train
+        return build_dali_train(index, cfg, device="cpu", **common)
+    from resnest_train.data.torchvision import build_torch_train
+    return build_torch_train(index, cfg, device=torch.device("cpu"), **common)
+
+
+def _images_per_sec(loader, seconds: float) -> float:
+    images, started = 0, time.perf_counter()
+    while True:
+        for batch, _ in loader:
+            images += batch.shape[0]
+            if time.perf_counter() - started > seconds:
+                return images / (time.perf_counter() - started)
+
+
+def bench_data(args) -> dict:
+    backends = [args.backend] + ([b for b in ("dali", "torchvision") if b != args.backend] if args.compare else [])
+    loaders = {b: _data_loader(b, args) for b in backends}
+    for loader in loaders.values():
+        _images_per_sec(loader, 1.0)  # warm-up: workers started, caches filled
+    rates = {b: [] for b in backends}
+    for _ in range(args.rounds):
+        for backend, loader in loaders.items():
+            rates[backend].append(_images_per_sec(loader, args.seconds / args.rounds))
+    result = {"backend": args.backend, "images_per_sec": statistics.median(rates[args.backend]),
+              "workers": args.workers, "autoaugment": args.autoaugment, "crop_size": args.crop_size}
+    for backend in backends[1:]:
+        result[f"{backend}_images_per_sec"] = statistics.median(rates[backend])
+        result[f"ratio_vs_{backend}"] = result["images_per_sec"] / result[f"{backend}_images_per_sec"]
+    return result
+
+
+def _trainer_run(args, out: Path) -> float:
+    from resnest_train.config import load_config
+    from resnest_train.runner import train
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(root / "configs" / "demo.yaml", [
+        f"output_dir={out}", "data.backend=synthetic", f"data.synthetic_size={args.batch_size * args.steps}",
+        f"model.name={args.model}", f"train.batch_size={args.batch_size}", f"data.crop_size={args.image_size}",
+        f"data.val_crop_size={args.image_size}", "train.epochs=1", "checkpoint.keep_last=0",
+        "train.log_interval=1000000", "model.num_classes=1000", "checkpoint.resume=null"])
+    train(config)
+    return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["images_per_sec"]
+
+
+def _bare_run(args) -> float:
+    """The same steps with no trainer around them: model, Nesterov SGD, mixup + smoothed loss, lr set per step."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    torch.manual_seed(0)
+    model = create_model(args.model, num_classes=1000, dropblock_prob=0.0).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    mixup = Mixup(mixup_alpha=0.2, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=1000)
+    criterion = SoftTargetCrossEntropy()
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    targets = torch.randint(0, 1000, (args.batch_size,))
+    started = time.perf_counter()
+    for step in range(args.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = 0.1 * step / args.steps
+        mixed, soft = mixup(images, targets)
+        loss = criterion(model(mixed), soft)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return args.batch_size * args.steps / (time.perf_counter() - started)
+
+
+def bench_trainer(args) -> dict:
+    torch.set_num_threads(args.threads)
+    trainer, bare = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(args.rounds):
+            trainer.append(_trainer_run(args, Path(tmp) / f"run{round_}"))
+            if args.compare:
+                bare.append(_bare_run(args))
+    result = {"model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
+              "images_per_sec": statistics.median(trainer)}
+    if args.compare:
+        result["bare_images_per_sec"] = statistics.median(bare)
+        result["ratio_vs_bare"] = result["images_per_sec"] / result["bare_images_per_sec"]
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    model = sub.add_parser("model")
+    model.add_argument("--model", default="resnest50")
+    model.add_argument("--batch-size", type=int, default=16)
+    model.add_argument("--image-size", type=int, default=224)
+    model.add_argument("--channels-last", action="store_true")
+    model.add_argument("--compile", action="store_true")
+    model.add_argument("--compare", action="store_true")
+    model.add_argument("--steps", type=int, default=3)
+    model.add_argument("--rounds", type=int, default=5)
+    model.add_argument("--threads", type=int, default=2)
+    data = sub.add_parser("data")
+    data.add_argument("--root", required=True)
+    data.add_argument("--backend", choices=["dali", "torchvision"], required=True)
+    data.add_argument("--batch-size", type=int, default=32)
+    data.add_argument("--workers", type=int, default=2)
+    data.add_argument("--crop-size", type=int, default=224)
+    data.add_argument("--autoaugment", choices=["none", "imagenet"], default="none")
+    data.add_argument("--seconds", type=float, default=10)
+    data.add_argument("--rounds", type=int, default=4)
+    data.add_argument("--compare", action="store_true")
+    trainer = sub.add_parser("trainer")
+    trainer.add_argument("--model", default="resnest14")
+    trainer.add_argument("--batch-size", type=int, default=32)
+    trainer.add_argument("--image-size", type=int, default=64)
+    trainer.add_argument("--steps", type=int, default=20)
+    trainer.add_argument("--rounds", type=int, default=3)
+    trainer.add_argument("--threads", type=int, default=2)
+    trainer.add_argument("--compare", action="store_true")
+    args = parser.parse_args(argv)
+    result = {"model": bench_model, "data": bench_data, "trainer": bench_trainer}[args.what](args)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
