@@ -174,3 +174,9 @@ def test_channels_last_and_compile_split():
         torch.testing.assert_close(model.forward_head(features), ref)
         cl = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
     torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gmacs_of_the_report():
+    from resnest_train.models.__main__ import report
+    assert round(report("resnest50")[1], 2) == 5.37  # torch's flop counter; the paper says 5.39
+    assert round(report("skresnext50_32x4d")[1], 2) == 4.46  # paper: 4.47

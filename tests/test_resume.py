@@ -107,3 +107,23 @@ def test_checkpoint_of_another_architecture_is_refused(image_root, tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "resnet50d" in result.stderr and "Traceback" not in result.stderr
     assert "missing keys: " in result.stderr and "unexpected keys: " in result.stderr
+
+
+@pytest.mark.dist
+def test_elastic_restart_after_a_worker_is_killed(image_root, tmp_path, tmp_path_factory):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    reference_out = tmp_path_factory.mktemp("ddp_reference")
+    done = subprocess.run([*launcher, *tiny_args(image_root, reference_out)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    args = tiny_args(image_root, tmp_path, "checkpoint.interval_steps=1")
+    job = subprocess.Popen([*launcher, "--max-restarts=1", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_for(tmp_path / "checkpoints" / "step-000000002.pt", job)
+    workers = subprocess.run(["pgrep", "-f", "-P", str(job.pid), "train.py"], capture_output=True, text=True).stdout.split()
+    assert workers, "no worker processes found"
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    output = job.communicate(timeout=600)[0]
+    assert job.returncode == 0, output[-4000:]
+    assert_bit_identical(final_weights(tmp_path), final_weights(reference_out))
