@@ -39,9 +39,10 @@ def _center(images, crop: int):
     return anchor(shape[1] - crop), anchor(shape[0] - crop)
 
 
-def _normalize(images, *, device_layout: str, mirror=None, crop=None):
+def _normalize(images, *, device_layout: str, mirror=None, crop=None, mean=None):
     kwargs = dict(dtype=types.FLOAT, output_layout=device_layout,
-                  mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
+                  mean=[m * 255 for m in IMAGENET_MEAN] if mean is None else mean,
+                  std=[s * 255 for s in IMAGENET_STD])
     if crop is not None:
         pos_x, pos_y = _center(images, crop[0])
         kwargs.update(crop=crop, crop_pos_x=pos_x, crop_pos_y=pos_y)
@@ -50,13 +51,14 @@ def _normalize(images, *, device_layout: str, mirror=None, crop=None):
     return fn.crop_mirror_normalize(images, **kwargs)
 
 
-def _lighting(images, std: float):
-    """AlexNet PCA lighting: add eigvec @ (alpha * eigval), alpha ~ N(0, std), per image (0-255 scale)."""
+def _lighting_mean(std: float):
+    """AlexNet PCA lighting folded into the normalisation: adding eigvec @ (alpha * eigval) to every pixel
+    (0-255 scale, alpha ~ N(0, std) per image) equals subtracting it from the mean, so it costs no pass
+    over the image (a separate per-pixel op cost a third of the CPU pipeline's throughput, BENCHMARKS.md)."""
     alpha = fn.random.normal(shape=[1, 3], stddev=std)
     # (1, 3) point through M = 255 * eigvec * eigval -> the (1, 3) RGB shift
     shift = fn.coord_transform(alpha, M=(255.0 * np.array(PCA_EIGVEC) * np.array(PCA_EIGVAL)).ravel().tolist())
-    shift = fn.reshape(shift, shape=[3])
-    return fn.coord_transform(images, T=shift, dtype=types.FLOAT)
+    return [m * 255 for m in IMAGENET_MEAN] - fn.reshape(shift, shape=[3])
 
 
 @pipeline_def(enable_conditionals=True)
@@ -77,10 +79,9 @@ def _train_pipeline(*, root, files, labels, shard_id, num_shards, reader_seed, d
         images = fn.color_twist(images, brightness=fn.random.uniform(range=[low, high]),
                                 contrast=fn.random.uniform(range=[low, high]),
                                 saturation=fn.random.uniform(range=[low, high]))
-    if lighting > 0:
-        images = _lighting(images, lighting)
     mirror = fn.random.coin_flip(probability=0.5) if hflip else None
-    images = _normalize(images, device_layout=layout, mirror=mirror)
+    mean = _lighting_mean(lighting) if lighting > 0 else None
+    images = _normalize(images, device_layout=layout, mirror=mirror, mean=mean)
     return images, targets.gpu() if device == "gpu" else targets
 
 
