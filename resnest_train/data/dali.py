@@ -73,7 +73,10 @@ def _train_pipeline(*, root, files, labels, shard_id, num_shards, reader_seed, d
     images = fn.resize(images, resize_x=crop_size, resize_y=crop_size, interp_type=_INTERP[interpolation],
                        antialias=True)
     if autoaugment == "imagenet":
-        images = auto_augment.auto_augment_image_net(images, shape=[crop_size, crop_size])
+        # Nearest-neighbour warps, as torchvision and the original AutoAugment (PIL) use: the linear
+        # default makes rotate/shear the most expensive CPU ops of the pipeline (BENCHMARKS.md).
+        images = auto_augment.auto_augment_image_net(images, shape=[crop_size, crop_size],
+                                                     interp_type=types.INTERP_NN)
     if color_jitter > 0:
         low, high = 1 - color_jitter, 1 + color_jitter
         images = fn.color_twist(images, brightness=fn.random.uniform(range=[low, high]),
