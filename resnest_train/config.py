@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -51,7 +51,7 @@ class ModelConfig:
     dropout: float = 0.0
     zero_init_last_bn: bool = True
     dropblock_prob: float = 0.0
-    pretrained: Optional[str] = None
+    pretrained: str | None = None
     sync_bn: bool = False
 
     def __post_init__(self):
@@ -167,7 +167,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    resume: Optional[str] = "auto"
+    resume: str | None = "auto"
     keep_last: int = 3
     interval_steps: int = 0
 

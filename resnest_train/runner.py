@@ -20,8 +20,8 @@ from resnest_train import checkpoint as ckpt
 from resnest_train.config import Config, ConfigError, to_dict
 from resnest_train.data import build_train_loader, build_val_loader, load_index, warn_skipped
 from resnest_train.distributed import DistInfo, barrier, broadcast_object, cleanup, setup_distributed
-from resnest_train.errors import UserError
 from resnest_train.engine import evaluate, resolve_precision, train_step
+from resnest_train.errors import UserError
 from resnest_train.logs import RunLogger, configure_logging
 from resnest_train.modeling import build_model, unwrap
 from resnest_train.models.pretrained import WeightsMismatchError, check_fit
@@ -180,7 +180,7 @@ def _save(run: Run, logger: RunLogger, *, is_best: bool = False) -> None:
 
 
 def _set_lr(run: Run) -> float:
-    train_cfg, schedule = run.config.train, run.config.schedule
+    schedule = run.config.schedule
     lr = learning_rate(run.step, total_steps=run.total_steps,
                        warmup_steps=round(schedule.warmup_epochs * run.steps_per_epoch),
                        peak_lr=run.peak_lr, min_lr=schedule.min_lr)

@@ -41,7 +41,8 @@ def _randomise(model: nn.Module) -> None:
                 if name.endswith("running_var"):
                     tensor.copy_(torch.rand(tensor.shape, generator=gen) + 0.5)
                 else:
-                    tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.1 + (1.0 if name.endswith("bn3.weight") else 0))
+                    offset = 1.0 if name.endswith("bn3.weight") else 0.0
+                    tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.1 + offset)
 
 
 @pytest.mark.parametrize("name", ["resnest14", "resnest50_fast_4s2x40d", "resnest50_fast_1s4x24d", "resnet50d",

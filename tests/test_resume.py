@@ -121,7 +121,8 @@ def test_elastic_restart_after_a_worker_is_killed(image_root, tmp_path, tmp_path
     job = subprocess.Popen([*launcher, "--max-restarts=1", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     wait_for(tmp_path / "checkpoints" / "step-000000002.pt", job)
-    workers = subprocess.run(["pgrep", "-f", "-P", str(job.pid), "train.py"], capture_output=True, text=True).stdout.split()
+    pgrep = ["pgrep", "-f", "-P", str(job.pid), "train.py"]
+    workers = subprocess.run(pgrep, capture_output=True, text=True).stdout.split()
     assert workers, "no worker processes found"
     os.kill(int(workers[-1]), signal.SIGKILL)
     output = job.communicate(timeout=600)[0]

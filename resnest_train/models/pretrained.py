@@ -7,8 +7,8 @@ container (`{'model': ...}`, `{'state_dict': ...}`), strip wrapper prefixes (`mo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import nn

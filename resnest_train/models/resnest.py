@@ -9,8 +9,7 @@ the official PyTorch port and torchvision's `resnet.py`.
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -47,7 +46,7 @@ class OddDropBlock2d(DropBlock2d):
         return drop_block2d(x, self.p, block_size, self.inplace, self.eps, self.training)
 
 
-def make_drop_block(prob: float) -> Optional[nn.Module]:
+def make_drop_block(prob: float) -> nn.Module | None:
     """DropBlock (block 3, as the reference) or None; its `p` is ramped by `ResNeSt.set_dropblock_prob`."""
     return OddDropBlock2d(prob, block_size=3) if prob > 0 else None
 
@@ -63,7 +62,7 @@ class ResNeStBottleneck(nn.Module):
         planes: int,
         *,
         stride: int = 1,
-        downsample: Optional[nn.Module] = None,
+        downsample: nn.Module | None = None,
         radix: int = 2,
         cardinality: int = 1,
         bottleneck_width: int = 64,

@@ -7,7 +7,7 @@ r=16, L=32. Module names follow timm's `SelectiveKernelBottleneck` (`conv2.paths
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,7 @@ class SelectiveKernelBottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, *, stride: int = 1, downsample: Optional[nn.Module] = None,
+    def __init__(self, inplanes: int, planes: int, *, stride: int = 1, downsample: nn.Module | None = None,
                  cardinality: int = 32, bottleneck_width: int = 4, dilation: int = 1,
                  dropblock_prob: float = 0.0, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
         super().__init__()

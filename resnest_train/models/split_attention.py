@@ -12,7 +12,7 @@ has. That is what keeps channels_last fast (timm's version is 2.6x slower in tra
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,7 @@ class SplitAttentionConv2d(nn.Module):
         min_inter_channels: int = 32,
         norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
         act_layer: Callable[..., nn.Module] = nn.ReLU,
-        drop_layer: Optional[nn.Module] = None,
+        drop_layer: nn.Module | None = None,
     ):
         super().__init__()
         self.radix = radix

@@ -8,8 +8,9 @@ and generalises, built on the same trunk so one recipe trains them all.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
