@@ -23,13 +23,18 @@ demo: venv $(DEMO_DATA)/train
 	@echo "demo run folder: runs/demo (tensorboard --logdir runs/demo/tb)"
 
 test: venv
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 bench: venv
 	$(PY) scripts/benchmark.py model --model resnest50 --compare
 	$(PY) scripts/benchmark.py model --model resnest50 --compare --channels-last
 	$(PY) scripts/benchmark.py trainer --compare
-	$(PY) scripts/benchmark.py data --root $(DEMO_DATA) --backend dali --compare
+	$(PY) -m pip install --quiet -e '.[bench]'
+	test -d data/photos || $(PY) scripts/make_photo_dataset.py --out data/photos
+	$(PY) scripts/benchmark.py data --root data/photos --backend dali --compare --color-jitter 0 --lighting 0
+	$(PY) scripts/benchmark.py data --root data/photos --backend dali --compare
+	$(PY) scripts/benchmark.py data --root data/photos --backend dali --compare --autoaugment imagenet
 
 lint: venv
 	$(PY) -m ruff check .

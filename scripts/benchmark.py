@@ -9,6 +9,7 @@
   benchmark.py trainer [--model resnest14] [--batch-size 32] [--image-size 64] [--compare]
       train.py's loop on the synthetic backend (second epoch of two); --compare interleaves a bare PyTorch
       loop of the same steps (timed likewise after one epoch's worth of warm-up steps).
+  benchmark.py attention: the split-attention combine step alone, three formulations, fwd+bwd (ms).
 Ratios are measured in one run, rounds interleaved, because the machines are shared and noisy.
 """
 
@@ -57,6 +58,9 @@ def _time(step, steps: int) -> float:
 
 def bench_model(args) -> dict:
     torch.set_num_threads(args.threads)
+    # Denormal gradients slow CPU element-wise kernels by up to 3x depending on the random draw of weights
+    # (GPUs flush them); flushing makes the comparison independent of that draw.
+    torch.set_flush_denormal(args.flush_denormal)
     sides = {"ours": create_model(args.model)}
     if args.compare:
         import timm
@@ -70,13 +74,54 @@ def bench_model(args) -> dict:
         for name, step in steps.items():
             times[name].append(_time(step, args.steps))
     result = {"model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
-              "channels_last": args.channels_last, "threads": args.threads}
+              "channels_last": args.channels_last, "threads": args.threads, "flush_denormal": args.flush_denormal}
     for name, values in times.items():
         result[f"{name}_images_per_sec" if name != "ours" else "images_per_sec"] = (
             args.batch_size * args.steps / statistics.median(values))
     if args.compare:
         result["ratio_vs_timm"] = result["images_per_sec"] / result["timm_images_per_sec"]
     return result
+
+
+def _combine_slices(x, w, radix, channels):
+    splits, weights = x.split(channels, 1), w.split(channels, 1)
+    out = splits[0] * weights[0]
+    for split, weight in zip(splits[1:], weights[1:]):
+        out = torch.addcmul(out, split, weight)
+    return out
+
+
+def _combine_5d(x, w, radix, channels):
+    b, _, h, width = x.shape
+    return (x.view(b, radix, channels, h, width) * w.view(b, radix, channels, 1, 1)).sum(1)
+
+
+def _combine_timm(x, w, radix, channels):
+    b, _, h, width = x.shape
+    return (x.reshape(b, radix, channels, h, width) * w.reshape(b, radix, channels, 1, 1)).sum(1).contiguous()
+
+
+def bench_attention(args) -> dict:
+    """The split-attention combine step alone (weighted sum of the radix splits), fwd+bwd, three ways."""
+    torch.set_num_threads(args.threads)
+    forms = {"slices": _combine_slices, "5d": _combine_5d, "timm": _combine_timm}
+    result = {}
+    for channels, size in [(64, 56), (256, 14)]:
+        for channels_last in (False, True):
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            x0 = torch.randn(args.batch_size, 2 * channels, size, size).contiguous(memory_format=fmt)
+            w0 = torch.rand(args.batch_size, 2 * channels, 1, 1)
+            times = {name: [] for name in forms}
+            for _ in range(args.rounds):
+                for name, form in forms.items():
+                    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+                    started = time.perf_counter()
+                    out = form(x, w, 2, channels)
+                    out.backward(torch.ones_like(out))
+                    times[name].append(time.perf_counter() - started)
+            key = f"{channels}ch_{size}px_{'cl' if channels_last else 'nchw'}"
+            result[key] = {name: round(1000 * min(values), 2) for name, values in times.items()}
+    return {"attention_combine_ms": result}
 
 
 def _data_loader(backend: str, args):
@@ -187,6 +232,7 @@ def main(argv=None) -> int:
     model.add_argument("--steps", type=int, default=3)
     model.add_argument("--rounds", type=int, default=5)
     model.add_argument("--threads", type=int, default=2)
+    model.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True) for both")
     data = sub.add_parser("data")
     data.add_argument("--root", required=True)
     data.add_argument("--backend", choices=["dali", "torchvision"], required=True)
@@ -207,8 +253,13 @@ def main(argv=None) -> int:
     trainer.add_argument("--rounds", type=int, default=3)
     trainer.add_argument("--threads", type=int, default=2)
     trainer.add_argument("--compare", action="store_true")
+    attention = sub.add_parser("attention")
+    attention.add_argument("--batch-size", type=int, default=16)
+    attention.add_argument("--rounds", type=int, default=10)
+    attention.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    result = {"model": bench_model, "data": bench_data, "trainer": bench_trainer}[args.what](args)
+    result = {"model": bench_model, "data": bench_data, "trainer": bench_trainer,
+              "attention": bench_attention}[args.what](args)
     print(json.dumps(result))
     return 0
 
