@@ -99,8 +99,6 @@ class RunLogger:
         batch = images[:16].detach().float().cpu()
         mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
         std = torch.tensor(IMAGENET_STD)[:, None, None]
-        if batch.shape[1] != 3:  # NHWC from DALI with channels_last
-            batch = batch.permute(0, 3, 1, 2)
         self.writer.add_image("train/augmented_batch", make_grid((batch * std + mean).clamp(0, 1), nrow=4), 0)
 
     # ------------------------------------------------------------------------------------------- epochs

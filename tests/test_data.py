@@ -91,7 +91,8 @@ def test_dali_train_batches(image_root):
 def test_dali_channels_last_layout(image_root):
     loader = build_dali_train(load_index(image_root), data_cfg(image_root), batch_size=8, rank=0, world_size=1,
                               seed=0, device="cpu", channels_last=True)
-    assert next(iter(loader))[0].shape == (8, 32, 32, 3)
+    images = next(iter(loader))[0]
+    assert images.shape == (8, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
 
 
 def epoch_labels(loader):

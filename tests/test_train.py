@@ -100,6 +100,12 @@ def test_tensorboard_lr_follows_warmup_then_cosine(tmp_path):
 
 
 @pytest.mark.slow
+def test_channels_last_training_on_dali(image_root, tmp_path):
+    run(train_cmd(tmp_path, f"data.root={image_root}", "train.channels_last=true", "train.epochs=1"))
+    assert metrics(tmp_path)[0]["val_images"] == 20
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["dali", "torchvision"])
 def test_one_epoch_on_a_dataset_with_bad_files_names_them(backend, dirty_root, tmp_path):  # noqa: F811
     result = run(train_cmd(tmp_path, f"data.root={dirty_root}", f"data.backend={backend}", "train.epochs=1"))

@@ -131,7 +131,12 @@ class DaliLoader:
 
     def __iter__(self):
         for batch in self.iterator:
-            yield batch[0]["data"], batch[0]["label"].reshape(-1).long()
+            images = batch[0]["data"]
+            if images.shape[-1] == 3:
+                # HWC output (train.channels_last): (B, H, W, 3) -> (B, 3, H, W) with channels_last strides,
+                # a view, which is exactly the layout the model was converted to.
+                images = images.permute(0, 3, 1, 2)
+            yield images, batch[0]["label"].reshape(-1).long()
 
     def state(self) -> str:
         """The reader and augmentation RNG position after the batches consumed so far (DALI checkpoint)."""
