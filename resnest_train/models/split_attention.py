@@ -5,9 +5,9 @@ unchanged: one grouped conv with `groups = cardinality * radix` whose output cha
 (split r occupies channels [r*C, (r+1)*C)); the attention MLP (fc1, fc2) is grouped by cardinality, so
 its output is cardinality-major and `RadixSoftmax` turns it back into radix-major weights.
 
-Unlike timm, the forward never reshapes the feature map into a 5-d tensor and never calls `.contiguous()`:
-the splits are channel slices combined with element-wise ops, which keep whatever memory format the input
-has. That is what keeps channels_last fast (timm's version is 2.6x slower in training with it, BENCHMARKS.md).
+Unlike timm, the forward never calls `.contiguous()`, and under channels_last the splits are channel slices
+combined with element-wise ops, which keep the memory format. That is what keeps channels_last fast (timm's
+version is 2.6x slower in training with it); NCHW uses the broadcast 5-d form, faster there (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -86,7 +86,15 @@ class SplitAttentionConv2d(nn.Module):
         attn = self.radix_softmax(attn)  # (B, radix*C, 1, 1), radix-major
         if self.radix == 1:
             return x * attn
-        # Channel slices are views in both NCHW and channels_last; no layout-breaking reshape.
+        if x.is_contiguous():
+            # NCHW: one broadcast multiply and a sum over the splits; its backward writes the gradient of
+            # x in one kernel, where slices need a `cat` (`benchmark.py attention`).
+            height, width = x.shape[2:]
+            # (B, radix*C, H, W) -> (B, radix, C, H, W), a view; weights (B, radix, C, 1, 1)
+            x = x.view(batch, self.radix, self.out_channels, height, width)
+            return (x * attn.view(batch, self.radix, self.out_channels, 1, 1)).sum(1)
+        # channels_last: channel slices are views that keep the layout (the 5-d form is 2x slower here,
+        # and timm's trailing .contiguous() turns every block's output back into NCHW).
         splits = x.split(self.out_channels, dim=1)
         weights = attn.split(self.out_channels, dim=1)
         out = splits[0] * weights[0]
