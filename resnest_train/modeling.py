@@ -45,7 +45,12 @@ def build_model(config: Config, dist: DistInfo, *, pretrained: bool = True) -> n
     if pretrained and cfg.pretrained:
         load_weights(model, cfg.pretrained, "model.pretrained", cfg.name)
     if cfg.sync_bn and dist.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if dist.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            # torch's SyncBatchNorm runs on GPUs only; a GPU config tried out on CPU still trains.
+            log.warning("model.sync_bn=true has no effect on CPU (torch's SyncBatchNorm needs CUDA): "
+                        "batch norm statistics stay per process")
     memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
     model = model.to(dist.device, memory_format=memory_format)
     if dist.distributed:

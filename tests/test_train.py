@@ -123,7 +123,9 @@ def free_port() -> int:
 @pytest.mark.dist
 def test_two_gloo_processes_train_one_run(image_root, tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    run(train_cmd(tmp_path, f"data.root={image_root}", "train.epochs=2", launcher=launcher))
+    result = run(train_cmd(tmp_path, f"data.root={image_root}", "train.epochs=2", "model.sync_bn=true",
+                           launcher=launcher))
+    assert "model.sync_bn=true has no effect on CPU" in result.stdout
     rows = metrics(tmp_path)
     assert [r["world_size"] for r in rows] == [2, 2] and rows[-1]["val_images"] == 20
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "tb"]
