@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -111,6 +112,25 @@ def test_one_epoch_on_a_dataset_with_bad_files_names_them(backend, dirty_root, t
     result = run(train_cmd(tmp_path, f"data.root={dirty_root}", f"data.backend={backend}", "train.epochs=1"))
     assert "truncated.jpg" in result.stdout and "random.jpg" in result.stdout
     assert metrics(tmp_path)[0]["val_top1"] is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_image_broken_inside_is_named(backend, image_root, tmp_path):
+    """Valid JPEG header and end marker, garbage inside: passes the index's cheap check."""
+    root = tmp_path / "data"
+    shutil.copytree(image_root, root)
+    broken = root / "train" / "class_001" / "train_001_00003.jpg"
+    data = bytearray(broken.read_bytes())
+    data[400:1200] = bytes(800)
+    broken.write_bytes(bytes(data))
+    cmd = train_cmd(tmp_path / "run", f"data.root={root}", f"data.backend={backend}", "train.epochs=1")
+    if backend == "torchvision":
+        assert str(broken) in run(cmd).stdout  # skipped and named
+        return
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"error: cannot decode {broken}; remove it" in result.stderr and "Traceback" not in result.stderr
 
 
 def free_port() -> int:

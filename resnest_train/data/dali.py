@@ -24,6 +24,7 @@ from nvidia.dali.auto_aug import auto_augment
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIClassificationIterator
 
+from resnest_train.data.index import DatasetError, find_undecodable
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVAL, PCA_EIGVEC
 
 _INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
@@ -117,26 +118,46 @@ def _without_equalize_deprecation():
 class DaliLoader:
     """Iterates (images, targets) torch tensors; `len()` is the batches per epoch, equal on every rank."""
 
-    def __init__(self, pipeline, drop_last: bool):
+    def __init__(self, pipeline, drop_last: bool, root: str, samples: list[tuple[str, int]]):
         self.pipeline = pipeline
+        self.root, self.samples = root, samples  # to name an image the decoder fails on
         with _without_equalize_deprecation():
             self.pipeline.build()
         policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
-        self.iterator = DALIClassificationIterator(
-            pipeline, reader_name="reader", last_batch_policy=policy, auto_reset=True)
+        try:  # the iterator runs the first batch already
+            self.iterator = DALIClassificationIterator(
+                pipeline, reader_name="reader", last_batch_policy=policy, auto_reset=True)
+        except RuntimeError as exc:
+            self._raise_decode_failure(exc)
         self._len = len(self.iterator)
 
     def __len__(self) -> int:
         return self._len
 
     def __iter__(self):
-        for batch in self.iterator:
+        batches = iter(self.iterator)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as exc:
+                self._raise_decode_failure(exc)
             images = batch[0]["data"]
             if images.shape[-1] == 3:
                 # HWC output (train.channels_last): (B, H, W, 3) -> (B, 3, H, W) with channels_last strides,
                 # a view, which is exactly the layout the model was converted to.
                 images = images.permute(0, 3, 1, 2)
             yield images, batch[0]["label"].reshape(-1).long()
+
+    def _raise_decode_failure(self, exc: RuntimeError):
+        """DALI's decoder error does not name the file: find it by decoding every image of the list."""
+        if "decoders" not in str(exc):
+            raise exc
+        bad = find_undecodable(self.root, self.samples)
+        named = ", ".join(bad) if bad else f"an image under {self.root} (none failed a full PIL decode)"
+        raise DatasetError(f"cannot decode {named}; remove it and rerun the same command: training resumes "
+                           "from the last checkpoint") from None
 
     def state(self) -> str:
         """The reader and augmentation RNG position after the batches consumed so far (DALI checkpoint)."""
@@ -154,7 +175,7 @@ def build_dali_train(index, data_cfg, *, batch_size: int, rank: int, world_size:
         pipe = _make_train_pipeline(index, data_cfg, files, labels, batch_size=batch_size, rank=rank,
                                     world_size=world_size, seed=seed, device=device,
                                     channels_last=channels_last, state=state)
-    return DaliLoader(pipe, drop_last=True)
+    return DaliLoader(pipe, drop_last=True, root=index.root, samples=index.train)
 
 
 def _make_train_pipeline(index, data_cfg, files, labels, *, batch_size, rank, world_size, seed, device,
@@ -183,4 +204,4 @@ def build_dali_val(index, data_cfg, *, batch_size: int, rank: int, world_size: i
         exec_dynamic=True, root=index.root, files=list(files), labels=list(labels), device=device, crop_size=crop_size,
         resize_size=resize_size, interpolation=data_cfg.interpolation,
         layout="HWC" if channels_last else "CHW")
-    return DaliLoader(pipe, drop_last=False)
+    return DaliLoader(pipe, drop_last=False, root=index.root, samples=shard)

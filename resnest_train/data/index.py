@@ -13,8 +13,11 @@ import hashlib
 import json
 import logging
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from PIL import Image
 
 from resnest_train.errors import UserError
 
@@ -170,3 +173,21 @@ def warn_skipped(index: DatasetIndex) -> None:
     if index.skipped:
         lines = "\n".join(f"  {path}: {reason}" for path, reason in index.skipped)
         log.warning("skipped %d bad image file(s):\n%s", len(index.skipped), lines)
+
+
+def _decode_error(path: str) -> str | None:
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as exc:  # noqa: BLE001 - PIL reports broken data in several exception types
+        return f"cannot decode ({exc})"
+    return None
+
+
+def find_undecodable(root: str | Path, samples: list[tuple[str, int]], workers: int | None = None) -> list[str]:
+    """Fully decode every image (in parallel) and return the paths that fail: the slow, thorough check,
+    run only after a decoder has failed on a file that passed the cheap header/end check."""
+    paths = [str(Path(root) / path) for path, _ in samples]
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        reasons = list(pool.map(_decode_error, paths, chunksize=64))
+    return [path for path, reason in zip(paths, reasons) if reason]
