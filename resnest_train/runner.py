@@ -137,6 +137,12 @@ def _restore(run: Run, state: dict, rank_state: dict) -> None:
     run.optimizer.load_state_dict(state["optimizer"])
     run.scaler.load_state_dict(state["scaler"])
     run.epoch, run.batch, run.step = state["epoch"], state["batch"], state["step"]
+    if state["world_size"] != run.dist.world_size:
+        # Only at an epoch boundary (checked earlier): steps per epoch changed with the global batch, so
+        # place the schedule at this epoch's start for the new layout.
+        log.warning("resuming a run of world size %d with %d processes at epoch %d", state["world_size"],
+                    run.dist.world_size, run.epoch)
+        run.step = run.epoch * run.steps_per_epoch
     run.best_top1 = state.get("best_top1", -1.0)
     if "rng" in rank_state:
         ckpt.set_rng_state(rank_state["rng"])

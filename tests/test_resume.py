@@ -3,6 +3,7 @@ bit-identical to uninterrupted ones (CPU, train.deterministic=true, DALI backend
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -128,3 +129,18 @@ def test_elastic_restart_after_a_worker_is_killed(image_root, tmp_path, tmp_path
     output = job.communicate(timeout=600)[0]
     assert job.returncode == 0, output[-4000:]
     assert_bit_identical(final_weights(tmp_path), final_weights(reference_out))
+
+
+@pytest.mark.dist
+def test_resume_at_epoch_boundary_with_more_processes(image_root, tmp_path):
+    one = run_train(tiny_args(image_root, tmp_path, "train.epochs=1"))
+    assert one.returncode == 0, one.stdout + one.stderr
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = subprocess.run([*launcher, *tiny_args(image_root, tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600, env=env)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["world_size"]) for r in rows] == [(1, 1), (2, 2)]
+    # 48 images: 6 steps of 8 on one process, then 3 steps of 2 x 8
+    assert rows[-1]["step"] == 1 * 3 + 3
