@@ -26,7 +26,7 @@ from resnest_train.logs import RunLogger, configure_logging
 from resnest_train.modeling import build_model, unwrap
 from resnest_train.models.pretrained import WeightsMismatchError, check_fit
 from resnest_train.optim import build_optimizer
-from resnest_train.recipe import build_criterion, build_mixup, seed_everything
+from resnest_train.recipe import build_criterion, build_mixup, cpu_speed_settings, seed_everything
 from resnest_train.schedule import learning_rate
 
 log = logging.getLogger("resnest_train")
@@ -100,6 +100,7 @@ def _check_resume_fits(config: Config, state: dict, dist: DistInfo) -> None:
 def _prepare(config: Config, dist: DistInfo) -> Run | None:
     train_cfg = config.train
     seed_everything(train_cfg.seed + dist.rank, train_cfg.deterministic)
+    cpu_speed_settings(dist.device)
     state = ckpt.find_resume_state(config.checkpoint.resume, config.output_dir)
     if state is not None:
         _check_resume_fits(config, state, dist)

@@ -208,6 +208,8 @@ def _bare_run(args) -> float:
 
 def bench_trainer(args) -> dict:
     torch.set_num_threads(args.threads)
+    # The trainer flushes denormals on CPU (recipe.cpu_speed_settings); the bare loop does the same steps.
+    torch.set_flush_denormal(True)
     trainer, bare = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
