@@ -7,6 +7,7 @@ import torch
 
 from resnest_train.config import Config
 from resnest_train.data.index import DatasetError, DatasetIndex, load_index, warn_skipped
+from resnest_train.data.synthetic import build_synthetic
 from resnest_train.distributed import DistInfo
 
 __all__ = ["build_train_loader", "build_val_loader", "load_index", "warn_skipped", "DatasetError",
@@ -63,6 +64,3 @@ def build_val_loader(config: Config, dist: DistInfo, index: DatasetIndex | None,
     from resnest_train.data.torchvision import build_torch_val
     return build_torch_val(index, data, rank=dist.rank, world_size=dist.world_size, device=dist.device,
                            crop_size=crop_size, resize_size=resize_size, **common)
-
-
-from resnest_train.data.synthetic import build_synthetic  # noqa: E402  (after the public names)
