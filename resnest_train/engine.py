@@ -62,13 +62,16 @@ def evaluate(model: nn.Module, loader, dist: DistInfo, precision: Precision) -> 
     """Top-1 / top-5 in percent from counts summed across ranks; every image counted once."""
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=dist.device)  # correct@1, correct@5, images
+    images_seen = 0  # on the host: the batch sizes are known without a device sync
     for images, targets in loader:
         with precision.autocast():
             logits = model(images)
         top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
         hits = top5 == targets[:, None]
-        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
-                               torch.tensor(targets.numel(), device=hits.device)]).to(counts)
+        counts[0] += hits[:, 0].sum()
+        counts[1] += hits.any(dim=1).sum()
+        images_seen += targets.numel()
+    counts[2] = images_seen
     all_reduce_sum(counts, dist)
     correct1, correct5, total = counts.tolist()
     total = int(total)

@@ -75,14 +75,14 @@ class RunLogger:
 
     def _flush(self, step: int, batch: int) -> None:
         losses = torch.stack([loss for _, loss, _ in self._pending]).float().cpu().tolist()  # one sync
+        now = time.perf_counter()
+        elapsed = max(now - self.interval_start, 1e-9)
+        speed = self.interval_images / elapsed
         if self.writer is not None:
             for (s, _, lr), value in zip(self._pending, losses):
                 self.writer.add_scalar("train/loss", value, s)
                 self.writer.add_scalar("train/lr", lr, s)
-        now = time.perf_counter()
-        elapsed = max(now - self.interval_start, 1e-9)
-        speed = self.interval_images / elapsed
-        self.writer and self.writer.add_scalar("perf/images_per_sec", speed, step)
+            self.writer.add_scalar("perf/images_per_sec", speed, step)
         remaining = self.run.total_steps - step
         eta = remaining * elapsed / max(len(self._pending), 1)
         log.info("epoch %d  step %d/%d  loss %.4f  lr %.5f  %.1f img/s  data %.0f%%  eta %s",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,7 +52,7 @@ class Run:
     batch: int = 0  # batches done in `epoch`
     step: int = 0
     best_top1: float = -1.0
-    stop_requested: list = field(default_factory=lambda: [False])
+    stop_requested: bool = False  # set by the SIGTERM/SIGUSR1 handler
 
     @property
     def total_steps(self) -> int:
@@ -77,16 +77,17 @@ def _load_dataset_index(config: Config, dist: DistInfo):
     """Rank 0 scans (and caches) the dataset; the others read its cache, or share its error."""
     if config.data.backend == "synthetic":
         return None
-    error = None
+    index, error = None, None
     if dist.is_main:
         try:
-            warn_skipped(load_index(config.data.root))
+            index = load_index(config.data.root)
+            warn_skipped(index)
         except UserError as exc:
             error = str(exc)
     error = broadcast_object(error, dist)
     if error:
         raise UserError(error)
-    return load_index(config.data.root, write_cache=False)
+    return index if index is not None else load_index(config.data.root, write_cache=False)
 
 
 def _check_resume_fits(config: Config, state: dict, dist: DistInfo) -> None:
@@ -154,15 +155,15 @@ def _install_stop_handlers(run: Run) -> None:
     exit. The flag is agreed on by all ranks before anyone stops, so no rank waits on a missing peer."""
     def request_stop(signum, _frame):
         log.warning("received signal %d: checkpointing after this step, then exiting", signum)
-        run.stop_requested[0] = True
+        run.stop_requested = True
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, request_stop)
 
 
 def _should_stop(run: Run) -> bool:
     if not run.dist.distributed:
-        return run.stop_requested[0]
-    flag = torch.tensor([1.0 if run.stop_requested[0] else 0.0], device=run.dist.device)
+        return run.stop_requested
+    flag = torch.tensor([1.0 if run.stop_requested else 0.0], device=run.dist.device)
     torch.distributed.all_reduce(flag)
     return bool(flag.item() > 0)
 
