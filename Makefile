@@ -34,6 +34,7 @@ bench: venv
 	test -d data/photos || $(PY) scripts/make_photo_dataset.py --out data/photos
 	$(PY) scripts/benchmark.py data --root data/photos --backend dali --compare --color-jitter 0 --lighting 0
 	$(PY) scripts/benchmark.py data --root data/photos --backend dali --compare
+	$(PY) scripts/benchmark.py data --root data/photos --backend dali --compare --autoaugment imagenet --color-jitter 0 --lighting 0
 	$(PY) scripts/benchmark.py data --root data/photos --backend dali --compare --autoaugment imagenet
 
 lint: venv

@@ -5,7 +5,9 @@
       forward+backward+SGD step; --compare interleaves timm's equivalent model in the same process.
   benchmark.py data --root DIR --backend {dali,torchvision} [--batch-size 32] [--workers 2] [--crop-size 224]
                     [--autoaugment {none,imagenet}] [--seconds 10] [--color-jitter 0.4] [--lighting 0.1] [--compare]
-      the training pipeline alone (decode, augment, batches as tensors); --compare runs the other backend too.
+                    [--rounds 4] [--settle 1.0]
+      the training pipeline alone (decode, augment, batches as tensors); --compare runs the other backend too,
+      rounds interleaved, each timed after `settle` untimed seconds (steady state, no queued batches).
   benchmark.py trainer [--model resnest14] [--batch-size 32] [--image-size 64] [--compare]
       train.py's loop on the synthetic backend (second epoch of two); --compare interleaves a bare PyTorch
       loop of the same steps (timed likewise after one epoch's worth of warm-up steps).
@@ -141,24 +143,32 @@ def _data_loader(backend: str, args):
     return build_torch_train(index, cfg, device=torch.device("cpu"), **common)
 
 
-def _images_per_sec(loader, seconds: float) -> float:
-    images, started = 0, time.perf_counter()
+def _images_per_sec(loader, seconds: float, settle: float) -> float:
+    """Steady-state images/s. The first `settle` seconds of a round are not timed: they drain the batches
+    the loader queued while the other backend's round ran, and let its workers' queueing finish (with no
+    settling, torchvision's 2x2 prefetched batches are a free start and its refill runs inside DALI's
+    round)."""
+    images, started, settled = 0, time.perf_counter(), None
     while True:
         for batch, _ in loader:
-            images += batch.shape[0]
-            if time.perf_counter() - started > seconds:
-                return images / (time.perf_counter() - started)
+            now = time.perf_counter()
+            if settled is None and now - started > settle:
+                settled = now
+            elif settled is not None:
+                images += batch.shape[0]
+                if now - settled > seconds:
+                    return images / (now - settled)
 
 
 def bench_data(args) -> dict:
     backends = [args.backend] + ([b for b in ("dali", "torchvision") if b != args.backend] if args.compare else [])
     loaders = {b: _data_loader(b, args) for b in backends}
     for loader in loaders.values():
-        _images_per_sec(loader, 1.0)  # warm-up: workers started, caches filled
+        _images_per_sec(loader, 1.0, settle=0.0)  # warm-up: workers started, caches filled
     rates = {b: [] for b in backends}
     for _ in range(args.rounds):
         for backend, loader in loaders.items():
-            rates[backend].append(_images_per_sec(loader, args.seconds / args.rounds))
+            rates[backend].append(_images_per_sec(loader, args.seconds / args.rounds, args.settle))
     result = {"backend": args.backend, "images_per_sec": statistics.median(rates[args.backend]),
               "workers": args.workers, "autoaugment": args.autoaugment, "crop_size": args.crop_size,
               "color_jitter": args.color_jitter, "lighting": args.lighting}
@@ -249,6 +259,7 @@ def main(argv=None) -> int:
     data.add_argument("--color-jitter", type=float, default=0.4, help="the recipe's 0.4; 0 disables")
     data.add_argument("--lighting", type=float, default=0.1, help="the recipe's 0.1; 0 disables")
     data.add_argument("--rounds", type=int, default=4)
+    data.add_argument("--settle", type=float, default=1.0, help="untimed seconds at the start of each round")
     data.add_argument("--compare", action="store_true")
     trainer = sub.add_parser("trainer")
     trainer.add_argument("--model", default="resnest14")

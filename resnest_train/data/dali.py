@@ -5,7 +5,11 @@ Training: file reader sharded by global rank over the dataset index, globally re
 crop (`mixed` = nvJPEG on the GPU, or `cpu`) -> resize -> AutoAugment (ImageNet policy) -> color jitter ->
 PCA lighting -> flip + normalize. Augmentation seeds derive from the seed and the *global* rank, so nodes
 never repeat each other. `pad_last_batch` with `reader_name` gives every rank the same number of batches
-(a per-rank `size` does not: a silent DDP mismatch, then a stall).
+(a per-rank `size` does not: a silent DDP mismatch, then a stall). On the CPU, three steps whose DALI CPU
+kernels are several times slower than torch/PIL's run on the host inside the pipeline (`python_function`
+over the batch, random factors still drawn by DALI): the crop's resize, saturation and the AutoAugment ops
+(`cpu_ops`, `cpu_autoaugment`); the graph is otherwise the same, and `host_ops=False` builds the GPU
+graph's ops on the CPU for tests.
 
 Validation: each rank reads its own slice of the val list (`files[rank::world]`), so there is no padding at
 all and every image is counted exactly once; resize the shorter side, center crop, normalize.
@@ -21,9 +25,12 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dali_math
 from nvidia.dali.auto_aug import auto_augment
+from nvidia.dali.pipeline import do_not_convert
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIClassificationIterator
 
+from resnest_train.data.cpu_autoaugment import MAX_TRANSLATE_REL, HostAutoAugment
+from resnest_train.data.cpu_ops import batch_resizer, batch_saturator
 from resnest_train.data.index import DatasetError, find_undecodable
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVAL, PCA_EIGVEC
 
@@ -62,27 +69,49 @@ def _lighting_mean(std: float):
     return [m * 255 for m in IMAGENET_MEAN] - fn.reshape(shift, shape=[3])
 
 
+def _autoaugment(images, crop_size: int, host_autoaugment):
+    if host_autoaugment is None:
+        # Nearest-neighbour warps, as torchvision and the original AutoAugment (PIL) use: the linear
+        # default makes rotate/shear the most expensive CPU ops of the pipeline (BENCHMARKS.md).
+        return auto_augment.auto_augment_image_net(images, shape=[crop_size, crop_size], interp_type=types.INTERP_NN,
+                                                   max_translate_rel=MAX_TRANSLATE_REL)
+    # The draws of DALI's apply_auto_augment: a sub-policy, a uniform per stage, a sign per stage.
+    sub_policy = fn.random.uniform(values=list(range(len(host_autoaugment.sub_policies))), dtype=types.INT32)
+    run = fn.random.uniform(range=[0, 1], shape=(host_autoaugment.stages,))
+    negate = fn.random.coin_flip(shape=(host_autoaugment.stages,))
+    return fn.python_function(images, sub_policy, run, negate, function=host_autoaugment, batch_processing=True,
+                              output_layouts="HWC")
+
+
+def _color_jitter(images, strength: float, host_saturation):
+    low, high = 1 - strength, 1 + strength
+    brightness, contrast, saturation = (fn.random.uniform(range=[low, high]) for _ in range(3))
+    if host_saturation is None:
+        return fn.color_twist(images, brightness=brightness, contrast=contrast, saturation=saturation)
+    images = fn.brightness_contrast(images, brightness=brightness, contrast=contrast)
+    return fn.python_function(images, saturation, function=host_saturation, batch_processing=True,
+                              output_layouts="HWC")
+
+
 @pipeline_def(enable_conditionals=True)
 def _train_pipeline(*, root, files, labels, shard_id, num_shards, reader_seed, device, crop_size, rrc_scale,
-                    interpolation, hflip, autoaugment, color_jitter, lighting, layout):
+                    interpolation, hflip, autoaugment, color_jitter, lighting, layout, host_resize, host_saturation,
+                    host_autoaugment):
     jpegs, targets = fn.readers.file(
         file_root=root, files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
         shuffle_after_epoch=True, seed=reader_seed, pad_last_batch=True, name="reader")
     images = fn.decoders.image_random_crop(
         jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
         random_area=list(rrc_scale), random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
-    images = fn.resize(images, resize_x=crop_size, resize_y=crop_size, interp_type=_INTERP[interpolation],
-                       antialias=True)
+    if host_resize is None:
+        images = fn.resize(images, resize_x=crop_size, resize_y=crop_size, interp_type=_INTERP[interpolation],
+                           antialias=True)
+    else:
+        images = fn.python_function(images, function=host_resize, batch_processing=True, output_layouts="HWC")
     if autoaugment == "imagenet":
-        # Nearest-neighbour warps, as torchvision and the original AutoAugment (PIL) use: the linear
-        # default makes rotate/shear the most expensive CPU ops of the pipeline (BENCHMARKS.md).
-        images = auto_augment.auto_augment_image_net(images, shape=[crop_size, crop_size],
-                                                     interp_type=types.INTERP_NN)
+        images = _autoaugment(images, crop_size, host_autoaugment)
     if color_jitter > 0:
-        low, high = 1 - color_jitter, 1 + color_jitter
-        images = fn.color_twist(images, brightness=fn.random.uniform(range=[low, high]),
-                                contrast=fn.random.uniform(range=[low, high]),
-                                saturation=fn.random.uniform(range=[low, high]))
+        images = _color_jitter(images, color_jitter, host_saturation)
     mirror = fn.random.coin_flip(probability=0.5) if hflip else None
     mean = _lighting_mean(lighting) if lighting > 0 else None
     images = _normalize(images, device_layout=layout, mirror=mirror, mean=mean)
@@ -179,7 +208,7 @@ def build_dali_train(index, data_cfg, *, batch_size: int, rank: int, world_size:
 
 
 def _make_train_pipeline(index, data_cfg, files, labels, *, batch_size, rank, world_size, seed, device,
-                         channels_last, state):
+                         channels_last, state, host_ops=True):
     return _train_pipeline(
         batch_size=batch_size, num_threads=max(1, data_cfg.workers), device_id=_device_id(device),
         seed=seed * 1000 + rank + 1, prefetch_queue_depth=2, enable_checkpointing=True, checkpoint=state,
@@ -190,7 +219,19 @@ def _make_train_pipeline(index, data_cfg, files, labels, *, batch_size, rank, wo
         reader_seed=seed + 17, device=device, crop_size=data_cfg.crop_size, rrc_scale=data_cfg.rrc_scale,
         interpolation=data_cfg.interpolation, hflip=data_cfg.hflip, autoaugment=data_cfg.autoaugment,
         color_jitter=data_cfg.color_jitter, lighting=data_cfg.lighting,
-        layout="HWC" if channels_last else "CHW")
+        layout="HWC" if channels_last else "CHW",
+        **_host_ops(data_cfg, enabled=device == "cpu" and host_ops))
+
+
+def _host_ops(data_cfg, enabled: bool) -> dict:
+    """Host ops for CPU pipelines where DALI's CPU kernels are several times slower: torch's resize, numpy's
+    saturation (`cpu_ops`) and PIL's AutoAugment ops (`cpu_autoaugment`)."""
+    if not enabled:
+        return dict(host_resize=None, host_saturation=None, host_autoaugment=None)
+    threads = max(1, data_cfg.workers)
+    return dict(host_resize=do_not_convert(batch_resizer(data_cfg.crop_size, data_cfg.interpolation, threads)),
+                host_saturation=do_not_convert(batch_saturator(threads)),
+                host_autoaugment=HostAutoAugment(threads))
 
 
 def build_dali_val(index, data_cfg, *, batch_size: int, rank: int, world_size: int, device: str,

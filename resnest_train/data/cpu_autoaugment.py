@@ -1,0 +1,86 @@
+"""AutoAugment's ImageNet policy for DALI's CPU pipeline: DALI's policy and random draws, PIL's image ops.
+
+`nvidia.dali.auto_aug` runs a policy by splitting the batch between its ops per stage: on the CPU that costs
+~0.8 ms of a thread per image (sub-batches of a few images per op, and slow CPU kernels for `color` and
+`auto_contrast`), the largest cost of the CPU pipeline with AutoAugment (BENCHMARKS.md), while the PIL
+ops torchvision's AutoAugment uses take ~0.1 ms. So on CPU the pipeline draws what DALI's `apply_auto_augment`
+draws (a sub-policy per image, a uniform per stage against its probability, a sign per stage) with DALI's
+RNG — reproducible and checkpointed with the pipeline — and applies that sub-policy of DALI's own
+`get_image_net_policy()` table (ops, probabilities, magnitude bins and ranges) with PIL in a thread pool.
+GPU pipelines run `nvidia.dali.auto_aug` itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from nvidia.dali.auto_aug import auto_augment
+from PIL import Image, ImageEnhance, ImageOps
+
+from resnest_train.data.cpu_ops import pool
+
+FILL = (128, 128, 128)  # DALI's fill value for the warps
+# Translation up to 150/331 of the image, the AutoAugment paper's ImageNet setting (331 px images).
+MAX_TRANSLATE_REL = 150 / 331
+
+
+def image_net_policy():
+    """DALI's ImageNet policy, translations relative to the image size (the same table on CPU and GPU)."""
+    return auto_augment.get_image_net_policy(use_shape=True, max_translate_rel=MAX_TRANSLATE_REL)
+
+
+def _affine(image: Image.Image, coefficients) -> Image.Image:
+    return image.transform(image.size, Image.AFFINE, coefficients, Image.NEAREST, fillcolor=FILL)
+
+
+def _solarize_add(image: Image.Image, shift: float) -> Image.Image:
+    lut = [min(255, i + int(shift)) if i < 128 else i for i in range(256)]
+    return image.point(lut * 3)
+
+
+_OPS = {
+    "shear_x": lambda im, m: _affine(im, (1, m, 0, 0, 1, 0)),
+    "shear_y": lambda im, m: _affine(im, (1, 0, 0, m, 1, 0)),
+    "translate_x": lambda im, m: _affine(im, (1, 0, m * im.size[0], 0, 1, 0)),
+    "translate_y": lambda im, m: _affine(im, (1, 0, 0, 0, 1, m * im.size[1])),
+    "rotate": lambda im, m: im.rotate(m, Image.NEAREST, fillcolor=FILL),
+    "color": lambda im, m: ImageEnhance.Color(im).enhance(m),
+    "posterize": lambda im, m: ImageOps.posterize(im, int(min(8, max(1, round(m))))),
+    "solarize": lambda im, m: ImageOps.solarize(im, m),
+    "solarize_add": _solarize_add,
+    "invert": lambda im, m: ImageOps.invert(im),
+    "equalize": lambda im, m: ImageOps.equalize(im),
+    "auto_contrast": lambda im, m: ImageOps.autocontrast(im),
+}
+
+
+class HostAutoAugment:
+    """Called by `fn.python_function(images, sub_policy, run, negate, batch_processing=True)`."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        policy = image_net_policy()
+        self.bins = policy.num_magnitude_bins
+        self.stages = max(len(sub) for sub in policy.sub_policies)
+        self.sub_policies = [[(aug.name, aug.mag_range, aug.randomly_negate, prob, magnitude_bin)
+                              for aug, prob, magnitude_bin in sub] for sub in policy.sub_policies]
+        unknown = {step[0] for sub in self.sub_policies for step in sub} - set(_OPS)
+        if unknown:
+            raise NotImplementedError(f"AutoAugment ops without a CPU implementation: {sorted(unknown)}")
+
+    def __call__(self, images, sub_policy, run, negate):
+        return list(pool(self.threads).map(self.one, images, sub_policy, run, negate))
+
+    def one(self, image: np.ndarray, sub_policy: np.ndarray, run: np.ndarray, negate: np.ndarray) -> np.ndarray:
+        steps = [(stage, step) for stage, step in enumerate(self.sub_policies[int(sub_policy)])
+                 if run[stage] < step[3]]
+        if not steps:
+            return image
+        pil = Image.fromarray(image)
+        for stage, (name, mag_range, negatable, _, magnitude_bin) in steps:
+            magnitude = 0.0
+            if magnitude_bin is not None:
+                magnitude = float(np.linspace(*mag_range, self.bins)[magnitude_bin])
+                if negatable and negate[stage]:
+                    magnitude = -magnitude
+            pil = _OPS[name](pil, magnitude)
+        return np.asarray(pil)

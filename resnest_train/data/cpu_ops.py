@@ -1,0 +1,62 @@
+"""Image ops of DALI's CPU training pipeline that torch does faster: the crop's resize and saturation.
+
+DALI's CPU resampling costs ~1 ms of a thread per random crop and its CPU `color_twist` another ~1 ms (its
+saturation; brightness and contrast are nearly free), together about half of an image's time in the
+pipeline (BENCHMARKS.md). torch's vectorised uint8 antialiased resize, the kernel torchvision's v2
+transforms use, takes ~0.2 ms and matches PIL's filter; saturation as a 3x3 colour matrix takes ~0.2 ms and
+is torchvision's `adjust_saturation` formula. The ops run inside the pipeline as `python_function`s over a
+batch of HWC uint8 arrays, with a small thread pool (torch releases the GIL inside its kernels); their
+random factors come from DALI's RNG, so pipeline checkpoints stay exact. GPU pipelines use DALI's own ops.
+"""
+
+from __future__ import annotations
+
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_GRAY = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+
+
+def pool(threads: int) -> ThreadPoolExecutor:
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="dali-host-op")
+    return _POOLS[threads]
+
+
+def resize_one(image: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8, antialiased as PIL/torchvision resize."""
+    chw = torch.from_numpy(image).permute(2, 0, 1)[None]  # a channels_last view: the kernel's fast layout
+    out = F.interpolate(chw, size=(size, size), mode=mode, antialias=True, align_corners=False)
+    return out[0].permute(1, 2, 0).contiguous().numpy()
+
+
+def saturate_one(image: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """torchvision's adjust_saturation on (H, W, 3) uint8: blend with the grey image, clamp, truncate.
+    Plain numpy element-wise passes: no BLAS or OpenMP threads to spin against the pipeline's own."""
+    ratio = np.float32(factor.reshape(-1)[0])
+    rgb = image.astype(np.float32)
+    grey = rgb[..., 0] * _GRAY[0] + rgb[..., 1] * _GRAY[1] + rgb[..., 2] * _GRAY[2]
+    rgb *= ratio
+    rgb += ((1 - ratio) * grey)[..., None]
+    return np.clip(rgb, 0, 255, out=rgb).astype(np.uint8)
+
+
+def batch_resizer(size: int, mode: str, threads: int):
+    """What `fn.python_function(crops, batch_processing=True)` calls: the crops resized to size x size."""
+    one = functools.partial(resize_one, size=size, mode=mode)
+
+    def resize_batch(images):
+        return list(pool(threads).map(one, images))
+    return resize_batch
+
+
+def batch_saturator(threads: int):
+    """What `fn.python_function(images, factors, batch_processing=True)` calls."""
+    def saturate_batch(images, factors):
+        return list(pool(threads).map(saturate_one, images, factors))
+    return saturate_batch

@@ -1,0 +1,96 @@
+"""The torch/numpy ops DALI's CPU pipeline runs on the host: same results as PIL/torchvision, and the CPU
+pipeline that uses them gives the images DALI's own ops (the GPU pipeline's graph) give."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageOps
+
+from resnest_train.config import DataConfig
+from resnest_train.data import dali
+from resnest_train.data.cpu_autoaugment import HostAutoAugment
+from resnest_train.data.cpu_ops import resize_one, saturate_one
+from resnest_train.data.index import load_index
+
+
+def photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Smooth colour gradients plus texture: resampling differences show, flat colours would hide them."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([128 + 100 * np.sin(x / 17 + c) * np.cos(y / 23 - c) for c in range(3)], axis=-1)
+    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape", [(300, 280), (97, 130)])  # down- and up-scaling
+@pytest.mark.parametrize("mode,pil", [("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC)])
+def test_resize_matches_pil(shape, mode, pil):
+    image = photo_like(*shape)
+    ours = resize_one(image, 224, mode).astype(np.int16)
+    reference = np.asarray(Image.fromarray(image).resize((224, 224), pil)).astype(np.int16)
+    assert ours.shape == (224, 224, 3) and ours.flags.c_contiguous
+    assert np.abs(ours - reference).max() <= 2 and np.abs(ours - reference).mean() < 0.5
+
+
+@pytest.mark.parametrize("factor", [0.6, 1.0, 1.4])
+def test_saturation_matches_torchvision(factor):
+    image = photo_like(64, 48)
+    ours = saturate_one(image, np.float32(factor)).astype(np.int16)
+    reference = TF.adjust_saturation(torch.from_numpy(image).permute(2, 0, 1), factor).permute(1, 2, 0).numpy()
+    assert np.abs(ours - reference.astype(np.int16)).max() <= 1
+
+
+def _first_batch(root, cfg, host_ops: bool) -> torch.Tensor:
+    index = load_index(root)
+    files, labels = zip(*index.train)
+    with dali._without_equalize_deprecation():
+        pipe = dali._make_train_pipeline(index, cfg, files, labels, batch_size=8, rank=0, world_size=1, seed=5,
+                                         device="cpu", channels_last=False, state=None, host_ops=host_ops)
+    return next(iter(dali.DaliLoader(pipe, drop_last=True, root=index.root, samples=index.train)))[0]
+
+
+def test_cpu_pipeline_matches_dali_ops(image_root):
+    """Same seed, same crops: the host resize gives the images DALI's resize gives, within filter rounding
+    (a wrong size, layout or channel order would be far off)."""
+    cfg = DataConfig(root=str(image_root), workers=2, crop_size=32, autoaugment="none", color_jitter=0.0,
+                     lighting=0.0, hflip=False)
+    host, native = _first_batch(image_root, cfg, True), _first_batch(image_root, cfg, False)
+    assert host.shape == native.shape == (8, 3, 32, 32)
+    assert (host - native).abs().mean() < 0.02  # normalised units: ~1 grey level
+    assert (host - native.flip(-1)).abs().mean() > 0.2  # the check can tell a mirrored image
+
+
+def test_autoaugment_applies_the_drawn_sub_policy():
+    """The host AutoAugment runs DALI's table with DALI's draws: stage k runs when run[k] < its probability,
+    magnitude bins index the op's range, negate flips the sign of negatable ops."""
+    augment = HostAutoAugment(threads=1)
+    image = photo_like(64, 64)
+    pil = Image.fromarray(image)
+    solarize = augment.sub_policies.index(next(s for s in augment.sub_policies if s[0][0] == "solarize"
+                                               and s[1][0] == "equalize"))
+    threshold = np.linspace(0, 256, augment.bins)[augment.sub_policies[solarize][0][4]]
+    assert augment.one(image, solarize, np.array([0.99, 0.99]), np.zeros(2)) is image  # nothing ran
+    np.testing.assert_array_equal(augment.one(image, solarize, np.array([0.0, 0.99]), np.zeros(2)),
+                                  np.asarray(ImageOps.solarize(pil, threshold)))
+    np.testing.assert_array_equal(augment.one(image, solarize, np.array([0.0, 0.0]), np.zeros(2)),
+                                  np.asarray(ImageOps.equalize(ImageOps.solarize(pil, threshold))))
+    rotate = next(i for i, s in enumerate(augment.sub_policies) if s[0][0] == "rotate" and s[0][3] == 1.0)
+    angle = np.linspace(0, 30, augment.bins)[augment.sub_policies[rotate][0][4]]
+    for sign in (0, 1):
+        expected = pil.rotate(-angle if sign else angle, Image.NEAREST, fillcolor=(128, 128, 128))
+        np.testing.assert_array_equal(augment.one(image, rotate, np.array([0.5, 0.99]), np.array([sign, 0])),
+                                      np.asarray(expected))
+
+
+@pytest.mark.parametrize("host_ops", [True, False])
+def test_autoaugment_on_both_pipeline_graphs(image_root, host_ops):
+    """The CPU graph (host ops) and the GPU graph (`nvidia.dali.auto_aug`) both run here and augment."""
+    cfg = lambda aa: DataConfig(root=str(image_root), workers=2, crop_size=32, autoaugment=aa,  # noqa: E731
+                                color_jitter=0.0, lighting=0.0, hflip=False)
+    plain, augmented = _first_batch(image_root, cfg("none"), host_ops), _first_batch(image_root, cfg("imagenet"),
+                                                                                   host_ops)
+    assert augmented.shape == plain.shape == (8, 3, 32, 32)
+    changed = ((augmented - plain).abs().mean(dim=(1, 2, 3)) > 0.05).sum()
+    assert 1 <= changed <= 8
