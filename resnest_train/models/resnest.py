@@ -119,7 +119,10 @@ class ResNeStBottleneck(nn.Module):
         out = self.drop3(self.bn3(self.conv3(out)))
         if self.se is not None:
             out = self.se(out)
-        return self.act3(out + shortcut)
+        # In place: the BN/SE output is not needed by their backward, and a fresh block-sized tensor per
+        # block costs an allocation and its page faults on CPU (BENCHMARKS.md).
+        out += shortcut
+        return self.act3(out)
 
 
 def make_stem(stem_width: int, deep_stem: bool, norm_layer: NormLayer) -> tuple[nn.Module, int]:

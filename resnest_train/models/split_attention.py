@@ -76,23 +76,12 @@ class SplitAttentionConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act0(self.drop(self.bn0(self.conv(x))))  # (B, radix*C, H, W)
-        batch = x.shape[0]
-        # GAP of the sum over splits == sum over splits of the GAP: pool first, on the small tensor.
-        gap = x.mean((2, 3), keepdim=True)  # (B, radix*C, 1, 1)
-        if self.radix > 1:
-            # (B, radix*C, 1, 1) -> (B, radix, C, 1, 1) -> (B, C, 1, 1)
-            gap = gap.reshape(batch, self.radix, self.out_channels, 1, 1).sum(1)
-        attn = self.fc2(self.act1(self.bn1(self.fc1(gap))))
-        attn = self.radix_softmax(attn)  # (B, radix*C, 1, 1), radix-major
+        if self.radix > 1 and x.is_contiguous():
+            return self._combine_nchw(x)
+        gap = self._splits_gap(x.sum((2, 3), keepdim=True), x)
+        attn = self._attention(gap)
         if self.radix == 1:
             return x * attn
-        if x.is_contiguous():
-            # NCHW: one broadcast multiply and a sum over the splits; its backward writes the gradient of
-            # x in one kernel, where slices need a `cat` (`benchmark.py attention`).
-            height, width = x.shape[2:]
-            # (B, radix*C, H, W) -> (B, radix, C, H, W), a view; weights (B, radix, C, 1, 1)
-            x = x.view(batch, self.radix, self.out_channels, height, width)
-            return (x * attn.view(batch, self.radix, self.out_channels, 1, 1)).sum(1)
         # channels_last: channel slices are views that keep the layout (the 5-d form is 2x slower here,
         # and timm's trailing .contiguous() turns every block's output back into NCHW).
         splits = x.split(self.out_channels, dim=1)
@@ -101,3 +90,25 @@ class SplitAttentionConv2d(nn.Module):
         for split, weight in zip(splits[1:], weights[1:]):
             out = torch.addcmul(out, split, weight)
         return out
+
+    def _combine_nchw(self, x: torch.Tensor) -> torch.Tensor:
+        """NCHW: a 5-d view (B, radix, C, H, W) feeds both the pooling and one broadcast multiply + sum over
+        the splits. Both uses on the same view let autograd add the pooling's broadcast gradient in place
+        into the multiply's; the multiply's backward writes x's gradient in one kernel, where slices need a
+        `cat` (`benchmark.py attention`)."""
+        batch, _, height, width = x.shape
+        x = x.view(batch, self.radix, self.out_channels, height, width)
+        gap = self._splits_gap(x.sum((3, 4)).view(batch, -1, 1, 1), x)
+        attn = self._attention(gap)  # (B, radix*C, 1, 1), radix-major
+        return (x * attn.view(batch, self.radix, self.out_channels, 1, 1)).sum(1)
+
+    def _splits_gap(self, sums: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(B, radix*C, 1, 1) spatial sums -> (B, C, 1, 1) GAP of the splits' sum. Pooling first (the GAP of
+        the sum equals the sum of the GAPs) keeps the radix sum on the small tensor; sums rather than a mean,
+        whose backward materialises a full-size division (~5% of a train step, BENCHMARKS.md)."""
+        if self.radix > 1:
+            sums = sums.reshape(sums.shape[0], self.radix, self.out_channels, 1, 1).sum(1)
+        return sums * (1.0 / (x.shape[-1] * x.shape[-2]))
+
+    def _attention(self, gap: torch.Tensor) -> torch.Tensor:
+        return self.radix_softmax(self.fc2(self.act1(self.bn1(self.fc1(gap)))))
