@@ -1,12 +1,13 @@
-"""Image ops of DALI's CPU training pipeline that torch does faster: the crop's resize and saturation.
+"""Image ops of DALI's CPU training pipeline done faster on the host: the crop's resize and saturation.
 
 DALI's CPU resampling costs ~1 ms of a thread per random crop and its CPU `color_twist` another ~1 ms (its
 saturation; brightness and contrast are nearly free), together about half of an image's time in the
 pipeline (BENCHMARKS.md). torch's vectorised uint8 antialiased resize, the kernel torchvision's v2
-transforms use, takes ~0.2 ms and matches PIL's filter; saturation as a 3x3 colour matrix takes ~0.2 ms and
-is torchvision's `adjust_saturation` formula. The ops run inside the pipeline as `python_function`s over a
-batch of HWC uint8 arrays, with a small thread pool (torch releases the GIL inside its kernels); their
-random factors come from DALI's RNG, so pipeline checkpoints stay exact. GPU pipelines use DALI's own ops.
+transforms use, takes ~0.2 ms and matches PIL's filter; saturation in numpy takes ~0.2 ms and is
+torchvision's `adjust_saturation` formula. The ops run inside the pipeline as `python_function`s over a
+batch of HWC uint8 arrays, with a small thread pool shared by the host ops (torch, numpy and PIL release
+the GIL inside their kernels); their random factors come from DALI's RNG, so pipeline checkpoints stay
+exact. GPU pipelines use DALI's own ops.
 """
 
 from __future__ import annotations
