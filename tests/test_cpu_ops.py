@@ -14,6 +14,7 @@ from resnest_train.data import dali
 from resnest_train.data.cpu_autoaugment import HostAutoAugment
 from resnest_train.data.cpu_ops import resize_one, saturate_one
 from resnest_train.data.index import load_index
+from resnest_train.data.torchvision import val_transform
 
 
 def photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -94,3 +95,22 @@ def test_autoaugment_on_both_pipeline_graphs(image_root, host_ops):
     assert augmented.shape == plain.shape == (8, 3, 32, 32)
     changed = ((augmented - plain).abs().mean(dim=(1, 2, 3)) > 0.05).sum()
     assert 1 <= changed <= 8
+
+
+def test_cpu_val_pipeline_is_torchvision_exactly(tmp_path):
+    """Validation on the CPU graph = torchvision's Resize(int) + CenterCrop, pixel for pixel (lossless PNGs
+    of sizes whose margins are odd, 3 mod 4 included, where centre-crop conventions disagree)."""
+    sizes = [(40, 47), (45, 40), (41, 53), (52, 44)]
+    for split in ("train", "val"):
+        for i, (height, width) in enumerate(sizes):
+            folder = tmp_path / split / f"class_{i % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(photo_like(height, width, seed=i)).save(folder / f"{i}.png")
+    index = load_index(tmp_path)
+    cfg = DataConfig(root=str(tmp_path), workers=2, crop_size=32, val_crop_size=32)
+    loader = dali.build_dali_val(index, cfg, batch_size=4, rank=0, world_size=1, device="cpu", crop_size=32,
+                                 resize_size=37, channels_last=False)
+    images, _ = next(iter(loader))
+    transform = val_transform(32, 37, "bilinear")
+    for image, (path, _) in zip(images, index.val):
+        assert (image - transform(Image.open(tmp_path / path).convert("RGB"))).abs().max() < 0.02, path

@@ -159,11 +159,12 @@ def smooth_root(tmp_path_factory):
     return root
 
 
-def test_dali_val_matches_pil_reference(smooth_root):
+@pytest.mark.parametrize("host_ops", [True, False], ids=["cpu-graph", "gpu-graph"])
+def test_dali_val_matches_pil_reference(smooth_root, host_ops):
     index = load_index(smooth_root)
     resize = resize_size(32, 0.875)
     loader = build_dali_val(index, data_cfg(smooth_root), batch_size=4, rank=0, world_size=1, device="cpu",
-                            crop_size=32, resize_size=resize, channels_last=False)
+                            crop_size=32, resize_size=resize, channels_last=False, host_ops=host_ops)
     images, _ = next(iter(loader))
     for i, (path, _) in enumerate(index.val):
         reference = pil_reference(smooth_root / path, 32, resize)

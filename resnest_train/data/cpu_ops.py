@@ -1,4 +1,5 @@
-"""Image ops of DALI's CPU training pipeline done faster on the host: the crop's resize and saturation.
+"""Image ops of DALI's CPU pipelines done faster on the host: the resizes (training crop, validation
+shorter side) and saturation.
 
 DALI's CPU resampling costs ~1 ms of a thread per random crop and its CPU `color_twist` another ~1 ms (its
 saturation; brightness and contrast are nearly free), together about half of an image's time in the
@@ -36,6 +37,18 @@ def resize_one(image: np.ndarray, size: int, mode: str) -> np.ndarray:
     return out[0].permute(1, 2, 0).contiguous().numpy()
 
 
+def resize_shorter_one(image: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """Shorter side to `size`, the longer one as torchvision's Resize(int) computes it (truncated)."""
+    height, width = image.shape[:2]
+    if height <= width:
+        out_h, out_w = size, int(size * width / height)
+    else:
+        out_h, out_w = int(size * height / width), size
+    chw = torch.from_numpy(image).permute(2, 0, 1)[None]
+    out = F.interpolate(chw, size=(out_h, out_w), mode=mode, antialias=True, align_corners=False)
+    return out[0].permute(1, 2, 0).contiguous().numpy()
+
+
 def saturate_one(image: np.ndarray, factor: np.ndarray) -> np.ndarray:
     """torchvision's adjust_saturation on (H, W, 3) uint8: blend with the grey image, clamp, truncate.
     Plain numpy element-wise passes: no BLAS or OpenMP threads to spin against the pipeline's own."""
@@ -50,6 +63,15 @@ def saturate_one(image: np.ndarray, factor: np.ndarray) -> np.ndarray:
 def batch_resizer(size: int, mode: str, threads: int):
     """What `fn.python_function(crops, batch_processing=True)` calls: the crops resized to size x size."""
     one = functools.partial(resize_one, size=size, mode=mode)
+
+    def resize_batch(images):
+        return list(pool(threads).map(one, images))
+    return resize_batch
+
+
+def batch_shorter_resizer(size: int, mode: str, threads: int):
+    """The validation resize: each image's shorter side to `size`, aspect ratio kept."""
+    one = functools.partial(resize_shorter_one, size=size, mode=mode)
 
     def resize_batch(images):
         return list(pool(threads).map(one, images))

@@ -12,7 +12,8 @@ over the batch, random factors still drawn by DALI): the crop's resize, saturati
 graph's ops on the CPU for tests.
 
 Validation: each rank reads its own slice of the val list (`files[rank::world]`), so there is no padding at
-all and every image is counted exactly once; resize the shorter side, center crop, normalize.
+all and every image is counted exactly once; resize the shorter side (on the host on CPU, as torchvision
+sizes it), center crop, normalize.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIClassificationIterator
 
 from resnest_train.data.cpu_autoaugment import MAX_TRANSLATE_REL, HostAutoAugment
-from resnest_train.data.cpu_ops import batch_resizer, batch_saturator
+from resnest_train.data.cpu_ops import batch_resizer, batch_saturator, batch_shorter_resizer
 from resnest_train.data.index import DatasetError, find_undecodable
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVAL, PCA_EIGVEC
 
@@ -38,12 +39,15 @@ _INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
 
 
 def _center(images, crop: int):
-    """Relative crop anchors that put the crop at floor(margin / 2), as PIL/torchvision's center crop
-    does; DALI's own 0.5 rounds half-pixel margins the other way (a one-pixel shift)."""
+    """Relative crop anchors that put the crop where torchvision's center crop does: at round(margin / 2)
+    with Python's round-half-to-even, i.e. margin // 2, plus one when the margin is 3 mod 4. DALI's own 0.5
+    places odd margins differently (a one-pixel shift that changes a textured image noticeably)."""
     shape = images.shape(dtype=types.INT32)  # (H, W, C)
 
     def anchor(margin):
-        return fn.cast(margin // 2, dtype=types.FLOAT) / fn.cast(dali_math.max(margin, 1), dtype=types.FLOAT)
+        half_up = fn.cast(margin - (margin // 4) * 4 == 3, dtype=types.INT32)
+        return fn.cast(margin // 2 + half_up, dtype=types.FLOAT) / fn.cast(dali_math.max(margin, 1),
+                                                                            dtype=types.FLOAT)
     return anchor(shape[1] - crop), anchor(shape[0] - crop)
 
 
@@ -119,11 +123,14 @@ def _train_pipeline(*, root, files, labels, shard_id, num_shards, reader_seed, d
 
 
 @pipeline_def
-def _val_pipeline(*, root, files, labels, device, crop_size, resize_size, interpolation, layout):
+def _val_pipeline(*, root, files, labels, device, crop_size, resize_size, interpolation, layout, host_resize):
     jpegs, targets = fn.readers.file(file_root=root, files=files, labels=labels, random_shuffle=False,
                                      pad_last_batch=True, name="reader")
     images = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
-    images = fn.resize(images, resize_shorter=resize_size, interp_type=_INTERP[interpolation], antialias=True)
+    if host_resize is None:
+        images = fn.resize(images, resize_shorter=resize_size, interp_type=_INTERP[interpolation], antialias=True)
+    else:
+        images = fn.python_function(images, function=host_resize, batch_processing=True, output_layouts="HWC")
     images = _normalize(images, device_layout=layout, crop=(crop_size, crop_size))
     return images, targets.gpu() if device == "gpu" else targets
 
@@ -235,14 +242,17 @@ def _host_ops(data_cfg, enabled: bool) -> dict:
 
 
 def build_dali_val(index, data_cfg, *, batch_size: int, rank: int, world_size: int, device: str,
-                   crop_size: int, resize_size: int, channels_last: bool) -> DaliLoader | list:
+                   crop_size: int, resize_size: int, channels_last: bool, host_ops: bool = True) -> DaliLoader | list:
     shard = index.val[rank::world_size]
     if not shard:
         return []
     files, labels = zip(*shard)
+    threads = max(1, data_cfg.workers)
     pipe = _val_pipeline(
-        batch_size=batch_size, num_threads=max(1, data_cfg.workers), device_id=_device_id(device), seed=0,
+        batch_size=batch_size, num_threads=threads, device_id=_device_id(device), seed=0,
         exec_dynamic=True, root=index.root, files=list(files), labels=list(labels), device=device, crop_size=crop_size,
         resize_size=resize_size, interpolation=data_cfg.interpolation,
-        layout="HWC" if channels_last else "CHW")
+        layout="HWC" if channels_last else "CHW",
+        host_resize=do_not_convert(batch_shorter_resizer(resize_size, data_cfg.interpolation, threads))
+        if device == "cpu" and host_ops else None)
     return DaliLoader(pipe, drop_last=False, root=index.root, samples=shard)
