@@ -97,9 +97,12 @@ def test_autoaugment_on_both_pipeline_graphs(image_root, host_ops):
     assert 1 <= changed <= 8
 
 
-def test_cpu_val_pipeline_is_torchvision_exactly(tmp_path):
-    """Validation on the CPU graph = torchvision's Resize(int) + CenterCrop, pixel for pixel (lossless PNGs
-    of sizes whose margins are odd, 3 mod 4 included, where centre-crop conventions disagree)."""
+@pytest.mark.parametrize("host_ops,max_error,mean_error", [(True, 0.02, 0.001), (False, 0.05, 0.01)],
+                         ids=["cpu-graph", "gpu-graph"])
+def test_val_pipeline_is_torchvision(tmp_path, host_ops, max_error, mean_error):
+    """Validation = torchvision's Resize(int) + CenterCrop: pixel for pixel on the CPU graph, to DALI's
+    resampling differences on the GPU graph (lossless PNGs of sizes whose margins are odd, 3 mod 4
+    included, where centre-crop conventions disagree, and whose longer side rounds up but truncates)."""
     sizes = [(40, 47), (45, 40), (41, 53), (52, 44)]
     for split in ("train", "val"):
         for i, (height, width) in enumerate(sizes):
@@ -109,8 +112,9 @@ def test_cpu_val_pipeline_is_torchvision_exactly(tmp_path):
     index = load_index(tmp_path)
     cfg = DataConfig(root=str(tmp_path), workers=2, crop_size=32, val_crop_size=32)
     loader = dali.build_dali_val(index, cfg, batch_size=4, rank=0, world_size=1, device="cpu", crop_size=32,
-                                 resize_size=37, channels_last=False)
+                                 resize_size=37, channels_last=False, host_ops=host_ops)
     images, _ = next(iter(loader))
     transform = val_transform(32, 37, "bilinear")
     for image, (path, _) in zip(images, index.val):
-        assert (image - transform(Image.open(tmp_path / path).convert("RGB"))).abs().max() < 0.02, path
+        error = (image - transform(Image.open(tmp_path / path).convert("RGB"))).abs()
+        assert error.max() < max_error and error.mean() < mean_error, path

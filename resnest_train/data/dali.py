@@ -122,13 +122,26 @@ def _train_pipeline(*, root, files, labels, shard_id, num_shards, reader_seed, d
     return images, targets.gpu() if device == "gpu" else targets
 
 
+def _shorter_side_size(images, size: int):
+    """The output size torchvision's Resize(size) picks: shorter side `size`, the longer one truncated
+    (`resize_shorter` rounds it, a one-pixel difference that rescales the whole image)."""
+    shape = images.shape(dtype=types.INT32)  # (H, W, C)
+    height, width = shape[0], shape[1]
+    portrait = fn.cast(height > width, dtype=types.INT32)
+    out_h = portrait * ((size * height) // width) + (1 - portrait) * size
+    out_w = portrait * size + (1 - portrait) * ((size * width) // height)
+    return fn.cast(out_h, dtype=types.FLOAT), fn.cast(out_w, dtype=types.FLOAT)
+
+
 @pipeline_def
 def _val_pipeline(*, root, files, labels, device, crop_size, resize_size, interpolation, layout, host_resize):
     jpegs, targets = fn.readers.file(file_root=root, files=files, labels=labels, random_shuffle=False,
                                      pad_last_batch=True, name="reader")
     images = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
     if host_resize is None:
-        images = fn.resize(images, resize_shorter=resize_size, interp_type=_INTERP[interpolation], antialias=True)
+        height, width = _shorter_side_size(images, resize_size)
+        images = fn.resize(images, resize_x=width, resize_y=height, interp_type=_INTERP[interpolation],
+                           antialias=True)
     else:
         images = fn.python_function(images, function=host_resize, batch_processing=True, output_layouts="HWC")
     images = _normalize(images, device_layout=layout, crop=(crop_size, crop_size))
