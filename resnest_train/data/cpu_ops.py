@@ -30,23 +30,23 @@ def pool(threads: int) -> ThreadPoolExecutor:
     return _POOLS[threads]
 
 
+def _resize(image: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
+    chw = torch.from_numpy(image).permute(2, 0, 1)[None]  # a channels_last view: the kernel's fast layout
+    out = F.interpolate(chw, size=(height, width), mode=mode, antialias=True, align_corners=False)
+    return out[0].permute(1, 2, 0).contiguous().numpy()
+
+
 def resize_one(image: np.ndarray, size: int, mode: str) -> np.ndarray:
     """(H, W, 3) uint8 -> (size, size, 3) uint8, antialiased as PIL/torchvision resize."""
-    chw = torch.from_numpy(image).permute(2, 0, 1)[None]  # a channels_last view: the kernel's fast layout
-    out = F.interpolate(chw, size=(size, size), mode=mode, antialias=True, align_corners=False)
-    return out[0].permute(1, 2, 0).contiguous().numpy()
+    return _resize(image, size, size, mode)
 
 
 def resize_shorter_one(image: np.ndarray, size: int, mode: str) -> np.ndarray:
     """Shorter side to `size`, the longer one as torchvision's Resize(int) computes it (truncated)."""
     height, width = image.shape[:2]
     if height <= width:
-        out_h, out_w = size, int(size * width / height)
-    else:
-        out_h, out_w = int(size * height / width), size
-    chw = torch.from_numpy(image).permute(2, 0, 1)[None]
-    out = F.interpolate(chw, size=(out_h, out_w), mode=mode, antialias=True, align_corners=False)
-    return out[0].permute(1, 2, 0).contiguous().numpy()
+        return _resize(image, size, int(size * width / height), mode)
+    return _resize(image, int(size * height / width), size, mode)
 
 
 def saturate_one(image: np.ndarray, factor: np.ndarray) -> np.ndarray:
@@ -60,22 +60,21 @@ def saturate_one(image: np.ndarray, factor: np.ndarray) -> np.ndarray:
     return np.clip(rgb, 0, 255, out=rgb).astype(np.uint8)
 
 
-def batch_resizer(size: int, mode: str, threads: int):
-    """What `fn.python_function(crops, batch_processing=True)` calls: the crops resized to size x size."""
-    one = functools.partial(resize_one, size=size, mode=mode)
-
-    def resize_batch(images):
+def _per_image(one, threads: int):
+    """What `fn.python_function(images, batch_processing=True)` calls: `one` on each image, in the pool."""
+    def batch(images):
         return list(pool(threads).map(one, images))
-    return resize_batch
+    return batch
+
+
+def batch_resizer(size: int, mode: str, threads: int):
+    """The training crops resized to size x size."""
+    return _per_image(functools.partial(resize_one, size=size, mode=mode), threads)
 
 
 def batch_shorter_resizer(size: int, mode: str, threads: int):
     """The validation resize: each image's shorter side to `size`, aspect ratio kept."""
-    one = functools.partial(resize_shorter_one, size=size, mode=mode)
-
-    def resize_batch(images):
-        return list(pool(threads).map(one, images))
-    return resize_batch
+    return _per_image(functools.partial(resize_shorter_one, size=size, mode=mode), threads)
 
 
 def batch_saturator(threads: int):
