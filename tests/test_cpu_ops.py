@@ -11,7 +11,7 @@ from PIL import Image, ImageOps
 
 from resnest_train.config import DataConfig
 from resnest_train.data import dali
-from resnest_train.data.cpu_autoaugment import HostAutoAugment
+from resnest_train.data.cpu_autoaugment import HostAutoAugment, image_net_policy
 from resnest_train.data.cpu_ops import resize_one, saturate_one
 from resnest_train.data.index import load_index
 from resnest_train.data.torchvision import val_transform
@@ -67,18 +67,20 @@ def test_autoaugment_applies_the_drawn_sub_policy():
     """The host AutoAugment runs DALI's table with DALI's draws: stage k runs when run[k] < its probability,
     magnitude bins index the op's range, negate flips the sign of negatable ops."""
     augment = HostAutoAugment(threads=1)
+    policy = image_net_policy()  # DALI's table, read independently of ours
+    names = [[aug.name for aug, _, _ in sub] for sub in policy.sub_policies]
+    bin_of = lambda sub: policy.sub_policies[sub][0][2]  # noqa: E731  (first stage's magnitude bin)
     image = photo_like(64, 64)
     pil = Image.fromarray(image)
-    solarize = augment.sub_policies.index(next(s for s in augment.sub_policies if s[0][0] == "solarize"
-                                               and s[1][0] == "equalize"))
-    threshold = np.linspace(0, 256, augment.bins)[augment.sub_policies[solarize][0][4]]
+    solarize = names.index(["solarize", "equalize"])
+    threshold = np.linspace(0, 256, policy.num_magnitude_bins)[bin_of(solarize)]
     assert augment.one(image, solarize, np.array([0.99, 0.99]), np.zeros(2)) is image  # nothing ran
     np.testing.assert_array_equal(augment.one(image, solarize, np.array([0.0, 0.99]), np.zeros(2)),
                                   np.asarray(ImageOps.solarize(pil, threshold)))
     np.testing.assert_array_equal(augment.one(image, solarize, np.array([0.0, 0.0]), np.zeros(2)),
                                   np.asarray(ImageOps.equalize(ImageOps.solarize(pil, threshold))))
-    rotate = next(i for i, s in enumerate(augment.sub_policies) if s[0][0] == "rotate" and s[0][3] == 1.0)
-    angle = np.linspace(0, 30, augment.bins)[augment.sub_policies[rotate][0][4]]
+    rotate = next(i for i, sub in enumerate(policy.sub_policies) if names[i][0] == "rotate" and sub[0][1] == 1.0)
+    angle = np.linspace(0, 30, policy.num_magnitude_bins)[bin_of(rotate)]
     for sign in (0, 1):
         expected = pil.rotate(-angle if sign else angle, Image.NEAREST, fillcolor=(128, 128, 128))
         np.testing.assert_array_equal(augment.one(image, rotate, np.array([0.5, 0.99]), np.array([sign, 0])),

@@ -16,7 +16,7 @@ import numpy as np
 from nvidia.dali.auto_aug import auto_augment
 from PIL import Image, ImageEnhance, ImageOps
 
-from resnest_train.data.cpu_ops import pool
+from resnest_train.data.cpu_ops import per_image
 
 FILL = (128, 128, 128)  # DALI's fill value for the warps
 # Translation up to 150/331 of the image, the AutoAugment paper's ImageNet setting (331 px images).
@@ -57,30 +57,33 @@ class HostAutoAugment:
     """Called by `fn.python_function(images, sub_policy, run, negate, batch_processing=True)`."""
 
     def __init__(self, threads: int):
-        self.threads = threads
         policy = image_net_policy()
-        self.bins = policy.num_magnitude_bins
         self.stages = max(len(sub) for sub in policy.sub_policies)
-        self.sub_policies = [[(aug.name, aug.mag_range, aug.randomly_negate, prob, magnitude_bin)
-                              for aug, prob, magnitude_bin in sub] for sub in policy.sub_policies]
+        # Per step: (op name, probability, magnitude, negatable), magnitudes looked up once from the bins.
+        self.sub_policies = [[(aug.name, prob, _magnitude(aug, magnitude_bin, policy.num_magnitude_bins),
+                               aug.randomly_negate) for aug, prob, magnitude_bin in sub]
+                             for sub in policy.sub_policies]
         unknown = {step[0] for sub in self.sub_policies for step in sub} - set(_OPS)
         if unknown:
             raise NotImplementedError(f"AutoAugment ops without a CPU implementation: {sorted(unknown)}")
+        self._batch = per_image(self.one, threads)
 
     def __call__(self, images, sub_policy, run, negate):
-        return list(pool(self.threads).map(self.one, images, sub_policy, run, negate))
+        return self._batch(images, sub_policy, run, negate)
 
     def one(self, image: np.ndarray, sub_policy: np.ndarray, run: np.ndarray, negate: np.ndarray) -> np.ndarray:
         steps = [(stage, step) for stage, step in enumerate(self.sub_policies[int(sub_policy)])
-                 if run[stage] < step[3]]
+                 if run[stage] < step[1]]
         if not steps:
             return image
         pil = Image.fromarray(image)
-        for stage, (name, mag_range, negatable, _, magnitude_bin) in steps:
-            magnitude = 0.0
-            if magnitude_bin is not None:
-                magnitude = float(np.linspace(*mag_range, self.bins)[magnitude_bin])
-                if negatable and negate[stage]:
-                    magnitude = -magnitude
-            pil = _OPS[name](pil, magnitude)
+        for stage, (name, _, magnitude, negatable) in steps:
+            pil = _OPS[name](pil, -magnitude if negatable and negate[stage] else magnitude)
         return np.asarray(pil)
+
+
+def _magnitude(aug, magnitude_bin, bins: int) -> float:
+    """The bin's magnitude in the op's range, as DALI's `Augmentation` computes it (0 for ops without one)."""
+    if magnitude_bin is None:
+        return 0.0
+    return float(np.linspace(*aug.mag_range, bins)[magnitude_bin])

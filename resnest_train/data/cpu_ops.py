@@ -60,25 +60,24 @@ def saturate_one(image: np.ndarray, factor: np.ndarray) -> np.ndarray:
     return np.clip(rgb, 0, 255, out=rgb).astype(np.uint8)
 
 
-def _per_image(one, threads: int):
-    """What `fn.python_function(images, batch_processing=True)` calls: `one` on each image, in the pool."""
-    def batch(images):
-        return list(pool(threads).map(one, images))
+def per_image(one, threads: int):
+    """What `fn.python_function(*inputs, batch_processing=True)` calls: `one` on each sample's inputs, in
+    the pool."""
+    def batch(*inputs):
+        return list(pool(threads).map(one, *inputs))
     return batch
 
 
 def batch_resizer(size: int, mode: str, threads: int):
     """The training crops resized to size x size."""
-    return _per_image(functools.partial(resize_one, size=size, mode=mode), threads)
+    return per_image(functools.partial(resize_one, size=size, mode=mode), threads)
 
 
 def batch_shorter_resizer(size: int, mode: str, threads: int):
     """The validation resize: each image's shorter side to `size`, aspect ratio kept."""
-    return _per_image(functools.partial(resize_shorter_one, size=size, mode=mode), threads)
+    return per_image(functools.partial(resize_shorter_one, size=size, mode=mode), threads)
 
 
 def batch_saturator(threads: int):
-    """What `fn.python_function(images, factors, batch_processing=True)` calls."""
-    def saturate_batch(images, factors):
-        return list(pool(threads).map(saturate_one, images, factors))
-    return saturate_batch
+    """Saturation of each image by its factor: called with (images, factors)."""
+    return per_image(saturate_one, threads)

@@ -45,7 +45,7 @@ def _center(images, crop: int):
     shape = images.shape(dtype=types.INT32)  # (H, W, C)
 
     def anchor(margin):
-        half_up = fn.cast(margin - (margin // 4) * 4 == 3, dtype=types.INT32)
+        half_up = fn.cast(margin % 4 == 3, dtype=types.INT32)
         return fn.cast(margin // 2 + half_up, dtype=types.FLOAT) / fn.cast(dali_math.max(margin, 1),
                                                                             dtype=types.FLOAT)
     return anchor(shape[1] - crop), anchor(shape[0] - crop)

@@ -78,7 +78,7 @@ class SplitAttentionConv2d(nn.Module):
         x = self.act0(self.drop(self.bn0(self.conv(x))))  # (B, radix*C, H, W)
         if self.radix > 1 and x.is_contiguous():
             return self._combine_nchw(x)
-        gap = self._splits_gap(x.sum((2, 3), keepdim=True), x)
+        gap = self._splits_gap(x.sum((2, 3), keepdim=True), x.shape[2] * x.shape[3])
         attn = self._attention(gap)
         if self.radix == 1:
             return x * attn
@@ -98,17 +98,17 @@ class SplitAttentionConv2d(nn.Module):
         `cat` (`benchmark.py attention`)."""
         batch, _, height, width = x.shape
         x = x.view(batch, self.radix, self.out_channels, height, width)
-        gap = self._splits_gap(x.sum((3, 4)).view(batch, -1, 1, 1), x)
+        gap = self._splits_gap(x.sum((3, 4)).view(batch, -1, 1, 1), height * width)
         attn = self._attention(gap)  # (B, radix*C, 1, 1), radix-major
         return (x * attn.view(batch, self.radix, self.out_channels, 1, 1)).sum(1)
 
-    def _splits_gap(self, sums: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _splits_gap(self, sums: torch.Tensor, pixels: int) -> torch.Tensor:
         """(B, radix*C, 1, 1) spatial sums -> (B, C, 1, 1) GAP of the splits' sum. Pooling first (the GAP of
         the sum equals the sum of the GAPs) keeps the radix sum on the small tensor; sums rather than a mean,
         whose backward materialises a full-size division (~5% of a train step, BENCHMARKS.md)."""
         if self.radix > 1:
             sums = sums.reshape(sums.shape[0], self.radix, self.out_channels, 1, 1).sum(1)
-        return sums * (1.0 / (x.shape[-1] * x.shape[-2]))
+        return sums * (1.0 / pixels)
 
     def _attention(self, gap: torch.Tensor) -> torch.Tensor:
         return self.radix_softmax(self.fc2(self.act1(self.bn1(self.fc1(gap)))))
