@@ -1,18 +1,24 @@
-"""Atomic checkpoints and resume: nothing is lost but the steps since the last save.
+"""Atomic checkpoints, the run folder's lock, and finding the state to resume: nothing is lost but the
+steps since the last save, and no run ever writes over another's checkpoints unasked.
 
-Rank 0 writes `checkpoints/last.pt` through a temporary file in the same folder, fsync, then `os.replace`,
-so a crash (or a full disk) during a save leaves the previous checkpoint intact. A checkpoint is plain data
-(tensors, numbers, strings, lists, dicts), loadable with `weights_only=True`, and holds everything a
-bit-exact resume needs: model, optimizer, GradScaler, epoch, global step, the position inside the epoch,
-the resolved config, the world size, and each rank's RNG and data-pipeline state.
+Rank 0 writes `checkpoints/last.pt` once, through a temporary file in the same folder, fsync, then
+`os.replace`; `step-N.pt` and `best.pt` are hard links to that file (a copy where links are not
+supported), so a save costs one write whatever `keep_last` is. A failed save (full disk, torch's
+RuntimeError from its zip writer, Ctrl-C) removes its temporary file and leaves the previous checkpoint
+intact. A checkpoint is plain data, loadable with `weights_only=True`: model, optimizer, GradScaler,
+epoch, global step, the position inside the epoch, the resolved config, the world size and global batch,
+and each rank's RNG and data-pipeline state. Resuming reads only the chosen file (memory-mapped).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import random
 import re
+import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +26,10 @@ import torch
 
 from resnest_train.errors import UserError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("resnest_train")
 
 _STEP_NAME = re.compile(r"step-(\d+)\.pt$")
+REQUIRED = ("model", "optimizer", "epoch", "batch", "step", "ranks")
 
 
 class CheckpointError(UserError):
@@ -31,6 +38,14 @@ class CheckpointError(UserError):
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def atomic_save(obj: dict, path: Path) -> None:
@@ -42,72 +57,154 @@ def atomic_save(obj: dict, path: Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, (OSError, RuntimeError)):  # torch's zip writer reports ENOSPC as RuntimeError
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+            raise CheckpointError(f"cannot write checkpoint {path}: {reason} "
+                                  "(the previous checkpoint is intact)") from None
+        raise
+    _fsync_dir(path.parent)  # make the rename itself durable
+
+
+def _link(source: Path, target: Path) -> None:
+    """`target` becomes another name of `source` (atomically: a temporary name, then os.replace)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc} "
-                              "(the previous checkpoint is intact)") from None
-    # Make the rename itself durable.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        raise CheckpointError(f"cannot write checkpoint {target}: {exc.strerror or exc}") from None
 
 
 def save_checkpoint(state: dict, output_dir: str | Path, *, keep_last: int, is_best: bool) -> Path:
-    """Write `step-N.pt` (kept: the newest `keep_last`), then `last.pt`, and `best.pt` when is_best."""
+    """Write `last.pt`; link `step-N.pt` (the newest `keep_last` kept) and, when is_best, `best.pt`."""
     folder = checkpoint_dir(output_dir)
-    atomic_save(state, folder / "last.pt")
+    last = folder / "last.pt"
+    atomic_save(state, last)
     if keep_last > 0:
-        atomic_save(state, folder / f"step-{state['step']:09d}.pt")
-        for old in sorted(step_checkpoints(folder))[:-keep_last]:
+        _link(last, folder / f"step-{state['step']:09d}.pt")
+        for old in step_checkpoints(folder)[:-keep_last]:
             old.unlink(missing_ok=True)
     if is_best:
-        atomic_save(state, folder / "best.pt")
-    return folder / "last.pt"
+        _link(last, folder / "best.pt")
+    _fsync_dir(folder)
+    return last
 
 
 def step_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("step-*.pt") if _STEP_NAME.search(p.name))
 
 
-def _try_load(path: Path) -> dict | None:
+def remove_stale_temporaries(output_dir: str | Path) -> None:
+    """Temporary files a killed save left behind (kill -9 cannot be cleaned up after)."""
+    for tmp in checkpoint_dir(output_dir).glob(".*.tmp"):
+        log.warning("removing %s, left by an interrupted save", tmp)
+        tmp.unlink(missing_ok=True)
+
+
+def read_checkpoint(path: Path) -> tuple[dict | None, str]:
+    """(state, "") or (None, why it cannot be used)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - a truncated/corrupt file fails in many ways
-        log.warning("checkpoint %s is unreadable (%s); falling back to an older one", path, exc)
-        return None
-    if not isinstance(state, dict) or "model" not in state or "step" not in state:
-        log.warning("checkpoint %s is incomplete; falling back to an older one", path)
-        return None
-    return state
+        return None, f"unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    if not isinstance(state, dict) or any(key not in state for key in REQUIRED):
+        return None, "not a training checkpoint of this trainer (no resume state)"
+    return state, ""
 
 
-def find_resume_state(resume: str | None, output_dir: str | Path) -> dict | None:
-    """`auto`: the newest readable checkpoint of output_dir (None when there is none); a path: that file."""
+def _candidates(folder: Path) -> list[Path]:
+    """Newest first: last.pt, the step files, then best.pt; each file once (they may be links)."""
+    paths, seen = [], set()
+    for path in [folder / "last.pt", *reversed(step_checkpoints(folder)), folder / "best.pt"]:
+        if path.is_file() and (key := (path.stat().st_dev, path.stat().st_ino)) not in seen:
+            seen.add(key)
+            paths.append(path)
+    return paths
+
+
+def find_resume_state(resume: str | None, output_dir: str | Path, *, overwrite: bool = False) -> dict | None:
+    """`auto`: the newest readable checkpoint of output_dir (None when the folder holds none); a path: that
+    file; None: a fresh run, which may not replace another run's checkpoints unless `overwrite`."""
+    folder = checkpoint_dir(output_dir)
+    existing = _candidates(folder) if folder.is_dir() else []
     if resume is None:
+        if existing and not overwrite:
+            raise CheckpointError(f"{folder} holds the checkpoints of another run; continue it with "
+                                  "checkpoint.resume=auto, use another output_dir, or replace it on purpose with "
+                                  "checkpoint.overwrite=true")
         return None
     if resume != "auto":
-        path = Path(resume)
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint.resume: file not found: {path}")
-        state = _try_load(path)
-        if state is None:
-            raise CheckpointError(f"checkpoint.resume: {path} is not a readable checkpoint")
-        return state
-    folder = checkpoint_dir(output_dir)
-    candidates = [folder / "last.pt"] + sorted(step_checkpoints(folder), reverse=True)
-    states = [(p, s) for p in candidates if p.is_file() for s in [_try_load(p)] if s is not None]
-    if not states:
-        return None
-    # The newest by step: last.pt may be older than a step file if a save died between the two writes.
-    path, state = max(states, key=lambda item: item[1]["step"])
+        return _read_given(Path(resume))
+    problems = []
+    for path in existing:
+        state, why = read_checkpoint(path)
+        if state is not None:
+            if problems:
+                log.warning("checkpoints that cannot be used: %s; resuming from the older %s",
+                            "; ".join(problems), path.name)
+            log.info("resuming from %s (epoch %d, step %d)", path, state["epoch"], state["step"])
+            return state
+        problems.append(f"{path.name}: {why}")
+    if problems and not overwrite:
+        raise CheckpointError(f"no checkpoint in {folder} can be resumed ({'; '.join(problems)}); restore one, "
+                              "or start over in this folder with checkpoint.overwrite=true")
+    return None
+
+
+def _read_given(path: Path) -> dict:
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint.resume: {path} is a directory, not a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint.resume: file not found: {path}")
+    state, why = read_checkpoint(path)
+    if state is None:
+        raise CheckpointError(f"checkpoint.resume: {path} cannot be resumed: {why}")
     log.info("resuming from %s (epoch %d, step %d)", path, state["epoch"], state["step"])
     return state
 
 
+class RunLock:
+    """An exclusive lock on the run folder (`output_dir/.lock`), held by rank 0 for the run's life. It is
+    an flock: the kernel releases it when its process dies, so a stale lock from a dead run is simply taken
+    over; the file names the holder for the error a second trainer gets."""
+
+    def __init__(self, output_dir: str | Path):
+        self.path = Path(output_dir) / ".lock"
+        self.handle = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise CheckpointError(f"output_dir {self.path.parent} is in use by {holder}; wait for that run "
+                                  "or use another output_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing releases the flock
+            self.handle = None
+
+
 def rng_state() -> dict:
-    """This process's RNG states as plain lists (they travel through all_gather_object and weights_only)."""
+    """This process's RNG states as plain lists (they travel through object collectives and weights_only)."""
     numpy_state = np.random.get_state()
     state = {"python": _plain(random.getstate()),
              "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from resnest_train.config import load_config, to_yaml
+from resnest_train.config import MAX_IMAGE_SIZE, load_config, to_yaml
 from resnest_train.errors import UserError
 
 
@@ -55,8 +55,10 @@ def _evaluate(argv) -> int:
     argv = sys.argv[1:] if argv is None else argv
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     args = parser.parse_args([a for a in argv if a not in overrides])
-    if args.crop_size and min(args.crop_size) < 1:
-        raise UserError(f"--crop-size takes positive sizes, got {args.crop_size}")
+    if args.crop_size and not all(8 <= crop <= MAX_IMAGE_SIZE for crop in args.crop_size):
+        raise UserError(f"--crop-size takes sizes from 8 to {MAX_IMAGE_SIZE}, got {args.crop_size}")
+    if args.batch_size is not None and not 1 <= args.batch_size <= 65_536:
+        raise UserError(f"--batch-size must be from 1 to 65536, got {args.batch_size}")
     config = load_config(args.config, overrides)
     from resnest_train.evaluation import evaluate_checkpoint
     evaluate_checkpoint(config, args.checkpoint, crop_sizes=args.crop_size, output=args.output,

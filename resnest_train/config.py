@@ -5,7 +5,9 @@ VALUE parsed as YAML -> strict `from_dict` into frozen dataclasses. Strict means
 error naming the closest valid key; values are coerced to the field type (PyYAML reads `5e-4` as a
 string); a bool field takes only booleans; choices and ranges are checked in `__post_init__`.
 Every user error is a `ConfigError`, which the CLIs print as one `error: ...` line with exit code 2.
-Defaults are the ResNeSt-50 recipe (arXiv 2004.08955, RECIPE.md).
+A key written twice in one YAML mapping is an error too (PyYAML silently keeps the last one).
+The defaults are the ResNeSt-50 recipe (docs/RECIPE.md) and equal `configs/base.yaml`, key for key
+(tests/test_config.py checks it); derived values (scaled lr, resize sizes) are computed by their users.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ from resnest_train.errors import UserError
 
 class ConfigError(UserError, ValueError):
     """A user error in a config file, an override or a path the config names."""
+
+
+MAX_CLASSES = 1_000_000
+MAX_IMAGE_SIZE = 4096
+MAX_SEED = 2**32 - 1
 
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
@@ -50,12 +57,12 @@ class ModelConfig:
     num_classes: int = 1000
     dropout: float = 0.0
     zero_init_last_bn: bool = True
-    dropblock_prob: float = 0.0
+    dropblock_prob: float = 0.1
     pretrained: str | None = None
     sync_bn: bool = False
 
     def __post_init__(self):
-        _check_range("model.num_classes", self.num_classes, 1)
+        _check_range("model.num_classes", self.num_classes, 1, MAX_CLASSES)
         _check_range("model.dropout", self.dropout, 0.0, 1.0)
         _check_range("model.dropblock_prob", self.dropblock_prob, 0.0, 1.0)
         # Imported here: the model registry pulls in torch, which the config itself does not need.
@@ -77,36 +84,32 @@ class DataConfig:
     rrc_scale: tuple[float, float] = (0.08, 1.0)
     hflip: bool = True
     autoaugment: str = "imagenet"
+    autoaugment_on: str = "image"
     color_jitter: float = 0.4
     lighting: float = 0.1
     val_crop_size: int = 224
     val_resize_ratio: float = 0.875
+    val_resize_size: int | None = None
     interpolation: str = "bilinear"
 
     def __post_init__(self):
         _check_choice("data.backend", self.backend, ("dali", "torchvision", "synthetic"))
         _check_choice("data.dali_device", self.dali_device, ("auto", "cpu", "gpu"))
         _check_choice("data.autoaugment", self.autoaugment, ("imagenet", "none"))
+        _check_choice("data.autoaugment_on", self.autoaugment_on, ("image", "crop"))
         _check_choice("data.interpolation", self.interpolation, ("bilinear", "bicubic"))
         _check_range("data.synthetic_size", self.synthetic_size, 1)
-        _check_range("data.workers", self.workers, 0)
-        _check_range("data.crop_size", self.crop_size, 8)
-        _check_range("data.val_crop_size", self.val_crop_size, 8)
-        _check_range("data.val_resize_ratio", self.val_resize_ratio, 0.0, 1.0, low_open=True)
+        _check_range("data.workers", self.workers, 0, 256)
+        _check_range("data.crop_size", self.crop_size, 8, MAX_IMAGE_SIZE)
+        _check_range("data.val_crop_size", self.val_crop_size, 8, MAX_IMAGE_SIZE)
+        _check_range("data.val_resize_ratio", self.val_resize_ratio, 0.1, 1.0)
+        if self.val_resize_size is not None:
+            _check_range("data.val_resize_size", self.val_resize_size, self.val_crop_size, MAX_IMAGE_SIZE)
         _check_range("data.color_jitter", self.color_jitter, 0.0, 1.0)
         _check_range("data.lighting", self.lighting, 0.0)
         low, high = self.rrc_scale
         if not 0.0 < low <= high <= 1.0:
             raise ConfigError(f"'data.rrc_scale' must satisfy 0 < min <= max <= 1, got {list(self.rrc_scale)}")
-
-    @property
-    def val_resize_size(self) -> int:
-        return resize_size(self.val_crop_size, self.val_resize_ratio)
-
-
-def resize_size(crop_size: int, ratio: float) -> int:
-    """Shorter-side resize for a center crop: ceil(crop / ratio), with 224 / 0.875 -> 256 exactly."""
-    return math.ceil(round(crop_size / ratio, 6))
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,7 @@ class TrainConfig:
     batch_size: int = 128
     label_smoothing: float = 0.1
     mixup_alpha: float = 0.2
+    device: str = "auto"
     amp: str = "bf16"
     channels_last: bool = False
     compile: bool = False
@@ -152,11 +156,14 @@ class TrainConfig:
     eval_interval: int = 1
 
     def __post_init__(self):
-        _check_range("train.epochs", self.epochs, 1)
-        _check_range("train.batch_size", self.batch_size, 1)
+        _check_range("train.epochs", self.epochs, 1, 100_000)
+        _check_range("train.batch_size", self.batch_size, 1, 65_536)
         _check_range("train.label_smoothing", self.label_smoothing, 0.0, 1.0)
         _check_range("train.mixup_alpha", self.mixup_alpha, 0.0)
+        _check_choice("train.device", self.device, ("auto", "cuda", "cpu"))
         _check_choice("train.amp", self.amp, ("none", "bf16", "fp16"))
+        # The data pipelines derive per-rank seeds as seed * 1000 + rank, which must fit DALI's int64.
+        _check_range("train.seed", self.seed, 0, MAX_SEED)
         _check_range("train.log_interval", self.log_interval, 1)
         _check_range("train.eval_interval", self.eval_interval, 1)
         if self.mixup_alpha > 0 and self.batch_size % 2:
@@ -170,6 +177,7 @@ class CheckpointConfig:
     resume: str | None = "auto"
     keep_last: int = 3
     interval_steps: int = 0
+    overwrite: bool = False  # true: a fresh run (resume=null) may replace the checkpoints in output_dir
 
     def __post_init__(self):
         _check_range("checkpoint.keep_last", self.keep_last, 0)
@@ -270,11 +278,10 @@ def to_dict(config: Config) -> dict:
     return plain(dataclasses.asdict(config))
 
 
-def to_yaml(config: Config, extra: dict | None = None) -> str:
-    data = to_dict(config)
-    if extra:
-        data["derived"] = extra
-    return yaml.safe_dump(data, sort_keys=False)
+def to_yaml(config: Config, header: str = "") -> str:
+    """The config as YAML that `load_config` reads back; `header` lines are written as comments."""
+    comments = "".join(f"# {line}\n" for line in header.splitlines())
+    return comments + yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -289,13 +296,36 @@ def _merge(base: dict, update: dict) -> dict:
     return merged
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key, line: int):
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key written twice in one mapping is refused."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in chain:
         raise ConfigError(f"config file includes itself through 'base': {path}")
+    if path.is_dir():
+        raise ConfigError(f"config file is a directory: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise ConfigError(f"duplicate key '{exc.key}' in {path} line {exc.line}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -325,10 +355,24 @@ def parse_override(text: str) -> dict:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         raise ConfigError(f"override '{text}': cannot parse the value as YAML") from None
+    parts = key.strip().split(".")
+    if _is_section(parts) and not isinstance(value, dict):
+        raise ConfigError(f"override '{text}': '{key.strip()}' is a section; override its keys "
+                          f"(e.g. {key.strip()}.name=...) or give a mapping")
     nested: Any = value
-    for part in reversed(key.strip().split(".")):
+    for part in reversed(parts):
         nested = {part: nested}
     return nested
+
+
+def _is_section(parts: list[str]) -> bool:
+    cls: Any = Config
+    for part in parts:
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            return False
+        cls = typing.get_type_hints(cls)[part]
+    return dataclasses.is_dataclass(cls)
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -1,5 +1,11 @@
 """Process-group setup from the torchrun environment: the only module that reads RANK / WORLD_SIZE or calls
-`init_process_group`. NCCL with CUDA, gloo on CPU; a single process needs no launcher."""
+`init_process_group`. NCCL for CUDA tensors, gloo for CPU tensors (and for every rank on CPU); a single
+process needs no launcher.
+
+GPU ranks initialise `cpu:gloo,cuda:nccl`, CPU ranks `gloo`: CPU-tensor collectives (the device check, the
+objects sent from rank 0) then run on gloo everywhere, so a mixed cluster is caught with an error at start
+instead of hanging in its first NCCL collective.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
+
+from resnest_train.errors import UserError
+
+TIMEOUT = datetime.timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -27,21 +37,49 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup_distributed() -> DistInfo:
+def select_device(setting: str, local_rank: int) -> torch.device:
+    """`train.device`: auto (CUDA when usable), cuda (an error when not usable), cpu."""
+    usable = torch.cuda.is_available()
+    if setting == "cuda" and not usable:
+        raise UserError("train.device=cuda but CUDA is not usable here (no GPU visible, no driver, or a torch "
+                        "build without CUDA); use train.device=auto or cpu")
+    if setting == "cpu" or not usable:
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise UserError(f"process {local_rank} on this node has no GPU of its own: {count} visible "
+                        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most "
+                        f"{count} processes per node (--nproc-per-node)")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def setup_distributed(device_setting: str = "auto") -> DistInfo:
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not torch_dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+    device = select_device(device_setting, local_rank)
+    dist = DistInfo(rank, local_rank, world_size, device)
+    if dist.distributed and not torch_dist.is_initialized():
         # The rendezvous itself is torchrun's; env:// reads MASTER_ADDR/PORT that torchrun exports.
-        kwargs = dict(device_id=device) if device.type == "cuda" else {}
-        torch_dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), **kwargs)
-    return DistInfo(rank, local_rank, world_size, device)
+        if device.type == "cuda":
+            torch_dist.init_process_group("cpu:gloo,cuda:nccl", timeout=TIMEOUT, device_id=device)
+        else:
+            torch_dist.init_process_group("gloo", timeout=TIMEOUT)
+        check_same_device_type(dist)
+    return dist
+
+
+def check_same_device_type(dist: DistInfo) -> None:
+    """Every rank must train on the same kind of device: NCCL and gloo ranks cannot meet in a collective."""
+    mine = torch.tensor([1 if dist.device.type == "cuda" else 0])
+    types = [torch.zeros_like(mine) for _ in range(dist.world_size)]
+    torch_dist.all_gather(types, mine)  # CPU tensors: gloo on every rank
+    cuda_ranks = [rank for rank, t in enumerate(types) if t.item() == 1]
+    if cuda_ranks and len(cuda_ranks) < dist.world_size:
+        cpu_ranks = sorted(set(range(dist.world_size)) - set(cuda_ranks))
+        raise UserError(f"ranks {cpu_ranks} found no usable GPU while ranks {cuda_ranks} train on CUDA; every "
+                        "node needs working GPUs (or set train.device=cpu everywhere)")
 
 
 def barrier(dist: DistInfo) -> None:
@@ -56,12 +94,35 @@ def all_reduce_sum(tensor: torch.Tensor, dist: DistInfo) -> torch.Tensor:
     return tensor
 
 
-def broadcast_object(value, dist: DistInfo):
+def broadcast_object(value, dist: DistInfo, *, timeout: datetime.timedelta | None = None):
+    """Rank 0's `value` on every rank. `timeout`: wait that long for rank 0 (in a group of its own), for
+    work on rank 0 that may outlast the process group's timeout (a first dataset scan)."""
     if not dist.distributed:
         return value
+    group = torch_dist.new_group(backend="gloo", timeout=timeout) if timeout else None
     holder = [value]
-    torch_dist.broadcast_object_list(holder, src=0)
+    torch_dist.broadcast_object_list(holder, src=0, group=group, device=torch.device("cpu"))
+    if group is not None:
+        torch_dist.destroy_process_group(group)
     return holder[0]
+
+
+def scatter_object(values: list | None, dist: DistInfo):
+    """values[rank] from rank 0 to each rank (the others pass None)."""
+    if not dist.distributed:
+        return values[0]
+    out = [None]
+    torch_dist.scatter_object_list(out, values if dist.is_main else None, src=0)
+    return out[0]
+
+
+def gather_object(value, dist: DistInfo) -> list | None:
+    """Every rank's `value` on rank 0 (None elsewhere)."""
+    if not dist.distributed:
+        return [value]
+    out = [None] * dist.world_size if dist.is_main else None
+    torch_dist.gather_object(value, out, dst=0)
+    return out
 
 
 def cleanup(dist: DistInfo) -> None:

@@ -1,4 +1,4 @@
-"""One training step and one evaluation pass: explicit objects in, numbers out.
+"""One training step and one validation pass: explicit objects in, numbers out.
 
 One code path for every precision (STYLE.md): autocast is enabled for bf16/fp16 where the device supports
 it, and the GradScaler is a no-op unless fp16. Losses stay on the device; the caller fetches them in one
@@ -15,7 +15,7 @@ from torch import nn
 
 from resnest_train.distributed import DistInfo, all_reduce_sum
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("resnest_train")
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -28,6 +28,10 @@ class Precision:
 
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.enabled and self.dtype == torch.float16
 
 
 def resolve_precision(amp: str, device: torch.device) -> Precision:
@@ -43,11 +47,8 @@ def resolve_precision(amp: str, device: torch.device) -> Precision:
 
 
 def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, criterion: nn.Module,
-               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, precision: Precision,
-               mixup=None) -> torch.Tensor:
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, precision: Precision) -> torch.Tensor:
     """Forward, backward and update on one batch; returns the detached loss (still on the device)."""
-    if mixup is not None:
-        images, targets = mixup(images, targets)
     with precision.autocast():
         loss = criterion(model(images), targets)
     scaler.scale(loss).backward()
@@ -57,23 +58,35 @@ def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *,
     return loss.detach()
 
 
+@dataclass
+class Validation:
+    top1: float
+    top5: float
+    num_images: int
+    predictions: list  # (top-5 classes, top-5 probabilities) per image of this rank, when asked for
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, dist: DistInfo, precision: Precision) -> dict:
+def validate(model: nn.Module, loader, dist: DistInfo, precision: Precision, *,
+             predictions: bool = False) -> Validation:
     """Top-1 / top-5 in percent from counts summed across ranks; every image counted once."""
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=dist.device)  # correct@1, correct@5, images
     images_seen = 0  # on the host: the batch sizes are known without a device sync
+    rows = []
     for images, targets in loader:
         with precision.autocast():
-            logits = model(images)
-        top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top5 == targets[:, None]
+            logits = model(images).float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1)
+        hits = top5.indices == targets[:, None]
         counts[0] += hits[:, 0].sum()
         counts[1] += hits.any(dim=1).sum()
         images_seen += targets.numel()
+        if predictions:
+            probs = logits.softmax(dim=1).gather(1, top5.indices)
+            rows.extend(zip(top5.indices.tolist(), probs.tolist()))
     counts[2] = images_seen
     all_reduce_sum(counts, dist)
     correct1, correct5, total = counts.tolist()
     total = int(total)
-    return {"top1": 100.0 * correct1 / max(total, 1), "top5": 100.0 * correct5 / max(total, 1),
-            "num_images": total}
+    return Validation(100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1), total, rows)

@@ -1,8 +1,10 @@
 """evaluate.py's work: a checkpoint measured at one or more crop sizes, every image counted exactly once.
 
-For each crop: resize the shorter side to ceil(crop / data.val_resize_ratio) (224 -> 256), center crop,
-normalize. Each rank reads its own slice of the val list with no padding and the counts are summed across
-ranks, so the numbers are identical on any number of processes.
+For each crop: resize the shorter side to `data.val_resize_size`, or ceil(crop / data.val_resize_ratio)
+(224 -> 256), center crop, normalize. Each rank reads its own shard of the val list with no padding and the
+counts are summed across ranks, so the numbers are identical on any number of processes. The dataset
+index and the model come from the same builders as the trainer's; `--predictions` are collected during
+the first crop's pass, not by a second one.
 """
 
 from __future__ import annotations
@@ -13,15 +15,13 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
-from resnest_train.config import Config, resize_size
-from resnest_train.data import build_val_loader, load_index
-from resnest_train.distributed import DistInfo, barrier, cleanup, setup_distributed
-from resnest_train.engine import evaluate, resolve_precision
-from resnest_train.logs import configure_logging
-from resnest_train.modeling import load_weights
-from resnest_train.models import create_model
+from resnest_train.config import Config
+from resnest_train.data import build_data_plan, build_val_loader, load_dataset_index
+from resnest_train.distributed import DistInfo, cleanup, gather_object, setup_distributed
+from resnest_train.engine import resolve_precision, validate
+from resnest_train.errors import UserError
+from resnest_train.reporting import configure_logging
+from resnest_train.wrapping import build_model, load_weights, place
 
 log = logging.getLogger("resnest_train")
 
@@ -29,39 +29,57 @@ log = logging.getLogger("resnest_train")
 def evaluate_checkpoint(config: Config, checkpoint: str, *, crop_sizes: list[int] | None = None,
                         output: str | None = None, predictions: str | None = None,
                         batch_size: int | None = None) -> dict:
-    dist = setup_distributed()
+    dist = setup_distributed(config.train.device)
     configure_logging(dist)
     try:
-        return _evaluate(config, dist, checkpoint, crop_sizes or [config.data.val_crop_size], output,
-                         predictions, batch_size)
+        for path in (output, predictions):
+            if path:
+                _check_output(Path(path))
+        return _measure(config, dist, checkpoint, crop_sizes or [config.data.val_crop_size], output,
+                        predictions, batch_size or config.train.batch_size)
     finally:
         cleanup(dist)
 
 
-def _evaluate(config, dist: DistInfo, checkpoint, crop_sizes, output, predictions, batch_size) -> dict:
-    model = create_model(config.model.name, num_classes=config.model.num_classes)
+def _check_output(path: Path) -> None:
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the folder of {path}: {exc.strerror or exc}") from None
+
+
+def _measure(config: Config, dist: DistInfo, checkpoint: str, crop_sizes: list[int], output: str | None,
+             predictions: str | None, batch_size: int) -> dict:
+    model = build_model(config.model, pretrained=False)
     load_weights(model, checkpoint, "--checkpoint", f"{config.model.name} ({config.model.num_classes} classes)")
-    model = model.to(dist.device, memory_format=torch.channels_last if config.train.channels_last
-                     else torch.contiguous_format).eval()
+    model = place(model, dist, channels_last=config.train.channels_last).eval()
     precision = resolve_precision(config.train.amp, dist.device)
-    index = None if config.data.backend == "synthetic" else load_index(config.data.root, write_cache=dist.is_main)
-    results = []
-    for crop in crop_sizes:
-        resize = resize_size(crop, config.data.val_resize_ratio)
-        loader = build_val_loader(config, dist, index, crop, resize, batch_size)
+    plan = build_data_plan(config, dist)
+    index = load_dataset_index(plan, dist)
+    results, rows = [], None
+    for number, crop in enumerate(crop_sizes):
+        crop_plan = plan.with_val_crop(crop, config.data.val_resize_size if crop == plan.val_crop_size else None,
+                                       config.data.val_resize_ratio)
+        loader = build_val_loader(crop_plan, index, batch_size=batch_size)
         started = time.perf_counter()
-        result = evaluate(model, loader, dist, precision)
+        result = validate(model, loader, dist, precision, predictions=bool(predictions) and number == 0)
         seconds = time.perf_counter() - started
-        results.append({"crop_size": crop, "resize_size": resize, "top1": result["top1"], "top5": result["top5"],
-                        "num_images": result["num_images"], "images_per_sec": result["num_images"] / seconds})
-    if predictions and index is not None:
-        _write_predictions(model, config, dist, index, crop_sizes[0], precision, predictions, batch_size)
+        results.append({"crop_size": crop, "resize_size": crop_plan.val_resize_size, "top1": result.top1,
+                        "top5": result.top5, "num_images": result.num_images,
+                        "images_per_sec": result.num_images / max(seconds, 1e-9)})
+        if number == 0 and predictions:
+            samples = crop_plan.shard(index.val) if index is not None else None
+            rows = [(samples[p] if samples is not None else (str(p), -1), row)
+                    for p, row in zip(loader.delivered, result.predictions)]
     report = {"model": config.model.name, "checkpoint": str(checkpoint), "results": results}
     if dist.is_main:
         _print_table(report)
         if output:
-            Path(output).parent.mkdir(parents=True, exist_ok=True)
             Path(output).write_text(json.dumps(report, indent=2) + "\n")
+    if predictions:
+        _write_predictions(gather_object(rows, dist), predictions, dist)
     return report
 
 
@@ -73,25 +91,13 @@ def _print_table(report: dict) -> None:
               f"{row['num_images']:>8} {row['images_per_sec']:>8.1f}")
 
 
-@torch.no_grad()
-def _write_predictions(model, config, dist, index, crop, precision, path, batch_size) -> None:
-    """Per-image top-5 classes and probabilities; ranks' rows gathered on rank 0 in val-list order."""
-    loader = build_val_loader(config, dist, index, crop, resize_size(crop, config.data.val_resize_ratio), batch_size)
-    rows = []
-    for images, _ in loader:
-        with precision.autocast():
-            probs = model(images).float().softmax(dim=1)
-        top = probs.topk(min(5, probs.shape[1]), dim=1)
-        rows.extend(zip(top.indices.tolist(), top.values.tolist()))
-    gathered = [rows]
-    if dist.distributed:
-        gathered = [None] * dist.world_size
-        torch.distributed.all_gather_object(gathered, rows)
-    if dist.is_main:
-        with open(path, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "label", "top5_classes", "top5_probs"])
-            for rank, rank_rows in enumerate(gathered):
-                for (file, label), (classes, probs) in zip(index.val[rank::dist.world_size], rank_rows):
-                    writer.writerow([file, label, " ".join(map(str, classes)), " ".join(f"{p:.4f}" for p in probs)])
-    barrier(dist)
+def _write_predictions(gathered: list | None, path: str, dist: DistInfo) -> None:
+    """Per-image top-5 classes and probabilities, ranks' rows in rank order (each rank's in list order)."""
+    if not dist.is_main:
+        return
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "top5_classes", "top5_probs"])
+        for rank_rows in gathered:
+            for (file, label), (classes, probs) in rank_rows:
+                writer.writerow([file, label, " ".join(map(str, classes)), " ".join(f"{p:.4f}" for p in probs)])

@@ -1,14 +1,15 @@
-"""The recipe: wires config, data, model, optimizer and outputs together and owns the epoch loop.
+"""The training run: builds everything once, restores one state on every rank, owns the epoch loop.
 
-Read top to bottom: `train()` sets up the process group, `_prepare()` builds everything (resuming when a
-checkpoint exists), `_fit()` runs epochs of steps, evaluates, checkpoints and logs. Rank 0 alone writes
-files; every rank takes part in the collectives (evaluation counts, checkpoint state, stop requests).
+Read top to bottom: `train()` sets up the process group, `_prepare()` builds the model, lets rank 0 decide
+what to resume (resume.py), builds data, plan, optimizer and wrappers, and writes `config.yaml`; `_fit()`
+runs epochs of steps, evaluates, checkpoints and reports. Rank 0 alone touches the run folder; every rank
+takes part in the collectives (resume state, evaluation counts, checkpoint state, stop requests).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,246 +18,237 @@ import torch
 from torch import nn
 
 from resnest_train import checkpoint as ckpt
-from resnest_train.config import Config, ConfigError, to_dict
-from resnest_train.data import build_train_loader, build_val_loader, load_index, warn_skipped
-from resnest_train.distributed import DistInfo, barrier, broadcast_object, cleanup, setup_distributed
-from resnest_train.engine import evaluate, resolve_precision, train_step
+from resnest_train import resume
+from resnest_train.config import Config, to_dict, to_yaml
+from resnest_train.data import (
+    DataPlan,
+    Loader,
+    build_data_plan,
+    build_train_loader,
+    build_val_loader,
+    load_dataset_index,
+)
+from resnest_train.distributed import DistInfo, broadcast_object, cleanup, gather_object, setup_distributed
+from resnest_train.engine import Precision, resolve_precision, train_step, validate
 from resnest_train.errors import UserError
-from resnest_train.logs import RunLogger, configure_logging
-from resnest_train.modeling import build_model, unwrap
-from resnest_train.models.pretrained import WeightsMismatchError, check_fit
+from resnest_train.loss import build_criterion, build_mixup
 from resnest_train.optim import build_optimizer
-from resnest_train.recipe import build_criterion, build_mixup, cpu_speed_settings, seed_everything
-from resnest_train.schedule import learning_rate
+from resnest_train.process import cpu_speed_settings, seed_everything, stop_signals
+from resnest_train.reporting import RunReporter, configure_logging, truncate_metrics
+from resnest_train.resume import Progress
+from resnest_train.run_folder import prepare_run_folder
+from resnest_train.schedule import TrainPlan, build_train_plan
+from resnest_train.wrapping import build_model, place, unwrap, wrap_for_training
 
 log = logging.getLogger("resnest_train")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
-    """Everything the loop needs; built once by `_prepare`."""
+    """Everything the loop needs, built once by `_prepare`; what changes lives in `Progress`."""
 
     config: Config
     dist: DistInfo
+    plan: TrainPlan
+    data: DataPlan
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     criterion: nn.Module
-    mixup: object
-    precision: object
-    train_loader: object
-    val_loader: object
-    peak_lr: float
-    steps_per_epoch: int
-    epoch: int = 0
-    batch: int = 0  # batches done in `epoch`
-    step: int = 0
-    best_top1: float = -1.0
-    stop_requested: bool = False  # set by the SIGTERM/SIGUSR1 handler
-
-    @property
-    def total_steps(self) -> int:
-        return self.config.train.epochs * self.steps_per_epoch
+    mixup: object  # timm Mixup, or None
+    precision: Precision
+    train_loader: Loader
+    val_loader: Loader
 
 
 def train(config: Config) -> Path:
     """Train `config` to completion (or until a stop signal); return the run folder."""
-    dist = setup_distributed()
+    dist = setup_distributed(config.train.device)
     configure_logging(dist)
     try:
-        run = _prepare(config, dist)
-        if run is None:
-            return Path(config.output_dir)
-        _fit(run)
+        with contextlib.ExitStack() as stack:
+            prepared = _prepare(config, dist, stack)
+            if prepared is not None:
+                _fit(*prepared)
         return Path(config.output_dir)
     finally:
         cleanup(dist)
 
 
-def _load_dataset_index(config: Config, dist: DistInfo):
-    """Rank 0 scans (and caches) the dataset; the others read its cache, or share its error."""
-    if config.data.backend == "synthetic":
-        return None
-    index, error = None, None
-    if dist.is_main:
-        try:
-            index = load_index(config.data.root)
-            warn_skipped(index)
-        except UserError as exc:
-            error = str(exc)
-    error = broadcast_object(error, dist)
-    if error:
-        raise UserError(error)
-    return index if index is not None else load_index(config.data.root, write_cache=False)
-
-
-def _check_resume_fits(config: Config, state: dict, dist: DistInfo) -> None:
-    if state.get("world_size") != dist.world_size and state.get("batch", 0) > 0:
-        # A DALI reader position restored into another shard layout is undefined: refuse mid-epoch.
-        raise ckpt.CheckpointError(
-            f"checkpoint at step {state['step']} was taken mid-epoch with world size {state.get('world_size')}; "
-            f"resume it with the same number of processes (now {dist.world_size})")
-
-
-def _prepare(config: Config, dist: DistInfo) -> Run | None:
+def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tuple[Run, Progress] | None:
     train_cfg = config.train
     seed_everything(train_cfg.seed + dist.rank, train_cfg.deterministic)
     cpu_speed_settings(dist.device)
-    state = ckpt.find_resume_state(config.checkpoint.resume, config.output_dir)
-    if state is not None:
-        _check_resume_fits(config, state, dist)
-        if state["epoch"] >= train_cfg.epochs:
-            log.info("run in %s is already complete (%d epochs); nothing to do", config.output_dir, state["epoch"])
-            return None
-    index = _load_dataset_index(config, dist)
-    model = build_model(config, dist, pretrained=state is None)
-    precision = resolve_precision(train_cfg.amp, dist.device)
+    model = build_model(config.model, pretrained=False)
+    state, error = prepare_run_folder(config, model, stack) if dist.is_main else (None, None)
+    summary = resume.share_decision(state, error, dist)
+    if summary is not None and summary.epoch >= train_cfg.epochs:
+        log.info("run in %s is already complete (%d epochs); nothing to do", config.output_dir, summary.epoch)
+        return None
+    data = build_data_plan(config, dist)
     global_batch = train_cfg.batch_size * dist.world_size
-    peak_lr = config.optim.lr * global_batch / 256
-    optimizer = build_optimizer(model, config.optim, peak_lr)
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=precision.enabled and precision.dtype == torch.float16)
-    rank_state = state["ranks"][dist.rank] if state is not None and dist.world_size == state["world_size"] else {}
-    train_loader = build_train_loader(config, dist, index, state=rank_state.get("data"))
-    val_loader = build_val_loader(config, dist, index, config.data.val_crop_size, config.data.val_resize_size)
-    if len(train_loader) == 0:
-        raise ConfigError(f"train.batch_size={train_cfg.batch_size} x {dist.world_size} processes is larger "
-                          f"than the training set: no full batch per epoch")
-    run = Run(config, dist, model, optimizer, scaler, build_criterion(train_cfg), build_mixup(config),
-              precision, train_loader, val_loader, peak_lr, len(train_loader))
-    if state is not None:
-        _restore(run, state, rank_state)
-    return run
+    if summary is not None:
+        resume.check_layout(summary, world_size=dist.world_size, global_batch=global_batch)
+    rank_state = resume.rank_states(state, summary, dist, global_batch)
+    index = load_dataset_index(data, dist)
+    _check_classes(index, config)
+    train_loader = build_train_loader(data, index, batch_size=train_cfg.batch_size, state=rank_state.get("data"))
+    val_loader = build_val_loader(data, index, batch_size=train_cfg.batch_size)
+    plan = build_train_plan(config, dist.world_size, len(train_loader))
+    # DDP's constructor broadcasts rank 0's parameters and buffers: the weights rank 0 loaded reach all.
+    model = wrap_for_training(place(model, dist, channels_last=train_cfg.channels_last), dist,
+                              sync_bn=config.model.sync_bn, compile_model=train_cfg.compile)
+    precision = resolve_precision(train_cfg.amp, dist.device)
+    optimizer = build_optimizer(unwrap(model), config.optim, plan.peak_lr)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=precision.needs_scaler)
+    run = Run(config, dist, plan, data, model, optimizer, scaler, build_criterion(train_cfg),
+              build_mixup(train_cfg, config.model.num_classes), precision, train_loader, val_loader)
+    progress = _restore(run, state, summary, rank_state) if summary is not None else Progress()
+    if dist.is_main:
+        header = "resolved config of this run: a valid --config for train.py (continues it) and evaluate.py\n"
+        header += "derived: " + ", ".join(f"{k} {v}" for k, v in plan.derived().items())
+        (Path(config.output_dir) / "config.yaml").write_text(to_yaml(config, header))
+        truncate_metrics(config.output_dir, progress.epoch)
+    return run, progress
 
 
-def _restore(run: Run, state: dict, rank_state: dict) -> None:
-    try:
-        check_fit(unwrap(run.model), state["model"])
-    except WeightsMismatchError as exc:
-        raise ckpt.CheckpointError(
-            f"checkpoint in {run.config.output_dir} does not fit model {run.config.model.name}: {exc}; use another "
-            "output_dir or checkpoint.resume=null") from None
-    unwrap(run.model).load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scaler.load_state_dict(state["scaler"])
-    run.epoch, run.batch, run.step = state["epoch"], state["batch"], state["step"]
-    if state["world_size"] != run.dist.world_size:
-        # Only at an epoch boundary (checked earlier): steps per epoch changed with the global batch, so
+def _check_classes(index, config: Config) -> None:
+    if index is not None and len(index.classes) > config.model.num_classes:
+        raise UserError(f"{config.data.root} has {len(index.classes)} classes but model.num_classes="
+                        f"{config.model.num_classes}; set model.num_classes={len(index.classes)}")
+
+
+def _restore(run: Run, state: dict | None, summary: resume.ResumeSummary, rank_state: dict) -> Progress:
+    resume.restore_optimizer(run.optimizer, state, run.dist)
+    if summary.scaler:  # empty when the checkpoint's run did not use fp16
+        run.scaler.load_state_dict(summary.scaler)
+    progress = Progress(summary.epoch, summary.batch, summary.step, summary.best_top1)
+    if not resume.same_layout(summary, world_size=run.dist.world_size, global_batch=run.plan.global_batch):
+        # Only at an epoch boundary (checked before): steps per epoch changed with the global batch, so
         # place the schedule at this epoch's start for the new layout.
-        log.warning("resuming a run of world size %d with %d processes at epoch %d", state["world_size"],
-                    run.dist.world_size, run.epoch)
-        run.step = run.epoch * run.steps_per_epoch
-    run.best_top1 = state.get("best_top1", -1.0)
+        log.warning("resuming a run of world size %d (global batch %s) with world size %d (global batch %d) at "
+                    "epoch %d", summary.world_size, summary.global_batch, run.dist.world_size,
+                    run.plan.global_batch, progress.epoch)
+        progress.step = progress.epoch * run.plan.steps_per_epoch
     if "rng" in rank_state:
         ckpt.set_rng_state(rank_state["rng"])
+    resume.check_agreement(progress.step, run.dist)
+    return progress
 
 
-def _install_stop_handlers(run: Run) -> None:
-    """SIGTERM / SIGUSR1 (what SLURM and cloud schedulers send before preemption): finish the step, save,
-    exit. The flag is agreed on by all ranks before anyone stops, so no rank waits on a missing peer."""
-    def request_stop(signum, _frame):
-        log.warning("received signal %d: checkpointing after this step, then exiting", signum)
-        run.stop_requested = True
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, request_stop)
-
-
-def _should_stop(run: Run) -> bool:
-    if not run.dist.distributed:
-        return run.stop_requested
-    flag = torch.tensor([1.0 if run.stop_requested else 0.0], device=run.dist.device)
+def _should_stop(dist: DistInfo, requested: bool) -> bool:
+    if not dist.distributed:
+        return requested
+    flag = torch.tensor([1.0 if requested else 0.0], device=dist.device)
     torch.distributed.all_reduce(flag)
     return bool(flag.item() > 0)
 
 
-def _save(run: Run, logger: RunLogger, *, is_best: bool = False) -> None:
-    """Every rank contributes its RNG and data position; rank 0 writes."""
-    rank_state = {"rng": ckpt.rng_state(), "data": run.train_loader.state()}
-    if run.dist.distributed:
-        ranks = [None] * run.dist.world_size
-        torch.distributed.all_gather_object(ranks, rank_state)
-    else:
-        ranks = [rank_state]
+def _save(run: Run, progress: Progress, *, is_best: bool = False) -> None:
+    """Every rank contributes its RNG and data position; rank 0 writes; its outcome reaches every rank."""
+    ranks = gather_object({"rng": ckpt.rng_state(), "data": run.train_loader.state()}, run.dist)
+    error = None
     if run.dist.is_main:
         state = {"model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
-                 "scaler": run.scaler.state_dict(), "epoch": run.epoch, "batch": run.batch, "step": run.step,
-                 "best_top1": run.best_top1, "config": to_dict(run.config), "world_size": run.dist.world_size,
-                 "ranks": ranks}
-        path = ckpt.save_checkpoint(state, run.config.output_dir, keep_last=run.config.checkpoint.keep_last,
-                                    is_best=is_best)
-        logger.info("saved %s (epoch %d, step %d)", path, run.epoch, run.step)
-    barrier(run.dist)
+                 "scaler": run.scaler.state_dict(), "epoch": progress.epoch, "batch": progress.batch,
+                 "step": progress.step, "best_top1": progress.best_top1, "config": to_dict(run.config),
+                 "world_size": run.dist.world_size, "global_batch": run.plan.global_batch, "ranks": ranks}
+        try:
+            path = ckpt.save_checkpoint(state, run.config.output_dir, keep_last=run.config.checkpoint.keep_last,
+                                        is_best=is_best)
+            log.info("saved %s (epoch %d, step %d)", path, progress.epoch, progress.step)
+        except UserError as exc:
+            error = str(exc)
+    error = broadcast_object(error, run.dist)  # no rank waits for a save that failed
+    if error:
+        raise UserError(error)
 
 
-def _set_lr(run: Run) -> float:
-    schedule = run.config.schedule
-    lr = learning_rate(run.step, total_steps=run.total_steps,
-                       warmup_steps=round(schedule.warmup_epochs * run.steps_per_epoch),
-                       peak_lr=run.peak_lr, min_lr=schedule.min_lr)
+def _set_lr(run: Run, step: int) -> float:
+    lr = run.plan.lr(step)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    if run.config.model.dropblock_prob > 0:
-        # DropBlock ramps linearly from 0 to its probability over training (the released recipe).
-        unwrap(run.model).set_dropblock_prob(run.config.model.dropblock_prob * run.step / run.total_steps)
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr
 
 
-def _train_epoch(run: Run, logger: RunLogger) -> bool:
+def _ramp_dropblock(run: Run, step: int) -> None:
+    if run.plan.dropblock_prob > 0:
+        # DropBlock ramps linearly from 0 to its probability over training (the released recipe).
+        unwrap(run.model).set_dropblock_prob(run.plan.dropblock(step))
+
+
+def _train_epoch(run: Run, progress: Progress, reporter: RunReporter, stop) -> bool:
     """Steps until the epoch ends (True) or a stop is requested (False)."""
     run.model.train()
-    if hasattr(run.train_loader, "set_epoch"):
-        run.train_loader.set_epoch(run.epoch)
+    run.train_loader.set_epoch(progress.epoch)
     interval = run.config.checkpoint.interval_steps
     check_every = 1 if not run.dist.distributed else 10
-    logger.start_epoch(run.epoch, run.batch)
+    reporter.start_epoch(progress.epoch)
     for images, targets in run.train_loader:
-        logger.data_ready()
-        lr = _set_lr(run)
+        reporter.data_ready()
+        lr = _set_lr(run, progress.step)
+        _ramp_dropblock(run, progress.step)
+        if run.mixup is not None:
+            images, targets = run.mixup(images, targets)
+        if progress.step == 0:
+            reporter.image_grid(images)
         loss = train_step(run.model, images, targets, criterion=run.criterion, optimizer=run.optimizer,
-                          scaler=run.scaler, precision=run.precision, mixup=run.mixup)
-        if run.step == 0 and run.batch == 0:
-            logger.image_grid(images)
-        run.batch += 1
-        run.step += 1
-        logger.step_done(run.step, run.batch, loss, lr, images.shape[0] * run.dist.world_size)
-        if run.batch == run.steps_per_epoch:
-            continue  # let the loader end the epoch itself (DALI resets on its own StopIteration)
-        if interval and run.step % interval == 0:
-            _save(run, logger)
-        if run.step % check_every == 0 and _should_stop(run):
-            _save(run, logger)
+                          scaler=run.scaler, precision=run.precision)
+        progress.batch += 1
+        progress.step += 1
+        reporter.step_done(progress.step, progress.batch, loss, lr, images.shape[0] * run.dist.world_size)
+        if progress.batch == run.plan.steps_per_epoch:
+            continue  # the epoch-end checkpoint follows the last batch
+        if interval and progress.step % interval == 0:
+            _save(run, progress)
+        if progress.step % check_every == 0 and _should_stop(run.dist, stop.requested):
+            _save(run, progress)
             return False
     return True
 
 
-def _fit(run: Run) -> None:
-    config, dist = run.config, run.dist
-    logger = RunLogger(config, dist, run)
-    _install_stop_handlers(run)
+def _sync_buffers(run: Run) -> None:
+    """Rank 0's BN statistics on every rank (each rank's drifted with its own last batches), so that the
+    evaluated model is the one saved."""
+    if run.dist.distributed:
+        for buffer in unwrap(run.model).buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+def _evaluate(run: Run) -> dict:
+    _sync_buffers(run)
+    started = time.perf_counter()
+    result = validate(unwrap(run.model), run.val_loader, run.dist, run.precision)
+    return {"val_top1": result.top1, "val_top5": result.top5, "val_images": result.num_images,
+            "val_seconds": time.perf_counter() - started}
+
+
+def _fit(run: Run, progress: Progress) -> None:
+    config = run.config
+    reporter = RunReporter(config.output_dir, run.dist, run.plan, log_interval=config.train.log_interval)
     try:
-        while run.epoch < config.train.epochs:
-            if not _train_epoch(run, logger):
-                logger.info("stopped at step %d; rerun the same command to continue", run.step)
-                return
-            epoch_stats = logger.end_epoch()
-            run.epoch += 1
-            run.batch = 0
-            metrics = {"epoch": run.epoch, **epoch_stats}
-            if run.epoch % config.train.eval_interval == 0 or run.epoch == config.train.epochs:
-                started = time.perf_counter()
-                result = evaluate(unwrap(run.model), run.val_loader, dist, run.precision)
-                metrics.update(val_top1=result["top1"], val_top5=result["top5"],
-                               val_images=result["num_images"], val_seconds=time.perf_counter() - started)
-                is_best = result["top1"] > run.best_top1
-                run.best_top1 = max(run.best_top1, result["top1"])
-            else:
+        with stop_signals() as stop:
+            while progress.epoch < config.train.epochs:
+                if not _train_epoch(run, progress, reporter, stop):
+                    log.info("stopped at step %d; rerun the same command to continue", progress.step)
+                    return
+                metrics = {"epoch": progress.epoch + 1,
+                           **reporter.end_epoch(progress.step, run.optimizer.param_groups[0]["lr"])}
+                progress.epoch += 1
+                progress.batch = 0
                 is_best = False
-                metrics.update(val_top1=None, val_top5=None)
-            logger.epoch_metrics(metrics)
-            _save(run, logger, is_best=is_best)
-            if _should_stop(run):
-                logger.info("stopped after epoch %d; rerun the same command to continue", run.epoch)
-                return
-        logger.info("finished: %d epochs, best val top-1 %.2f; run folder %s", run.epoch, run.best_top1,
-                    config.output_dir)
+                if progress.epoch % config.train.eval_interval == 0 or progress.epoch == config.train.epochs:
+                    metrics.update(_evaluate(run))
+                    is_best = metrics["val_top1"] > progress.best_top1
+                    progress.best_top1 = max(progress.best_top1, metrics["val_top1"])
+                else:
+                    metrics.update(val_top1=None, val_top5=None)
+                reporter.epoch_metrics(metrics)
+                _save(run, progress, is_best=is_best)
+                if _should_stop(run.dist, stop.requested):
+                    log.info("stopped after epoch %d; rerun the same command to continue", progress.epoch)
+                    return
+        log.info("finished: %d epochs, best val top-1 %.2f; run folder %s", progress.epoch, progress.best_top1,
+                 config.output_dir)
     finally:
-        logger.close()
+        reporter.close()

@@ -130,17 +130,15 @@ def bench_attention(args) -> dict:
 
 
 def _data_loader(backend: str, args):
-    from resnest_train.config import DataConfig
+    from resnest_train.config import from_dict
+    from resnest_train.data import build_data_plan, build_train_loader
     from resnest_train.data.index import load_index
-    cfg = DataConfig(root=args.root, backend=backend, workers=args.workers, crop_size=args.crop_size,
-                     autoaugment=args.autoaugment, color_jitter=args.color_jitter, lighting=args.lighting)
-    index = load_index(args.root)
-    common = dict(batch_size=args.batch_size, rank=0, world_size=1, seed=0, channels_last=False)
-    if backend == "dali":
-        from resnest_train.data.dali import build_dali_train
-        return build_dali_train(index, cfg, device="cpu", **common)
-    from resnest_train.data.torchvision import build_torch_train
-    return build_torch_train(index, cfg, device=torch.device("cpu"), **common)
+    from resnest_train.distributed import DistInfo
+    config = from_dict({"data": dict(root=args.root, backend=backend, workers=args.workers, crop_size=args.crop_size,
+                                     autoaugment=args.autoaugment, autoaugment_on=args.autoaugment_on,
+                                     color_jitter=args.color_jitter, lighting=args.lighting)})
+    plan = build_data_plan(config, DistInfo(0, 0, 1, torch.device("cpu")))
+    return build_train_loader(plan, load_index(args.root), batch_size=args.batch_size)
 
 
 def _images_per_sec(loader, seconds: float, settle: float) -> float:
@@ -217,9 +215,12 @@ def _bare_run(args) -> float:
 
 
 def bench_trainer(args) -> dict:
+    from resnest_train import process
     torch.set_num_threads(args.threads)
-    # The trainer flushes denormals on CPU (recipe.cpu_speed_settings); the bare loop does the same steps.
-    torch.set_flush_denormal(True)
+    # Both sides with the same denormal setting: the trainer's (process.cpu_speed_settings), or the one asked.
+    if args.flush_denormal is not None:
+        process.FLUSH_DENORMAL = args.flush_denormal == "on"
+    torch.set_flush_denormal(process.FLUSH_DENORMAL)
     trainer, bare = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
@@ -227,7 +228,7 @@ def bench_trainer(args) -> dict:
             if args.compare:
                 bare.append(_bare_run(args))
     result = {"model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
-              "images_per_sec": statistics.median(trainer)}
+              "flush_denormal": process.FLUSH_DENORMAL, "images_per_sec": statistics.median(trainer)}
     if args.compare:
         result["bare_images_per_sec"] = statistics.median(bare)
         result["ratio_vs_bare"] = result["images_per_sec"] / result["bare_images_per_sec"]
@@ -255,6 +256,8 @@ def main(argv=None) -> int:
     data.add_argument("--workers", type=int, default=2)
     data.add_argument("--crop-size", type=int, default=224)
     data.add_argument("--autoaugment", choices=["none", "imagenet"], default="none")
+    data.add_argument("--autoaugment-on", choices=["image", "crop"], default="crop",
+                      help="where AutoAugment runs: the whole image (the released recipe) or the crop")
     data.add_argument("--seconds", type=float, default=10)
     data.add_argument("--color-jitter", type=float, default=0.4, help="the recipe's 0.4; 0 disables")
     data.add_argument("--lighting", type=float, default=0.1, help="the recipe's 0.1; 0 disables")
@@ -269,6 +272,7 @@ def main(argv=None) -> int:
     trainer.add_argument("--rounds", type=int, default=3)
     trainer.add_argument("--threads", type=int, default=2)
     trainer.add_argument("--compare", action="store_true")
+    trainer.add_argument("--flush-denormal", choices=["on", "off"], help="default: the trainer's setting")
     attention = sub.add_parser("attention")
     attention.add_argument("--batch-size", type=int, default=16)
     attention.add_argument("--rounds", type=int, default=10)

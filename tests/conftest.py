@@ -1,7 +1,11 @@
-"""Shared fixtures: a small generated JPEG dataset (made once per session) and CPU-friendly defaults."""
+"""Shared test helpers: a small generated JPEG dataset (made once per session), one way to run a script in
+a subprocess (with the environment every subprocess test needs), the tiny-run overrides, and data plans."""
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +13,61 @@ from pathlib import Path
 import pytest
 import torch
 
+from resnest_train.config import from_dict
+from resnest_train.data.plan import DataPlan, build_data_plan
+from resnest_train.distributed import DistInfo
+
 ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "demo.yaml")
+# A run that takes seconds on 2 cores: 4 classes of 32 px crops, batches of 8.
+TINY = ["model.num_classes=4", "data.crop_size=32", "data.val_crop_size=32", "data.workers=1",
+        "train.batch_size=8", "train.log_interval=1"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 torch.set_num_threads(2)
+
+
+def script_env(**extra: str) -> dict:
+    """One thread per process (tests start several), and torchrun's store not shared across restarts
+    (pytorch/pytorch#135712, README)."""
+    return dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **extra)
+
+
+def run_script(args: list[str], *, expect: int | None = 0, launcher: list[str] | None = None, timeout: float = 600,
+               **kwargs) -> subprocess.CompletedProcess:
+    """Run `python SCRIPT ARGS` (or `launcher SCRIPT ARGS`) from the project root; check the exit code
+    unless `expect` is None."""
+    env = kwargs.pop("env", None) or script_env()
+    result = subprocess.run([*(launcher or [sys.executable]), *args], capture_output=True, text=True, cwd=ROOT,
+                            timeout=timeout, env=env, **kwargs)
+    if expect is not None:
+        assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def train_args(root, out, *extra: str) -> list[str]:
+    """train.py on the demo config, shrunk to TINY, on `root` (None: the synthetic backend)."""
+    data = [f"data.root={root}"] if root is not None else ["data.backend=synthetic", "data.synthetic_size=64"]
+    return [str(ROOT / "train.py"), "--config", DEMO, f"output_dir={out}", *data, *TINY, *extra]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_plan(root, *, rank: int = 0, world_size: int = 1, seed: int = 0, channels_last: bool = False,
+              **data) -> DataPlan:
+    """The plan a run with these data.* values would use (CPU, one worker, 32 px crops by default)."""
+    values = {"root": str(root), "workers": 1, "crop_size": 32, "val_crop_size": 32, **data}
+    config = from_dict({"model": {"num_classes": 4}, "data": values,
+                        "train": {"seed": seed, "channels_last": channels_last}})
+    return build_data_plan(config, DistInfo(rank, rank, world_size, torch.device("cpu")))
 
 
 @pytest.fixture(scope="session")

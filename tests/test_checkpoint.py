@@ -1,8 +1,12 @@
-"""Atomic checkpoint writes: a failed save (disk full) keeps the previous checkpoint and says so."""
+"""Checkpoint files: atomic writes whatever fails (disk full as OSError or torch's RuntimeError, Ctrl-C),
+one write per save (step and best files are links), resume picks the newest readable state (best.pt
+included), refuses to overwrite another run, and the run folder's lock."""
 
 from __future__ import annotations
 
 import errno
+import multiprocessing
+import os
 
 import pytest
 import torch
@@ -10,29 +14,103 @@ import torch
 from resnest_train import checkpoint as ckpt
 
 
-def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    state = {"model": {"w": torch.ones(3)}, "step": 1, "epoch": 0}
-    ckpt.save_checkpoint(state, tmp_path, keep_last=2, is_best=False)
+def state(step: int) -> dict:
+    return {"model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "epoch": 0, "batch": step,
+            "step": step, "ranks": [{}]}
+
+
+def files(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("failure", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1536 vs 1430"),
+])
+def test_failed_save_keeps_previous_checkpoint_and_no_temporary(tmp_path, monkeypatch, failure):
+    ckpt.save_checkpoint(state(1), tmp_path, keep_last=2, is_best=False)
 
     def full_disk(obj, handle):
         handle.write(b"partial bytes")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise failure
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(ckpt.CheckpointError, match="No space left on device.*previous checkpoint is intact"):
-        ckpt.save_checkpoint({**state, "step": 2}, tmp_path, keep_last=2, is_best=False)
+    with pytest.raises(ckpt.CheckpointError, match="cannot write checkpoint .*previous checkpoint is intact"):
+        ckpt.save_checkpoint(state(2), tmp_path, keep_last=2, is_best=False)
     monkeypatch.undo()
     folder = ckpt.checkpoint_dir(tmp_path)
     assert torch.load(folder / "last.pt", weights_only=True)["step"] == 1
-    assert sorted(p.name for p in folder.iterdir()) == ["last.pt", "step-000000001.pt"]  # no temp file left
+    assert files(folder) == ["last.pt", "step-000000001.pt"]  # no temp file left
 
 
-def test_keep_last_and_newest_by_step(tmp_path):
-    for step in range(1, 6):
-        ckpt.save_checkpoint({"model": {}, "step": step, "epoch": 0}, tmp_path, keep_last=2, is_best=step == 3)
+def test_interrupted_save_leaves_no_temporary(tmp_path, monkeypatch):
+    def interrupted(obj, handle):
+        handle.write(b"partial bytes")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(state(1), tmp_path, keep_last=2, is_best=False)
+    assert files(ckpt.checkpoint_dir(tmp_path)) == []
+
+
+def test_stale_temporaries_are_removed(tmp_path):
     folder = ckpt.checkpoint_dir(tmp_path)
-    assert sorted(p.name for p in folder.glob("step-*.pt")) == ["step-000000004.pt", "step-000000005.pt"]
+    folder.mkdir()
+    (folder / ".step-000000003.pt.tmp").write_bytes(b"x" * 100)
+    ckpt.remove_stale_temporaries(tmp_path)
+    assert files(folder) == []
+
+
+def test_one_write_per_save_the_rest_are_links(tmp_path):
+    for step in range(1, 6):
+        ckpt.save_checkpoint(state(step), tmp_path, keep_last=2, is_best=step == 3)
+    folder = ckpt.checkpoint_dir(tmp_path)
+    assert files(folder) == ["best.pt", "last.pt", "step-000000004.pt", "step-000000005.pt"]
+    assert os.path.samefile(folder / "last.pt", folder / "step-000000005.pt")
     assert torch.load(folder / "best.pt", weights_only=True)["step"] == 3
     assert ckpt.find_resume_state("auto", tmp_path)["step"] == 5
-    assert ckpt.find_resume_state(None, tmp_path) is None
     with pytest.raises(ckpt.CheckpointError, match="file not found"):
         ckpt.find_resume_state(str(tmp_path / "nope.pt"), tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match="is a directory"):
+        ckpt.find_resume_state(str(tmp_path), tmp_path)
+
+
+def test_fresh_run_never_replaces_another_runs_checkpoints(tmp_path):
+    ckpt.save_checkpoint(state(1), tmp_path, keep_last=1, is_best=False)
+    with pytest.raises(ckpt.CheckpointError, match="holds the checkpoints of another run.*checkpoint.overwrite=true"):
+        ckpt.find_resume_state(None, tmp_path)
+    assert ckpt.find_resume_state(None, tmp_path, overwrite=True) is None
+    assert ckpt.find_resume_state(None, tmp_path / "empty") is None
+
+
+def test_unreadable_checkpoints_fall_back_to_best_or_fail(tmp_path):
+    ckpt.save_checkpoint(state(3), tmp_path, keep_last=0, is_best=True)
+    ckpt.save_checkpoint(state(5), tmp_path, keep_last=0, is_best=False)
+    folder = ckpt.checkpoint_dir(tmp_path)
+    (folder / "last.pt").write_bytes((folder / "last.pt").read_bytes()[:500])
+    assert ckpt.find_resume_state("auto", tmp_path)["step"] == 3  # best.pt holds a resume state too
+    (folder / "best.pt").write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint in .* can be resumed .*last.pt: unreadable"):
+        ckpt.find_resume_state("auto", tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match="cannot be resumed: unreadable") as info:
+        ckpt.find_resume_state(str(folder / "last.pt"), tmp_path)
+    assert "falling back" not in str(info.value)
+
+
+def _hold_lock(folder, ready, release):
+    with ckpt.RunLock(folder):
+        ready.set()
+        release.wait(30)
+
+
+def test_run_lock_names_its_holder_and_is_taken_over_after_death(tmp_path):
+    context = multiprocessing.get_context("fork")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_lock, args=(tmp_path, ready, release))
+    holder.start()
+    assert ready.wait(30)
+    with pytest.raises(ckpt.CheckpointError, match=rf"is in use by pid {holder.pid} on "):
+        ckpt.RunLock(tmp_path).__enter__()
+    holder.kill()  # no cleanup: the lock file stays, the kernel drops the lock
+    holder.join()
+    with ckpt.RunLock(tmp_path):
+        assert f"pid {os.getpid()}" in (tmp_path / ".lock").read_text()

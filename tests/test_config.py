@@ -6,9 +6,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
-from resnest_train.config import ConfigError, load_config, parse_override, to_dict
+from resnest_train.config import Config, ConfigError, load_config, parse_override, to_dict
+from resnest_train.data import build_data_plan
+from resnest_train.distributed import DistInfo
 from tests.conftest import ROOT
 
 CONFIGS = ROOT / "configs"
@@ -25,18 +28,46 @@ def test_defaults_are_the_resnest50_recipe():
     assert config.optim.lr == 0.1 and config.optim.nesterov and config.optim.weight_decay == 1e-4
     assert config.train.epochs == 270 and config.train.mixup_alpha == 0.2 and config.train.label_smoothing == 0.1
     assert config.schedule.warmup_epochs == 5 and config.data.autoaugment == "imagenet"
-    assert config.data.val_resize_size == 256
+    assert config.data.autoaugment_on == "image"
 
 
-@pytest.mark.parametrize("name,crop,val_crop,ratio,interp,dropout", [
-    ("resnest101", 224, 256, 0.875, "bilinear", 0.0),
-    ("resnest200", 256, 320, 0.909, "bicubic", 0.2),
-    ("resnest269", 320, 416, 0.928, "bicubic", 0.2)])
-def test_model_configs_hold_the_released_recipe(name, crop, val_crop, ratio, interp, dropout):
+def test_dataclass_defaults_equal_base_yaml():
+    """Defaults live in one place: configs/base.yaml holds exactly the dataclasses' defaults."""
+    base = yaml.safe_load((CONFIGS / "base.yaml").read_text())
+    assert base == to_dict(Config())
+
+
+def eval_resize(config) -> int:
+    return build_data_plan(config, DistInfo(0, 0, 1, torch.device("cpu"))).val_resize_size
+
+
+@pytest.mark.parametrize("name,crop,val_crop,resize,interp,dropout", [
+    ("resnest50", 224, 224, 256, "bilinear", 0.0),
+    ("resnest101", 224, 256, 293, "bilinear", 0.0),
+    ("resnest200", 256, 320, 352, "bicubic", 0.2),
+    ("resnest269", 320, 416, 448, "bicubic", 0.2)])
+def test_model_configs_hold_the_released_recipe(name, crop, val_crop, resize, interp, dropout):
+    """Evaluation sizes of the official verify scripts and timm: 256 / 293 / 352 / 448."""
     config = load_config(CONFIGS / f"{name}.yaml")
     assert (config.model.name, config.data.crop_size, config.data.val_crop_size) == (name, crop, val_crop)
-    assert (config.data.val_resize_ratio, config.data.interpolation, config.model.dropout) == (ratio, interp, dropout)
+    assert (eval_resize(config), config.data.interpolation, config.model.dropout) == (resize, interp, dropout)
     assert config.train.epochs == 270 and config.optim.lr == 0.1
+
+
+def test_duplicate_yaml_key_is_an_error(tmp_path):
+    path = _write(tmp_path / "dup.yaml", "optim:\n  lr: 0.2\ntrain:\n  epochs: 3\noptim:\n  momentum: 0.8\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'optim' in .*dup.yaml line 5"):
+        load_config(path)
+    nested = _write(tmp_path / "dup2.yaml", "optim:\n  lr: 0.2\n  lr: 0.3\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'lr' in .*dup2.yaml line 3"):
+        load_config(nested)
+
+
+@pytest.mark.parametrize("override", ["model=", "model=resnest50", "data=[1, 2]"])
+def test_section_override_must_be_a_mapping(override):
+    with pytest.raises(ConfigError, match="is a section"):
+        load_config(CONFIGS / "resnest50.yaml", [override])
+    assert load_config(CONFIGS / "resnest50.yaml", ["model={name: resnest14}"]).model.name == "resnest14"
 
 
 def test_base_inheritance_list_later_wins(tmp_path):
@@ -79,6 +110,13 @@ def test_resolved_config_round_trips(tmp_path):
     (["model.name=resnest51"], "did you mean 'resnest50'"),
     (["data.rrc_scale=[0.9,0.1]"], "'data.rrc_scale'"),
     (["train.batch_size=7"], "even"),
+    (["train.seed=18446744073709551617"], "'train.seed' must be in"),
+    (["model.num_classes=100000000"], "'model.num_classes' must be in"),
+    (["data.crop_size=100000"], "'data.crop_size' must be in"),
+    (["data.val_resize_ratio=0.001"], "'data.val_resize_ratio' must be in"),
+    (["data.val_resize_size=100"], "'data.val_resize_size' must be in"),
+    (["train.device=tpu"], "'train.device' must be one of"),
+    (["data.autoaugment_on=batch"], "'data.autoaugment_on' must be one of"),
 ])
 def test_bad_values_are_config_errors(overrides, message):
     with pytest.raises(ConfigError) as info:
@@ -124,3 +162,5 @@ def test_print_config_has_every_key():
     printed = yaml.safe_load(result.stdout)
     assert printed == to_dict(load_config(CONFIGS / "resnest50.yaml"))
     assert set(printed) == {"output_dir", "model", "data", "optim", "schedule", "train", "checkpoint"}
+    big = _cli("--config", "configs/resnest200.yaml", "--print-config")
+    assert yaml.safe_load(big.stdout)["data"]["val_resize_size"] == 352

@@ -10,17 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from resnest_train.config import DataConfig, resize_size
+from resnest_train.data import resize_size
 from resnest_train.data.dali import build_dali_train, build_dali_val
 from resnest_train.data.index import DatasetError, load_index, scan
 from resnest_train.data.torchvision import build_torch_train, build_torch_val, val_transform
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-CPU = torch.device("cpu")
-
-
-def data_cfg(root, **kw) -> DataConfig:
-    return DataConfig(root=str(root), workers=1, crop_size=32, val_crop_size=32, **kw)
+from tests.conftest import make_plan
 
 
 def test_index_classes_and_labels(image_root):
@@ -76,8 +71,7 @@ def class_from_pixels(images: torch.Tensor) -> torch.Tensor:
 
 def test_dali_train_batches(image_root):
     index = load_index(image_root)
-    loader = build_dali_train(index, data_cfg(image_root, autoaugment="none"), batch_size=8, rank=0, world_size=1,
-                              seed=0, device="cpu", channels_last=False)
+    loader = build_dali_train(make_plan(image_root, autoaugment="none"), index.train, batch_size=8)
     assert len(loader) == 6
     batches = list(loader)
     assert len(batches) == 6
@@ -89,8 +83,7 @@ def test_dali_train_batches(image_root):
 
 
 def test_dali_channels_last_layout(image_root):
-    loader = build_dali_train(load_index(image_root), data_cfg(image_root), batch_size=8, rank=0, world_size=1,
-                              seed=0, device="cpu", channels_last=True)
+    loader = build_dali_train(make_plan(image_root, channels_last=True), load_index(image_root).train, batch_size=8)
     images = next(iter(loader))[0]
     assert images.shape == (8, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
 
@@ -104,32 +97,32 @@ def test_dali_shards_equal_batches_different_augmentation(image_root):
     # 48 images, 5 ranks: uneven shards (10/10/10/9/9) must still give every rank the same batch count.
     lengths = []
     for rank in range(5):
-        loader = build_dali_train(index, data_cfg(image_root), batch_size=4, rank=rank, world_size=5, seed=0,
-                                  device="cpu", channels_last=False)
+        loader = build_dali_train(make_plan(image_root, rank=rank, world_size=5), index.train, batch_size=4)
         lengths.append((len(loader), len(list(loader)), len(list(loader))))
     assert len(set(lengths)) == 1 and lengths[0][0] == 2
-    first = [build_dali_train(index, data_cfg(image_root), batch_size=4, rank=r, world_size=2, seed=0, device="cpu",
-                              channels_last=False) for r in range(2)]
+    first = [build_dali_train(make_plan(image_root, rank=r, world_size=2), index.train, batch_size=4)
+             for r in range(2)]
     a, b = (next(iter(loader))[0] for loader in first)
     assert not torch.equal(a, b)  # ranks never repeat each other's augmentation
 
 
 def test_dali_reproducible_and_reshuffled(image_root):
     index = load_index(image_root)
-    make = lambda: build_dali_train(index, data_cfg(image_root), batch_size=8, rank=0, world_size=1, seed=3,  # noqa: E731
-                                    device="cpu", channels_last=False)
+    make = lambda seed=3: build_dali_train(make_plan(image_root, seed=seed), index.train, batch_size=8)  # noqa: E731
     one, two = make(), make()
     e1, e2 = [torch.cat([x for x, _ in one]) for _ in range(2)]
     assert torch.equal(e1, torch.cat([x for x, _ in two]))  # same seed, same first epoch
     assert not torch.equal(e1, e2)  # the next epoch differs
+    order = lambda loader: torch.cat([t for _, t in loader]).tolist()  # noqa: E731
+    assert order(make(3)) != order(make(4))  # train.seed changes the data order, not only the augmentation
 
 
 def test_dali_val_shards_cover_each_image_once(image_root):
     index = load_index(image_root)
     seen = []
     for rank in range(3):
-        loader = build_dali_val(index, data_cfg(image_root), batch_size=4, rank=rank, world_size=3, device="cpu",
-                                crop_size=32, resize_size=37, channels_last=False)
+        plan = make_plan(image_root, rank=rank, world_size=3)
+        loader = build_dali_val(plan, plan.shard(index.val), batch_size=4)
         seen.extend(t.tolist() for _, t in loader)
     flat = [label for batch in seen for label in batch]
     assert sorted(flat) == sorted(label for _, label in index.val)
@@ -159,12 +152,11 @@ def smooth_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("host_ops", [True, False], ids=["cpu-graph", "gpu-graph"])
-def test_dali_val_matches_pil_reference(smooth_root, host_ops):
+@pytest.mark.parametrize("ops", ["auto", "dali"], ids=["cpu-graph", "gpu-graph"])
+def test_dali_val_matches_pil_reference(smooth_root, ops):
     index = load_index(smooth_root)
     resize = resize_size(32, 0.875)
-    loader = build_dali_val(index, data_cfg(smooth_root), batch_size=4, rank=0, world_size=1, device="cpu",
-                            crop_size=32, resize_size=resize, channels_last=False, host_ops=host_ops)
+    loader = build_dali_val(make_plan(smooth_root), index.val, batch_size=4, ops=ops)
     images, _ = next(iter(loader))
     for i, (path, _) in enumerate(index.val):
         reference = pil_reference(smooth_root / path, 32, resize)
@@ -178,15 +170,14 @@ def test_dali_val_matches_pil_reference(smooth_root, host_ops):
 
 def test_torchvision_pipeline_batches_and_resume_position(image_root):
     index = load_index(image_root)
-    cfg = data_cfg(image_root)
-    loader = build_torch_train(index, cfg, batch_size=8, rank=0, world_size=2, seed=0, device=CPU, channels_last=False)
+    loader = build_torch_train(make_plan(image_root, world_size=2), index.train, batch_size=8)
     assert len(loader) == 3
     loader.set_epoch(0)
     full = epoch_labels(loader)
-    resumed = build_torch_train(index, cfg, batch_size=8, rank=0, world_size=2, seed=0, device=CPU,
-                                channels_last=False, state={"position": 1})
+    resumed = build_torch_train(make_plan(image_root, world_size=2), index.train, batch_size=8,
+                                state={"epoch": 0, "position": 1})
     resumed.set_epoch(0)
-    assert epoch_labels(resumed) == full[1:]
-    val = build_torch_val(index, cfg, batch_size=8, rank=1, world_size=3, device=CPU, crop_size=32, resize_size=37,
-                          channels_last=False)
+    assert len(resumed) == 3 and epoch_labels(resumed) == full[1:]
+    plan = make_plan(image_root, rank=1, world_size=3)
+    val = build_torch_val(plan, plan.shard(index.val), batch_size=8)
     assert sum(len(t) for _, t in val) == math.ceil((20 - 1) / 3)

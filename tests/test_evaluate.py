@@ -4,7 +4,6 @@ and a checkpoint that does not fit is a clear error."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from resnest_train.models import create_model
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TORCHRUN, run_script, train_args
 
 
 @pytest.fixture(scope="module")
@@ -35,17 +34,12 @@ def weights(tmp_path_factory):
 
 
 def evaluate(root, weights, out, *extra, nproc: int = 1, check=True):
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd = [*launcher, str(ROOT / "evaluate.py"), "--config", str(ROOT / "configs" / "demo.yaml"), "--checkpoint",
-           str(weights), "--output", str(out), f"data.root={root}", "model.num_classes=13", "data.workers=1",
-           "train.batch_size=8", *extra]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        return json.loads(out.read_text())
-    return result
+    launcher = None if nproc == 1 else [*TORCHRUN, "--standalone", f"--nproc-per-node={nproc}"]
+    args = [str(ROOT / "evaluate.py"), "--config", str(ROOT / "configs" / "demo.yaml"), "--checkpoint",
+            str(weights), "--output", str(out), f"data.root={root}", "model.num_classes=13", "data.workers=1",
+            "train.batch_size=8", *extra]
+    result = run_script(args, launcher=launcher, expect=0 if check else None)
+    return json.loads(out.read_text()) if check else result
 
 
 @pytest.mark.slow
@@ -67,10 +61,7 @@ def test_backends_agree(image_root, tmp_path):
     torch.manual_seed(0)
     # A model that has learnt something: a short training run on the generated dataset.
     out = tmp_path / "run"
-    subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
-                    f"data.root={image_root}", f"output_dir={out}", "model.num_classes=4", "train.epochs=3",
-                    "data.crop_size=32", "data.val_crop_size=32", "train.batch_size=8", "data.workers=1"],
-                   check=True, capture_output=True, cwd=ROOT, timeout=600)
+    run_script(train_args(image_root, out, "train.epochs=3"))
     common = ("--crop-size", "32", "model.num_classes=4")
     ckpt = out / "checkpoints" / "last.pt"
     dali = evaluate(image_root, ckpt, tmp_path / "d.json", *common, "data.backend=dali")["results"][0]

@@ -3,7 +3,6 @@ bit-identical to uninterrupted ones (CPU, train.deterministic=true, DALI backend
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,20 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TORCHRUN, metrics, run_script, script_env, train_args
 
 pytestmark = pytest.mark.slow
 
 
 def tiny_args(root: Path, out: Path, *extra: str) -> list[str]:
-    return [str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"), f"data.root={root}",
-            f"output_dir={out}", "model.num_classes=4", "data.crop_size=32", "data.val_crop_size=32",
-            "data.workers=1", "train.batch_size=8", "train.epochs=2", "train.deterministic=true",
-            "train.log_interval=1", "checkpoint.keep_last=5", "schedule.warmup_epochs=0.5", *extra]
+    return train_args(root, out, "train.epochs=2", "train.deterministic=true", "checkpoint.keep_last=5",
+                      "schedule.warmup_epochs=0.5", *extra)
 
 
 def run_train(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=600, **kwargs)
+    return run_script(args, expect=None, **kwargs)
 
 
 def final_weights(out: Path) -> dict:
@@ -100,6 +97,7 @@ def test_truncated_checkpoint_falls_back_to_previous(image_root, tmp_path):
     result = run_train([*args[:-2], "train.epochs=2", args[-1]])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "unreadable" in result.stdout and "resuming from" in result.stdout
+    assert [r["epoch"] for r in metrics(tmp_path)] == [1, 2]
 
 
 def test_checkpoint_of_another_architecture_is_refused(image_root, tmp_path):
@@ -112,8 +110,8 @@ def test_checkpoint_of_another_architecture_is_refused(image_root, tmp_path):
 
 @pytest.mark.dist
 def test_elastic_restart_after_a_worker_is_killed(image_root, tmp_path, tmp_path_factory):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    launcher = [*TORCHRUN, "--standalone", "--nproc-per-node=2"]
+    env = script_env()
     reference_out = tmp_path_factory.mktemp("ddp_reference")
     done = subprocess.run([*launcher, *tiny_args(image_root, reference_out)], capture_output=True, text=True,
                           cwd=ROOT, timeout=600, env=env)
@@ -135,12 +133,8 @@ def test_elastic_restart_after_a_worker_is_killed(image_root, tmp_path, tmp_path
 def test_resume_at_epoch_boundary_with_more_processes(image_root, tmp_path):
     one = run_train(tiny_args(image_root, tmp_path, "train.epochs=1"))
     assert one.returncode == 0, one.stdout + one.stderr
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    two = subprocess.run([*launcher, *tiny_args(image_root, tmp_path)], capture_output=True, text=True, cwd=ROOT,
-                         timeout=600, env=env)
-    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    run_script(tiny_args(image_root, tmp_path), launcher=[*TORCHRUN, "--standalone", "--nproc-per-node=2"])
+    rows = metrics(tmp_path)
     assert [(r["epoch"], r["world_size"]) for r in rows] == [(1, 1), (2, 2)]
     # 48 images: 6 steps of 8 on one process, then 3 steps of 2 x 8
     assert rows[-1]["step"] == 1 * 3 + 3

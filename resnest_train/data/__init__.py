@@ -1,29 +1,75 @@
-"""Data loaders from config: `build_train_loader` / `build_val_loader` pick the backend (dali,
-torchvision, synthetic); every loader yields (images, targets) on the training device and has `len()`."""
+"""The data contract: one `Loader` protocol, implemented by the DALI, torchvision and synthetic backends.
+
+The runner and the evaluator see only this module: a `DataPlan` (plan.py) resolved once, the dataset index
+loaded by one protocol (rank 0 reads or scans it, every other rank receives rank 0's copy), and loaders
+built from them. Which backend runs is the plan's business, never the loop's.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Protocol
+
 import torch
 
-from resnest_train.config import Config
 from resnest_train.data.index import DatasetError, DatasetIndex, load_index, warn_skipped
-from resnest_train.data.synthetic import build_synthetic
-from resnest_train.distributed import DistInfo
+from resnest_train.data.plan import DataPlan, build_data_plan, resize_size
+from resnest_train.distributed import DistInfo, broadcast_object
 
-__all__ = ["build_train_loader", "build_val_loader", "load_index", "warn_skipped", "DatasetError",
-           "DatasetIndex", "dali_device"]
+__all__ = ["Loader", "DataPlan", "DatasetError", "DatasetIndex", "build_data_plan", "build_train_loader",
+           "build_val_loader", "load_dataset_index", "resize_size"]
 
-
-def dali_device(setting: str, device: torch.device) -> str:
-    """`auto`: decode on the GPU (nvJPEG) when training there, else on the CPU."""
-    if setting == "gpu" and device.type != "cuda":
-        raise DatasetError("data.dali_device=gpu needs CUDA, which is not available here")
-    if setting == "auto":
-        return "gpu" if device.type == "cuda" else "cpu"
-    return setting
+# Rank 0 may scan a large dataset while the others wait; this wait must not hit the process group's
+# timeout (the broadcast runs in its own group with this one).
+INDEX_TIMEOUT = timedelta(hours=4)
 
 
-def _import_dali():
+class Loader(Protocol):
+    """What every backend gives the loop.
+
+    - iterating yields `(images, targets)` on the training device, images in the model's memory format
+      (`plan.memory_format`), targets int64; one pass yields the rest of the current epoch (all of it, or
+      what remains after the position the loader was built from), then stops, ready for the next epoch;
+    - `len()` is the number of batches in a whole epoch, equal on every rank (DDP needs the same number of
+      steps everywhere);
+    - `set_epoch(epoch)` is called before each epoch (shuffles that depend on the epoch use it);
+    - `state()` is a plain dict with the position reached (and the RNG where the backend owns one); a
+      loader built with `state=` continues exactly from there;
+    - `delivered`: after a validation pass, the positions in the shard of the images it yielded, in order
+      (an undecodable image is dropped and named, never replaced).
+    """
+
+    delivered: list[int]
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def state(self) -> dict: ...
+
+
+def load_dataset_index(plan: DataPlan, dist: DistInfo) -> DatasetIndex | None:
+    """Rank 0 loads the index (its cache, or a scan) and sends it to every rank, errors included: all ranks
+    train on one file list even when their nodes hold different copies of the data (or none)."""
+    if plan.backend == "synthetic":
+        return None
+    index, error = None, None
+    if dist.is_main:
+        try:
+            index = load_index(plan.root)
+            warn_skipped(index)
+        except DatasetError as exc:
+            error = str(exc)
+    index, error = broadcast_object((index, error), dist, timeout=INDEX_TIMEOUT)
+    if error:
+        raise DatasetError(error)
+    return index
+
+
+def _dali():
     try:
         from resnest_train.data import dali
     except ImportError as exc:
@@ -32,35 +78,28 @@ def _import_dali():
     return dali
 
 
-def build_train_loader(config: Config, dist: DistInfo, index: DatasetIndex | None, state=None):
-    """`state`: what the loader's `state()` returned when the checkpoint was taken (resume position)."""
-    data, train = config.data, config.train
-    common = dict(batch_size=train.batch_size, channels_last=train.channels_last)
-    if data.backend == "synthetic":
-        return build_synthetic(data, split="train", world_size=dist.world_size, image_size=data.crop_size,
-                               num_classes=config.model.num_classes, device=dist.device,
-                               seed=train.seed + dist.rank, state=state, **common)
-    if data.backend == "dali":
-        return _import_dali().build_dali_train(
-            index, data, rank=dist.rank, world_size=dist.world_size, seed=train.seed,
-            device=dali_device(data.dali_device, dist.device), state=state, **common)
+def build_train_loader(plan: DataPlan, index: DatasetIndex | None, *, batch_size: int,
+                       state: dict | None = None) -> Loader:
+    """`state`: what the loader's `state()` returned when the checkpoint was taken (None: a fresh start)."""
+    if plan.backend == "synthetic":
+        from resnest_train.data.synthetic import build_synthetic_train
+        return build_synthetic_train(plan, batch_size=batch_size, state=state)
+    if len(index.train) < batch_size * plan.world_size:
+        raise DatasetError(f"train.batch_size={batch_size} x {plan.world_size} processes is larger than the "
+                           f"{len(index.train)} training images in {plan.root}: no full batch per epoch")
+    if plan.backend == "dali":
+        return _dali().build_dali_train(plan, index.train, batch_size=batch_size, state=state)
     from resnest_train.data.torchvision import build_torch_train
-    return build_torch_train(index, data, rank=dist.rank, world_size=dist.world_size, seed=train.seed,
-                             device=dist.device, state=state, **common)
+    return build_torch_train(plan, index.train, batch_size=batch_size, state=state)
 
 
-def build_val_loader(config: Config, dist: DistInfo, index: DatasetIndex | None, crop_size: int,
-                     resize_size: int, batch_size: int | None = None):
-    data = config.data
-    common = dict(batch_size=batch_size or config.train.batch_size, channels_last=config.train.channels_last)
-    if data.backend == "synthetic":
-        return build_synthetic(data, split="val", world_size=dist.world_size, image_size=crop_size,
-                               num_classes=config.model.num_classes, device=dist.device,
-                               seed=config.train.seed + 7919, **common)
-    if data.backend == "dali":
-        return _import_dali().build_dali_val(
-            index, data, rank=dist.rank, world_size=dist.world_size, crop_size=crop_size, resize_size=resize_size,
-            device=dali_device(data.dali_device, dist.device), **common)
+def build_val_loader(plan: DataPlan, index: DatasetIndex | None, *, batch_size: int) -> Loader:
+    """This rank's shard of the validation list at `plan.val_crop_size` / `plan.val_resize_size`."""
+    if plan.backend == "synthetic":
+        from resnest_train.data.synthetic import build_synthetic_val
+        return build_synthetic_val(plan, batch_size=batch_size)
+    shard = plan.shard(index.val)
+    if plan.backend == "dali":
+        return _dali().build_dali_val(plan, shard, batch_size=batch_size)
     from resnest_train.data.torchvision import build_torch_val
-    return build_torch_val(index, data, rank=dist.rank, world_size=dist.world_size, device=dist.device,
-                           crop_size=crop_size, resize_size=resize_size, **common)
+    return build_torch_val(plan, shard, batch_size=batch_size)

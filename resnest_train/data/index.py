@@ -1,10 +1,12 @@
-"""The dataset index: one validated scan of `root/train` and `root/val`, cached for every rank.
+"""The dataset index: one validated scan of `root/train` and `root/val`, cached and updated file by file.
 
 ImageFolder layout; the class index is the sorted list of train folder names and val must use the same
 classes. Each image is checked cheaply (size, JPEG/PNG header and end marker) because a bad file kills a
-DALI pipeline with an error that does not name it. Bad files are skipped and named in one warning; non-image
-files are ignored. The result is cached next to the data (or in ~/.cache when the data is read-only) under
-a fingerprint of the folders' mtimes, so a large dataset is walked once, not once per process.
+DALI pipeline with an error that does not name it. Bad files (and directories or broken links named like
+images) are skipped and named in one warning; other files are ignored. The scan is I/O bound, so folders
+are listed and files checked by a thread pool. The cache (next to the data, or in ~/.cache when the data
+is read-only) keeps each file's size, mtime and verdict: a rerun re-checks only files that changed, and an
+in-place overwrite (same folder mtime) is seen because the file's own size or mtime changed.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import hashlib
 import json
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +26,8 @@ from resnest_train.errors import UserError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+SCAN_THREADS = 32  # I/O bound: enough requests in flight for NFS and local disks alike (BENCHMARKS.md)
 
 
 class DatasetError(UserError):
@@ -39,14 +42,11 @@ class DatasetIndex:
     val: list[tuple[str, int]]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
-    def files(self, split: str) -> list[tuple[str, int]]:
-        return self.train if split == "train" else self.val
 
-
-def check_image(path: Path) -> str | None:
+def check_image(path: Path, size: int | None = None) -> str | None:
     """Return why `path` is not a usable image, or None. Reads only its first and last bytes."""
     try:
-        size = path.stat().st_size
+        size = path.stat().st_size if size is None else size
         if size == 0:
             return "empty file"
         with path.open("rb") as handle:
@@ -63,29 +63,20 @@ def check_image(path: Path) -> str | None:
     return "not a JPEG or PNG image"
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
-def _scan_split(root: Path, split: str, classes: list[str], skipped: list) -> list[tuple[str, int]]:
-    samples = []
-    for label, name in enumerate(classes):
-        folder = root / split / name
-        if not folder.is_dir():
+def _list_folder(folder: Path) -> list[tuple[str, int, int, str | None]]:
+    """(name, size, mtime_ns, reason) of every entry named like an image; reason set for non-files."""
+    entries = []
+    for entry in os.scandir(folder):
+        if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
             continue
-        good = 0
-        for path in _image_files(folder):
-            reason = check_image(path)
-            if reason:
-                skipped.append((str(path), reason))
-                continue
-            samples.append((str(path.relative_to(root)), label))
-            good += 1
-        if good == 0 and split == "train":
-            raise DatasetError(f"class folder {folder} has no usable images")
-    if not samples:
-        raise DatasetError(f"no images in {root / split}")
-    return samples
+        try:
+            stat = entry.stat()
+        except OSError:
+            entries.append((entry.name, -1, -1, "broken symbolic link"))
+            continue
+        reason = None if entry.is_file() else "a directory, not an image file"
+        entries.append((entry.name, stat.st_size, stat.st_mtime_ns, reason))
+    return sorted(entries)
 
 
 def _class_folders(folder: Path) -> list[str]:
@@ -94,34 +85,74 @@ def _class_folders(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def scan(root: str | Path) -> DatasetIndex:
-    root = Path(root)
-    if not root.is_dir():
+def _flat_images(folder: Path) -> bool:
+    return any(os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS for name in os.listdir(folder))
+
+
+def _check_layout(root: Path) -> list[str]:
+    if not root.exists():
         raise DatasetError(f"data.root not found: {root}")
+    if not root.is_dir():
+        raise DatasetError(f"data.root is a file, not a folder: {root}")
     classes = _class_folders(root / "train")
     if not classes:
         raise DatasetError(f"no class folders in {root / 'train'}")
-    extra = sorted(set(_class_folders(root / "val")) - set(classes))
+    val_classes = _class_folders(root / "val")
+    if not val_classes and _flat_images(root / "val"):
+        raise DatasetError(f"{root / 'val'} holds images but no class folders (the raw ImageNet layout): "
+                           "sort it with scripts/prepare_imagenet.py")
+    extra = sorted(set(val_classes) - set(classes))
     if extra:
         raise DatasetError(f"val classes missing from train in {root}: {', '.join(extra[:5])}")
-    skipped: list[tuple[str, str]] = []
-    train = _scan_split(root, "train", classes, skipped)
-    val = _scan_split(root, "val", classes, skipped)
-    return DatasetIndex(str(root), classes, train, val, skipped)
+    return classes
 
 
-def fingerprint(root: Path) -> str:
-    """Changes when a file is added, removed or renamed in any class folder (their mtimes change)."""
-    digest = hashlib.sha1(str(root.resolve()).encode())
-    for split in ("train", "val"):
-        top = root / split
-        if not top.is_dir():
-            continue
-        for entry in sorted(os.scandir(top), key=lambda e: e.name):
-            if entry.is_dir():
-                digest.update(f"{split}/{entry.name}:{entry.stat().st_mtime_ns}".encode())
-        digest.update(f"{split}:{top.stat().st_mtime_ns}".encode())
-    return digest.hexdigest()
+def scan(root: str | Path) -> DatasetIndex:
+    """Index `root` from scratch (no cache)."""
+    return scan_files(root)[0]
+
+
+def scan_files(root: str | Path, previous: dict | None = None,
+               threads: int = SCAN_THREADS) -> tuple[DatasetIndex, dict]:
+    """Index `root`; `previous` maps relative path -> [size, mtime_ns, reason] from an earlier scan, whose
+    verdicts are reused for unchanged files. Returns the index and the new per-file table."""
+    root = Path(root)
+    classes = _check_layout(root)
+    folders = [(split, label, name) for split in ("train", "val") for label, name in enumerate(classes)
+               if (root / split / name).is_dir()]
+    previous = previous or {}
+    with ThreadPoolExecutor(threads) as pool:
+        listings = list(pool.map(lambda f: _list_folder(root / f[0] / f[2]), folders))
+        files = [(f"{split}/{name}/{entry[0]}", label, *entry[1:])
+                 for (split, label, name), listing in zip(folders, listings) for entry in listing]
+
+        def verdict(item):
+            rel, _, size, mtime, reason = item
+            if reason is not None:
+                return reason
+            known = previous.get(rel)
+            if known is not None and known[0] == size and known[1] == mtime:
+                return known[2]
+            return check_image(root / rel, size)
+        reasons = list(pool.map(verdict, files, chunksize=256))
+    table = {rel: [size, mtime, reason] for (rel, _, size, mtime, _), reason in zip(files, reasons)}
+    skipped = [(str(root / rel), reason) for (rel, *_), reason in zip(files, reasons) if reason]
+    splits = {"train": [], "val": []}
+    for (rel, label, *_), reason in zip(files, reasons):
+        if not reason:
+            splits[rel.split("/", 1)[0]].append((rel, label))
+    _check_splits(root, classes, splits)
+    return DatasetIndex(str(root), classes, splits["train"], splits["val"], skipped), table
+
+
+def _check_splits(root: Path, classes: list[str], splits: dict) -> None:
+    used = {label for _, label in splits["train"]}
+    empty = [name for label, name in enumerate(classes) if label not in used]
+    if empty:
+        raise DatasetError(f"class folder {root / 'train' / empty[0]} has no usable images")
+    for split, samples in splits.items():
+        if not samples:
+            raise DatasetError(f"no images in {root / split}")
 
 
 def _cache_paths(root: Path) -> list[Path]:
@@ -129,43 +160,40 @@ def _cache_paths(root: Path) -> list[Path]:
     return [root / ".resnest_index.json", Path.home() / ".cache" / "resnest_train" / f"index-{key}.json"]
 
 
-def _read_cache(root: Path, stamp: str) -> DatasetIndex | None:
+def _read_cache(root: Path) -> dict:
     for path in _cache_paths(root):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if data.get("version") == CACHE_VERSION and data.get("fingerprint") == stamp:
-            return DatasetIndex(str(root), data["classes"], [tuple(s) for s in data["train"]],
-                                [tuple(s) for s in data["val"]], [tuple(s) for s in data["skipped"]])
-    return None
+        if data.get("version") == CACHE_VERSION and isinstance(data.get("files"), dict):
+            return data["files"]
+    return {}
 
 
-def _write_cache(index: DatasetIndex, stamp: str) -> None:
-    data = {"version": CACHE_VERSION, "fingerprint": stamp, "classes": index.classes, "train": index.train,
-            "val": index.val, "skipped": index.skipped}
-    for path in _cache_paths(Path(index.root)):
+def _write_cache(root: Path, table: dict) -> None:
+    text = json.dumps({"version": CACHE_VERSION, "files": table})
+    for path in _cache_paths(root):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data))
-            os.replace(tmp, path)
+            try:
+                tmp.write_text(text)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
             return
         except OSError:
             continue
 
 
 def load_index(root: str | Path, *, write_cache: bool = True) -> DatasetIndex:
-    """The index of `root`, from the cache when the folders have not changed since it was written."""
+    """The index of `root`: every file listed, only new or changed files checked again."""
     root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"data.root not found: {root}")
-    stamp = fingerprint(root)
-    index = _read_cache(root, stamp)
-    if index is None:
-        index = scan(root)
-        if write_cache:
-            _write_cache(index, stamp)
+    previous = _read_cache(root) if root.is_dir() else {}
+    index, table = scan_files(root, previous)
+    if write_cache and table != previous:
+        _write_cache(root, table)
     return index
 
 

@@ -1,29 +1,44 @@
-"""The torchvision pipeline: the DALI pipeline's semantics with torchvision transforms and a DataLoader.
+"""The torchvision backend: the DALI pipeline's semantics with torchvision transforms and a DataLoader.
 
 Used where DALI is unavailable, and as the reference the DALI path is compared with. Training shards with a
-`DistributedSampler` (`drop_last`, so every rank takes the same number of batches); validation gives each
-rank its own slice `files[rank::world]` with no padding, so every image is counted exactly once. An image
-that cannot be decoded (broken inside despite a valid header and end) is skipped and named in the log.
+`DistributedSampler` (`drop_last`, so every rank takes the same number of batches); validation reads this
+rank's shard of the list with no padding. An image that cannot be decoded (broken inside despite a valid
+header and end, over PIL's decompression-bomb limit, deleted since the scan) is dropped from its batch and
+named in the log, never replaced by another image: evaluation counts each decodable image exactly once.
+Workers ignore the stop signals, which the main process turns into a checkpoint (runner.py): a signal to
+the whole process group (systemd, `scancel`, GNU `timeout`, Ctrl-C) must not kill them first.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision import transforms as T
 
+from resnest_train.data.plan import DataPlan
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Lighting
 
 log = logging.getLogger(__name__)
 
-_INTERP = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit greyscale PNGs (PIL modes I;16 / I) are scaled to 8 bits first: `convert("RGB")`
+    clips them to white; DALI's decoder scales them."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda value: value / 256).convert("L")
+    return image.convert("RGB")
 
 
 class ImageListDataset(Dataset):
+    """(image, label, position) for each (path, label); None where the image cannot be decoded."""
+
     def __init__(self, root: str, samples: list[tuple[str, int]], transform):
         self.root = Path(root)
         self.samples = samples
@@ -33,36 +48,47 @@ class ImageListDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, item: int):
-        # Try the following images when one cannot be decoded, so a bad file costs one sample, not the run.
-        for offset in range(len(self.samples)):
-            path, label = self.samples[(item + offset) % len(self.samples)]
-            try:
-                with Image.open(self.root / path) as image:
-                    return self.transform(image.convert("RGB")), label
-            except (OSError, ValueError) as exc:
-                log.warning("skipping undecodable image %s: %s", self.root / path, exc)
-        raise RuntimeError(f"no decodable image in {self.root}")
+        path, label = self.samples[item]
+        try:
+            with Image.open(self.root / path) as image:
+                return self.transform(to_rgb(image)), label, item
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            log.warning("skipping undecodable image %s: %s", self.root / path, exc)
+            return None
 
 
-def train_transform(data_cfg) -> T.Compose:
-    steps = [T.RandomResizedCrop(data_cfg.crop_size, scale=tuple(data_cfg.rrc_scale),
-                                 interpolation=_INTERP[data_cfg.interpolation])]
-    if data_cfg.hflip:
+def collate_decodable(batch: list):
+    """Drop the images that failed; keep the batch even when it was (batch mixup pairs images)."""
+    good = [sample for sample in batch if sample is not None]
+    if len(good) < len(batch) and len(batch) % 2 == 0 and len(good) % 2:
+        good = good[:-1]
+    return default_collate(good) if good else None
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def train_transform(plan: DataPlan) -> T.Compose:
+    interpolation = T.InterpolationMode(plan.interpolation)
+    crop = [T.RandomResizedCrop(plan.crop_size, scale=tuple(plan.rrc_scale), interpolation=interpolation)]
+    augment = [T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)] if plan.autoaugment != "none" else []
+    steps = augment + crop if plan.autoaugment_on == "image" else crop + augment
+    if plan.hflip:
         steps.append(T.RandomHorizontalFlip())
-    if data_cfg.autoaugment == "imagenet":
-        steps.append(T.AutoAugment(T.AutoAugmentPolicy.IMAGENET))
-    if data_cfg.color_jitter > 0:
-        steps.append(T.ColorJitter(data_cfg.color_jitter, data_cfg.color_jitter, data_cfg.color_jitter))
+    if plan.color_jitter > 0:
+        steps.append(T.ColorJitter(plan.color_jitter, plan.color_jitter, plan.color_jitter))
     steps.append(T.ToTensor())
-    if data_cfg.lighting > 0:
-        steps.append(Lighting(data_cfg.lighting))
+    if plan.lighting > 0:
+        steps.append(Lighting(plan.lighting))
     steps.append(T.Normalize(IMAGENET_MEAN, IMAGENET_STD))
     return T.Compose(steps)
 
 
 def val_transform(crop_size: int, resize_size: int, interpolation: str) -> T.Compose:
-    return T.Compose([T.Resize(resize_size, interpolation=_INTERP[interpolation]), T.CenterCrop(crop_size),
-                      T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose([T.Resize(resize_size, interpolation=T.InterpolationMode(interpolation)),
+                      T.CenterCrop(crop_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 class ResumableSampler(DistributedSampler):
@@ -79,14 +105,14 @@ class ResumableSampler(DistributedSampler):
 
 
 class TorchLoader:
-    """Moves batches to the device (and channels_last); exposes `set_epoch` for the sampler's shuffle."""
+    """The `Loader` over a DataLoader: batches moved to the device in the model's memory format."""
 
-    def __init__(self, loader: DataLoader, device: torch.device, channels_last: bool):
+    def __init__(self, loader: DataLoader, plan: DataPlan, *, epoch: int = 0, position: int = 0):
         self.loader = loader
-        self.device = device
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.epoch = 0
-        self.position = 0  # batches consumed in the current epoch
+        self.plan = plan
+        self.epoch = epoch
+        self.position = position  # batches consumed in the current epoch
+        self.delivered: list[int] = []  # positions in the sample list of the images yielded (evaluation)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -97,37 +123,41 @@ class TorchLoader:
             self.loader.sampler.set_epoch(epoch)
 
     def __iter__(self):
-        for images, targets in self.loader:
+        self.delivered = []
+        for batch in self.loader:
             self.position += 1
-            images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-            yield images, targets.to(self.device, non_blocking=True)
+            if batch is None:  # every image of the batch failed to decode (named in the log)
+                continue
+            images, targets, positions = batch
+            self.delivered.extend(positions.tolist())
+            images = images.to(self.plan.device, non_blocking=True).contiguous(memory_format=self.plan.memory_format)
+            yield images, targets.to(self.plan.device, non_blocking=True)
         self.position = 0
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 
 
-def _loader_kwargs(workers: int, device: torch.device) -> dict:
-    return dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+def _data_loader(dataset, plan: DataPlan, **kwargs) -> DataLoader:
+    return DataLoader(dataset, num_workers=plan.workers, pin_memory=plan.device.type == "cuda",
+                      persistent_workers=plan.workers > 0, collate_fn=collate_decodable,
+                      worker_init_fn=ignore_stop_signals, **kwargs)
 
 
-def build_torch_train(index, data_cfg, *, batch_size: int, rank: int, world_size: int, seed: int,
-                      device: torch.device, channels_last: bool, state: dict | None = None) -> TorchLoader:
-    dataset = ImageListDataset(index.root, index.train, train_transform(data_cfg))
+def build_torch_train(plan: DataPlan, samples: list[tuple[str, int]], *, batch_size: int,
+                      state: dict | None = None) -> TorchLoader:
+    dataset = ImageListDataset(plan.root, samples, train_transform(plan))
     position = (state or {}).get("position", 0)
-    sampler = ResumableSampler(dataset, start=position * batch_size, num_replicas=world_size, rank=rank,
-                               shuffle=True, seed=seed, drop_last=True)
-    generator = torch.Generator().manual_seed(seed * 1000 + rank)  # workers' augmentation seeds per rank
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, generator=generator,
-                        **_loader_kwargs(data_cfg.workers, device))
-    train_loader = TorchLoader(loader, device, channels_last)
-    train_loader.position = position
-    return train_loader
+    sampler = ResumableSampler(dataset, start=position * batch_size, num_replicas=plan.world_size, rank=plan.rank,
+                               shuffle=True, seed=plan.seed, drop_last=True)
+    generator = torch.Generator().manual_seed(plan.seed * 1000 + plan.rank)  # workers' augmentation seeds
+    loader = _data_loader(dataset, plan, batch_size=batch_size, sampler=sampler, drop_last=True,
+                          generator=generator)
+    return TorchLoader(loader, plan, epoch=(state or {}).get("epoch", 0), position=position)
 
 
-def build_torch_val(index, data_cfg, *, batch_size: int, rank: int, world_size: int, device: torch.device,
-                    crop_size: int, resize_size: int, channels_last: bool) -> TorchLoader:
-    dataset = ImageListDataset(index.root, index.val[rank::world_size],
-                               val_transform(crop_size, resize_size, data_cfg.interpolation))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, **_loader_kwargs(data_cfg.workers, device))
-    return TorchLoader(loader, device, channels_last)
+def build_torch_val(plan: DataPlan, shard: list[tuple[str, int]], *, batch_size: int) -> TorchLoader:
+    transform = val_transform(plan.val_crop_size, plan.val_resize_size, plan.interpolation)
+    loader = _data_loader(ImageListDataset(plan.root, shard, transform), plan, batch_size=batch_size,
+                          shuffle=False)
+    return TorchLoader(loader, plan)

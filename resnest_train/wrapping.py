@@ -1,5 +1,6 @@
-"""The model as the trainer runs it: built from config, pretrained weights, SyncBN, device, memory format,
-DDP and torch.compile; `unwrap` gives back the plain module whose state dict has no wrapper prefixes."""
+"""The model as the trainer and evaluator run it: built from `model.*`, pretrained weights, SyncBN,
+device and memory format, then DDP and torch.compile; `unwrap` gives back the plain module whose state
+dict has no wrapper prefixes."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from resnest_train.config import Config
+from resnest_train.config import ModelConfig
 from resnest_train.distributed import DistInfo
 from resnest_train.errors import UserError
 from resnest_train.models import create_model, load_pretrained
 from resnest_train.models.pretrained import WeightsMismatchError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("resnest_train")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -23,7 +24,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, DistributedDataParallel):
             model = model.module
-        elif hasattr(model, "_orig_mod"):
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
         else:
             return model
@@ -38,23 +39,33 @@ def load_weights(model: nn.Module, path: str, what: str, name: str) -> None:
         raise UserError(f"{what}: {path} does not fit model {name}: {exc}") from None
 
 
-def build_model(config: Config, dist: DistInfo, *, pretrained: bool = True) -> nn.Module:
-    cfg = config.model
+def build_model(cfg: ModelConfig, *, pretrained: bool) -> nn.Module:
+    """The plain model on the CPU; `pretrained`: load `model.pretrained` (not when resuming a run)."""
     model = create_model(cfg.name, num_classes=cfg.num_classes, dropout=cfg.dropout,
                          zero_init_last_bn=cfg.zero_init_last_bn, dropblock_prob=cfg.dropblock_prob)
     if pretrained and cfg.pretrained:
         load_weights(model, cfg.pretrained, "model.pretrained", cfg.name)
-    if cfg.sync_bn and dist.distributed:
+    return model
+
+
+def place(model: nn.Module, dist: DistInfo, *, channels_last: bool) -> nn.Module:
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return model.to(dist.device, memory_format=memory_format)
+
+
+def wrap_for_training(model: nn.Module, dist: DistInfo, *, sync_bn: bool, compile_model: bool) -> nn.Module:
+    """SyncBN and DDP (whose construction broadcasts rank 0's parameters and buffers), then compile."""
+    if sync_bn and dist.distributed:
         if dist.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:
             # torch's SyncBatchNorm runs on GPUs only; a GPU config tried out on CPU still trains.
             log.warning("model.sync_bn=true has no effect on CPU (torch's SyncBatchNorm needs CUDA): "
                         "batch norm statistics stay per process")
-    memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
-    model = model.to(dist.device, memory_format=memory_format)
     if dist.distributed:
-        model = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    if config.train.compile:
+        # Gradients as views into the buckets: no second copy of them (torch DDP docs).
+        model = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+                                        gradient_as_bucket_view=True)
+    if compile_model:
         model = torch.compile(model)
     return model

@@ -1,4 +1,4 @@
-"""What a run reports: console progress, TensorBoard scalars, `metrics.jsonl`, the resolved `config.yaml`.
+"""What a run reports: console progress, TensorBoard scalars and images, `metrics.jsonl`.
 
 Only global rank 0 writes files and progress lines; other ranks log warnings only (no monkeypatched print).
 Step losses stay on the device and are fetched in one transfer every `train.log_interval` steps, so
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from resnest_train.config import Config, to_yaml
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from resnest_train.distributed import DistInfo
+from resnest_train.schedule import TrainPlan
 
 log = logging.getLogger("resnest_train")
 
@@ -29,34 +29,36 @@ def configure_logging(dist: DistInfo) -> None:
                         format=f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S")
 
 
-class RunLogger:
-    def __init__(self, config: Config, dist: DistInfo, run):
-        self.config = config
-        self.dist = dist
-        self.run = run
-        self.out = Path(config.output_dir)
+def truncate_metrics(output_dir: str | Path, epoch: int) -> None:
+    """Keep the rows of epochs up to `epoch` (the resumed one): a run resumed from an older checkpoint
+    repeats later epochs, which must not appear twice."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("epoch", 0) <= epoch]
+    if len(kept) != len(rows):
+        path.write_text("".join(f"{line}\n" for line in kept))
+
+
+class RunReporter:
+    def __init__(self, output_dir: str | Path, dist: DistInfo, plan: TrainPlan, *, log_interval: int):
+        self.dist, self.plan, self.log_interval = dist, plan, log_interval
+        self.out = Path(output_dir)
         self.writer = None
         if dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
-            self.out.mkdir(parents=True, exist_ok=True)
-            derived = {"lr": run.peak_lr, "global_batch": config.train.batch_size * dist.world_size,
-                       "world_size": dist.world_size, "steps_per_epoch": run.steps_per_epoch}
-            (self.out / "config.yaml").write_text(to_yaml(config, derived))
             self.writer = SummaryWriter(str(self.out / "tb"))
         self._pending: list[tuple[int, torch.Tensor, float]] = []
 
-    def info(self, message: str, *args) -> None:
-        log.info(message, *args)
-
     # ------------------------------------------------------------------------------------------- steps
-    def start_epoch(self, epoch: int, batch: int) -> None:
+    def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.epoch_start = self.interval_start = self.data_start = time.perf_counter()
         self.data_wait = self.interval_wait = 0.0
         self.epoch_images = self.interval_images = 0
         self.loss_sum = torch.zeros((), device=self.dist.device)
         self.loss_count = 0
-        self.first_batch = batch
 
     def data_ready(self) -> None:
         waited = time.perf_counter() - self.data_start
@@ -69,7 +71,7 @@ class RunLogger:
         self.epoch_images += images
         self.interval_images += images
         self._pending.append((step, loss, lr))
-        if step % self.config.train.log_interval == 0 or batch == self.run.steps_per_epoch:
+        if step % self.log_interval == 0 or batch == self.plan.steps_per_epoch:
             self._flush(step, batch)
         self.data_start = time.perf_counter()
 
@@ -83,16 +85,15 @@ class RunLogger:
                 self.writer.add_scalar("train/loss", value, s)
                 self.writer.add_scalar("train/lr", lr, s)
             self.writer.add_scalar("perf/images_per_sec", speed, step)
-        remaining = self.run.total_steps - step
-        eta = remaining * elapsed / max(len(self._pending), 1)
+        eta = max(self.plan.total_steps - step, 0) * elapsed / max(len(self._pending), 1)
         log.info("epoch %d  step %d/%d  loss %.4f  lr %.5f  %.1f img/s  data %.0f%%  eta %s",
-                 self.epoch + 1, batch, self.run.steps_per_epoch, sum(losses) / len(losses), self._pending[-1][2],
+                 self.epoch + 1, batch, self.plan.steps_per_epoch, sum(losses) / len(losses), self._pending[-1][2],
                  speed, 100 * self.interval_wait / elapsed, _duration(eta))
         self._pending.clear()
         self.interval_start, self.interval_wait, self.interval_images = now, 0.0, 0
 
     def image_grid(self, images: torch.Tensor) -> None:
-        """The first training batch as the model sees it (after augmentation and mixup), de-normalised."""
+        """A training batch as the model sees it (after augmentation and mixup), de-normalised."""
         if self.writer is None:
             return
         from torchvision.utils import make_grid
@@ -102,13 +103,12 @@ class RunLogger:
         self.writer.add_image("train/augmented_batch", make_grid((batch * std + mean).clamp(0, 1), nrow=4), 0)
 
     # ------------------------------------------------------------------------------------------- epochs
-    def end_epoch(self) -> dict:
+    def end_epoch(self, step: int, lr: float) -> dict:
         seconds = time.perf_counter() - self.epoch_start
         loss = (self.loss_sum / max(self.loss_count, 1)).item()
-        return {"train_loss": loss, "lr": self.run.optimizer.param_groups[0]["lr"],
-                "images_per_sec": self.epoch_images / max(seconds, 1e-9),
+        return {"train_loss": loss, "lr": lr, "images_per_sec": self.epoch_images / max(seconds, 1e-9),
                 "data_wait_share": self.data_wait / max(seconds, 1e-9), "epoch_seconds": seconds,
-                "world_size": self.dist.world_size, "step": self.run.step}
+                "world_size": self.dist.world_size, "step": step}
 
     def epoch_metrics(self, metrics: dict) -> None:
         if metrics.get("val_top1") is not None:

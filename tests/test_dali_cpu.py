@@ -1,5 +1,5 @@
-"""The torch/numpy ops DALI's CPU pipeline runs on the host: same results as PIL/torchvision, and the CPU
-pipeline that uses them gives the images DALI's own ops (the GPU pipeline's graph) give."""
+"""DALI's CPU path: the torch/numpy/PIL ops a CPU pipeline runs on the host give PIL's/torchvision's
+results, and the CPU graph that uses them gives the images DALI's own ops (the GPU graph's) give."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 
-from resnest_train.config import DataConfig
 from resnest_train.data import dali
-from resnest_train.data.cpu_autoaugment import HostAutoAugment, image_net_policy
-from resnest_train.data.cpu_ops import resize_one, saturate_one
+from resnest_train.data.dali_cpu import HostAutoAugment, image_net_policy, resize_one, saturate_one
 from resnest_train.data.index import load_index
 from resnest_train.data.torchvision import val_transform
+from tests.conftest import make_plan
 
 
 def photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -43,21 +42,21 @@ def test_saturation_matches_torchvision(factor):
     assert np.abs(ours - reference.astype(np.int16)).max() <= 1
 
 
-def _first_batch(root, cfg, host_ops: bool) -> torch.Tensor:
-    index = load_index(root)
-    files, labels = zip(*index.train)
-    with dali._without_equalize_deprecation():
-        pipe = dali._make_train_pipeline(index, cfg, files, labels, batch_size=8, rank=0, world_size=1, seed=5,
-                                         device="cpu", channels_last=False, state=None, host_ops=host_ops)
-    return next(iter(dali.DaliLoader(pipe, drop_last=True, root=index.root, samples=index.train)))[0]
+def _first_batch(root, plan, ops: str) -> torch.Tensor:
+    loader = dali.build_dali_train(plan, load_index(root).train, batch_size=8, ops=ops)
+    return next(iter(loader))[0]
 
 
-def test_cpu_pipeline_matches_dali_ops(image_root):
+def _plan(root, **data):
+    return make_plan(root, seed=5, workers=2, color_jitter=0.0, lighting=0.0, hflip=False, **data)
+
+
+@pytest.mark.parametrize("autoaugment_on", ["crop", "image"])
+def test_cpu_pipeline_matches_dali_ops(image_root, autoaugment_on):
     """Same seed, same crops: the host resize gives the images DALI's resize gives, within filter rounding
-    (a wrong size, layout or channel order would be far off)."""
-    cfg = DataConfig(root=str(image_root), workers=2, crop_size=32, autoaugment="none", color_jitter=0.0,
-                     lighting=0.0, hflip=False)
-    host, native = _first_batch(image_root, cfg, True), _first_batch(image_root, cfg, False)
+    (a wrong size, layout or channel order would be far off); for both crop paths of the graph."""
+    plan = _plan(image_root, autoaugment="none", autoaugment_on=autoaugment_on)
+    host, native = _first_batch(image_root, plan, "auto"), _first_batch(image_root, plan, "dali")
     assert host.shape == native.shape == (8, 3, 32, 32)
     assert (host - native).abs().mean() < 0.02  # normalised units: ~1 grey level
     assert (host - native.flip(-1)).abs().mean() > 0.2  # the check can tell a mirrored image
@@ -87,21 +86,22 @@ def test_autoaugment_applies_the_drawn_sub_policy():
                                       np.asarray(expected))
 
 
-@pytest.mark.parametrize("host_ops", [True, False])
-def test_autoaugment_on_both_pipeline_graphs(image_root, host_ops):
-    """The CPU graph (host ops) and the GPU graph (`nvidia.dali.auto_aug`) both run here and augment."""
-    cfg = lambda aa: DataConfig(root=str(image_root), workers=2, crop_size=32, autoaugment=aa,  # noqa: E731
-                                color_jitter=0.0, lighting=0.0, hflip=False)
-    plain, augmented = _first_batch(image_root, cfg("none"), host_ops), _first_batch(image_root, cfg("imagenet"),
-                                                                                   host_ops)
+@pytest.mark.parametrize("autoaugment_on", ["crop", "image"])
+@pytest.mark.parametrize("ops", ["auto", "dali"])
+def test_autoaugment_on_both_pipeline_graphs(image_root, ops, autoaugment_on):
+    """The CPU graph (host ops) and the GPU graph (`nvidia.dali.auto_aug`) both run here and augment, on the
+    crop or on the whole image before it."""
+    plain = _first_batch(image_root, _plan(image_root, autoaugment="none", autoaugment_on=autoaugment_on), ops)
+    augmented = _first_batch(image_root, _plan(image_root, autoaugment="imagenet", autoaugment_on=autoaugment_on),
+                             ops)
     assert augmented.shape == plain.shape == (8, 3, 32, 32)
     changed = ((augmented - plain).abs().mean(dim=(1, 2, 3)) > 0.05).sum()
     assert 1 <= changed <= 8
 
 
-@pytest.mark.parametrize("host_ops,max_error,mean_error", [(True, 0.02, 0.001), (False, 0.05, 0.01)],
+@pytest.mark.parametrize("ops,max_error,mean_error", [("auto", 0.02, 0.001), ("dali", 0.05, 0.01)],
                          ids=["cpu-graph", "gpu-graph"])
-def test_val_pipeline_is_torchvision(tmp_path, host_ops, max_error, mean_error):
+def test_val_pipeline_is_torchvision(tmp_path, ops, max_error, mean_error):
     """Validation = torchvision's Resize(int) + CenterCrop: pixel for pixel on the CPU graph, to DALI's
     resampling differences on the GPU graph (lossless PNGs of sizes whose margins are odd, 3 mod 4
     included, where centre-crop conventions disagree, and whose longer side rounds up but truncates)."""
@@ -112,9 +112,8 @@ def test_val_pipeline_is_torchvision(tmp_path, host_ops, max_error, mean_error):
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(photo_like(height, width, seed=i)).save(folder / f"{i}.png")
     index = load_index(tmp_path)
-    cfg = DataConfig(root=str(tmp_path), workers=2, crop_size=32, val_crop_size=32)
-    loader = dali.build_dali_val(index, cfg, batch_size=4, rank=0, world_size=1, device="cpu", crop_size=32,
-                                 resize_size=37, channels_last=False, host_ops=host_ops)
+    plan = make_plan(tmp_path, workers=2, val_resize_size=37)
+    loader = dali.build_dali_val(plan, index.val, batch_size=4, ops=ops)
     images, _ = next(iter(loader))
     transform = val_transform(32, 37, "bilinear")
     for image, (path, _) in zip(images, index.val):

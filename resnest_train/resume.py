@@ -1,0 +1,95 @@
+"""One state for every rank: rank 0 reads the checkpoint (no other rank needs the file), decides, and
+sends each rank what it needs.
+
+Deciding per rank from the filesystem is wrong on clusters: node-local output folders or NFS attribute
+caching give ranks different checkpoints or none, and the run silently diverges (or one rank says
+"complete" while the others wait). Here rank 0 alone finds the state; the others receive its summary
+(epoch, step, position, world size, global batch) and so reach the same decisions; the model reaches them
+through DDP's broadcast of rank 0's parameters, the optimizer state by broadcast, and each rank's own RNG
+and data position by scatter. After restoring, all ranks must agree on the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from resnest_train import checkpoint as ckpt
+from resnest_train.distributed import DistInfo, broadcast_object, scatter_object
+from resnest_train.errors import UserError
+
+SUMMARY = ("epoch", "batch", "step", "world_size", "global_batch", "best_top1", "scaler")
+
+
+@dataclass
+class Progress:
+    """Where the run is; the only mutable part of a run."""
+
+    epoch: int = 0
+    batch: int = 0  # batches done in `epoch`
+    step: int = 0
+    best_top1: float = -1.0
+
+
+@dataclass(frozen=True)
+class ResumeSummary:
+    """The part of the resume state every rank receives (the model goes through DDP, not through here)."""
+
+    epoch: int
+    batch: int
+    step: int
+    world_size: int
+    global_batch: int | None
+    best_top1: float
+    scaler: dict = field(default_factory=dict)
+
+
+def share_decision(state: dict | None, error: str | None, dist: DistInfo) -> ResumeSummary | None:
+    """Rank 0's resume summary (or its error, raised on every rank) on all ranks."""
+    summary = None
+    if state is not None:
+        summary = ResumeSummary(**{key: state.get(key) for key in SUMMARY if key in state})
+    summary, error = broadcast_object((summary, error), dist)
+    if error:
+        raise UserError(error)
+    return summary
+
+
+def check_layout(summary: ResumeSummary, *, world_size: int, global_batch: int) -> None:
+    """A DALI reader position restored into another shard layout is undefined, and a sampler position is
+    counted in batches of the old size: refuse both mid-epoch (at an epoch boundary they are re-placed)."""
+    if summary.batch == 0:
+        return
+    if summary.world_size != world_size:
+        raise ckpt.CheckpointError(
+            f"checkpoint at step {summary.step} was taken mid-epoch with world size {summary.world_size}; "
+            f"resume it with the same number of processes (now {world_size})")
+    if summary.global_batch is not None and summary.global_batch != global_batch:
+        raise ckpt.CheckpointError(
+            f"checkpoint at step {summary.step} was taken mid-epoch with a global batch of "
+            f"{summary.global_batch}; resume it with the same train.batch_size x processes (now {global_batch})")
+
+
+def same_layout(summary: ResumeSummary, *, world_size: int, global_batch: int) -> bool:
+    return summary.world_size == world_size and summary.global_batch in (None, global_batch)
+
+
+def rank_states(state: dict | None, summary: ResumeSummary | None, dist: DistInfo, global_batch: int) -> dict:
+    """This rank's RNG and data position, when the layout is the one they were saved in."""
+    if summary is None or not same_layout(summary, world_size=dist.world_size, global_batch=global_batch):
+        return {}
+    return scatter_object(state["ranks"] if dist.is_main else None, dist)
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict | None, dist: DistInfo) -> None:
+    optimizer.load_state_dict(broadcast_object(state["optimizer"] if dist.is_main else None, dist))
+
+
+def check_agreement(step: int, dist: DistInfo) -> None:
+    if not dist.distributed:
+        return
+    steps = [None] * dist.world_size
+    torch.distributed.all_gather_object(steps, step)
+    if len(set(steps)) > 1:
+        raise UserError(f"ranks restored different steps {steps}; the checkpoint state did not reach every rank")

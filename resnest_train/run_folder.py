@@ -1,0 +1,73 @@
+"""Rank 0's work on the run folder before training: check it can be written, lock it, clean what a killed
+save left, find the state to resume, and put the starting weights (checkpoint or pretrained) into the
+model. Errors come back as a string, so that rank 0 can hand them to every rank (resume.share_decision)
+instead of leaving the others waiting."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+from torch import nn
+
+from resnest_train import checkpoint as ckpt
+from resnest_train.config import Config
+from resnest_train.errors import UserError
+from resnest_train.models.pretrained import WeightsMismatchError, check_fit
+from resnest_train.wrapping import load_weights
+
+log = logging.getLogger("resnest_train")
+
+
+def check_writable(folder: Path) -> None:
+    for parent in [folder, *folder.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"output_dir {folder}: {parent} is a file, not a folder")
+        if parent.exists():
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"output_dir {folder} cannot be created: {exc.strerror or exc}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir {folder} is not writable")
+
+
+def _replace_old_run(folder: Path) -> None:
+    """checkpoint.overwrite=true on a fresh run: the old run's checkpoints and metrics go, so that no
+    later resume can mix the two runs."""
+    for path in [*ckpt.checkpoint_dir(folder).glob("*.pt"), folder / "metrics.jsonl"]:
+        log.warning("checkpoint.overwrite=true: removing %s of the previous run", path)
+        path.unlink(missing_ok=True)
+
+
+def _load_start(config: Config, model: nn.Module, state: dict | None) -> None:
+    if state is None:
+        if config.model.pretrained:
+            load_weights(model, config.model.pretrained, "model.pretrained", config.model.name)
+        return
+    try:
+        check_fit(model, state["model"])
+    except WeightsMismatchError as exc:
+        raise ckpt.CheckpointError(
+            f"checkpoint in {config.output_dir} does not fit model {config.model.name}: {exc}; continue that "
+            "run with its own config, or use another output_dir") from None
+    model.load_state_dict(state["model"])
+
+
+def prepare_run_folder(config: Config, model: nn.Module, stack: contextlib.ExitStack) -> tuple[dict | None, str | None]:
+    """(resume state or None, error or None); the lock stays held until `stack` closes."""
+    try:
+        folder = Path(config.output_dir)
+        check_writable(folder)
+        stack.enter_context(ckpt.RunLock(folder))
+        ckpt.remove_stale_temporaries(folder)
+        state = ckpt.find_resume_state(config.checkpoint.resume, folder, overwrite=config.checkpoint.overwrite)
+        if state is None and config.checkpoint.overwrite:
+            _replace_old_run(folder)
+        _load_start(config, model, state)
+        return state, None
+    except UserError as exc:
+        return None, str(exc)
