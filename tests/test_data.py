@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,3 +184,95 @@ def test_torchvision_pipeline_batches_and_resume_position(image_root):
     plan = make_plan(image_root, rank=1, world_size=3)
     val = build_torch_val(plan, plan.shard(index.val), batch_size=8)
     assert sum(len(t) for _, t in val) == math.ceil((20 - 1) / 3)
+
+
+def test_links_and_folders_named_like_images_are_skipped_and_named(image_root, tmp_path):
+    root = tmp_path / "odd"
+    shutil.copytree(image_root, root)
+    (root / "train" / "class_000" / "gone.jpg").symlink_to(root / "nowhere.jpg")
+    (root / "train" / "class_001" / "folder.jpg").mkdir()
+    reasons = {Path(path).name: reason for path, reason in scan(root).skipped}
+    assert reasons == {"gone.jpg": "broken symbolic link", "folder.jpg": "a directory, not an image file"}
+
+
+def test_index_cache_sees_files_overwritten_in_place(image_root, tmp_path):
+    """Overwriting a file keeps its folder's mtime: the cache must look at the file itself."""
+    root = tmp_path / "cached"
+    shutil.copytree(image_root, root)
+    target = root / "train" / "class_000" / "train_000_00001.jpg"
+    good = target.read_bytes()
+    assert load_index(root).skipped == []
+    folder_mtime = target.parent.stat().st_mtime_ns
+    target.write_bytes(good[: len(good) // 2])  # truncated in place
+    os.utime(target.parent, ns=(folder_mtime, folder_mtime))
+    assert [Path(p).name for p, _ in load_index(root).skipped] == [target.name]
+    target.write_bytes(good)  # fixed in place
+    os.utime(target.parent, ns=(folder_mtime, folder_mtime))
+    assert load_index(root).skipped == [] and len(load_index(root).train) == 48
+
+
+@pytest.mark.parametrize("layout,message", [
+    ("file", "data.root is a file, not a folder"),
+    ("flat_val", "holds images but no class folders (the raw ImageNet layout): sort it with "
+                 "scripts/prepare_imagenet.py"),
+])
+def test_dataset_layout_messages(image_root, tmp_path, layout, message):
+    if layout == "file":
+        root = tmp_path / "root.txt"
+        root.write_text("not a folder")
+    else:
+        root = tmp_path / "flat"
+        shutil.copytree(image_root / "train", root / "train")
+        (root / "val").mkdir()
+        shutil.copy(next((image_root / "val" / "class_000").iterdir()), root / "val" / "ILSVRC2012_val_1.JPEG")
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        load_index(root)
+
+
+def _png_dataset(tmp_path, image: Image.Image, name: str = "a.png") -> Path:
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        image.save(tmp_path / split / "a" / name)
+    return tmp_path
+
+
+def test_16_bit_png_and_exif_orientation_agree_across_backends(tmp_path):
+    """16-bit greyscale: scaled to 8 bits (not clipped to white); EXIF orientation: ignored by both, as the
+    reference evaluation (PIL/torchvision) does."""
+    ramp = (np.linspace(0, 65535, 40 * 48).reshape(40, 48)).astype(np.uint16)
+    root = _png_dataset(tmp_path / "grey16", Image.fromarray(ramp, mode="I;16"))
+    rgb = Image.fromarray(photo_array(40, 48))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    for split in ("train", "val"):
+        (tmp_path / "exif" / split / "a").mkdir(parents=True)
+        rgb.save(tmp_path / "exif" / split / "a" / "a.jpg", quality=95, exif=exif)
+    for folder in (root, tmp_path / "exif"):
+        index = load_index(folder)
+        plan = make_plan(folder, val_crop_size=32, val_resize_size=32)
+        dali_images = next(iter(build_dali_val(plan, index.val, batch_size=1)))[0]
+        torch_images = next(iter(build_torch_val(plan, index.val, batch_size=1)))[0]
+        assert (dali_images - torch_images).abs().mean() < 0.05, folder
+    grey = next(iter(build_torch_val(make_plan(root, val_crop_size=32, val_resize_size=32),
+                                     load_index(root).val, batch_size=1)))[0]
+    assert grey.std() > 0.5  # a ramp, not a white image
+
+
+def photo_array(height: int, width: int) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 255 / width, y * 255 / height, 255 - x * 255 / width], -1).astype(np.uint8)
+
+
+def test_torchvision_evaluation_drops_undecodable_images_instead_of_replacing_them(image_root, tmp_path):
+    root = tmp_path / "broken"
+    shutil.copytree(image_root, root)
+    broken = sorted((root / "val" / "class_002").iterdir())[1]
+    data = bytearray(broken.read_bytes())
+    data[300:900] = bytes(600)  # valid header and end marker: passes the index's cheap check
+    broken.write_bytes(bytes(data))
+    index = load_index(root)
+    plan = make_plan(root)
+    loader = build_torch_val(plan, index.val, batch_size=8)
+    seen = sum(len(targets) for _, targets in loader)
+    assert seen == 19 and len(loader.delivered) == 19
+    assert index.val.index((str(broken.relative_to(root)), 2)) not in loader.delivered

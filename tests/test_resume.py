@@ -55,7 +55,8 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> Non
 
 def test_kill_after_mid_epoch_checkpoint_resumes_bit_identical(image_root, tmp_path, reference):
     args = tiny_args(image_root, tmp_path, "checkpoint.interval_steps=2")
-    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=script_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     wait_for(tmp_path / "checkpoints" / "step-000000002.pt", process)
     process.kill()
     process.wait()
@@ -69,7 +70,8 @@ def test_kill_after_mid_epoch_checkpoint_resumes_bit_identical(image_root, tmp_p
 
 def test_sigterm_saves_at_the_step_reached(image_root, tmp_path, reference):
     args = tiny_args(image_root, tmp_path)
-    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT,
                                text=True)
     for line in process.stdout:
         if "step 3/" in line:

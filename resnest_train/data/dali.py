@@ -226,7 +226,7 @@ class DaliLoader:
             raise exc
         bad = find_undecodable(self.plan.root, self.samples)
         named = ", ".join(bad) if bad else f"an image under {self.plan.root} (none failed a full PIL decode)"
-        raise DatasetError(f"cannot decode {named}; remove it (or restore it) and rerun the same command") from None
+        raise DatasetError(f"cannot decode {named}; remove or replace it and rerun the same command") from None
 
     def state(self) -> dict:
         """The reader and augmentation RNG position after the batches consumed so far (DALI checkpoint)."""

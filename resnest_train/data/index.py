@@ -204,6 +204,8 @@ def warn_skipped(index: DatasetIndex) -> None:
 
 
 def _decode_error(path: str) -> str | None:
+    if not os.path.exists(path):
+        return "deleted since the dataset was indexed"
     try:
         with Image.open(path) as image:
             image.load()
@@ -213,9 +215,9 @@ def _decode_error(path: str) -> str | None:
 
 
 def find_undecodable(root: str | Path, samples: list[tuple[str, int]], workers: int | None = None) -> list[str]:
-    """Fully decode every image (in parallel) and return the paths that fail: the slow, thorough check,
-    run only after a decoder has failed on a file that passed the cheap header/end check."""
+    """Fully decode every image (in parallel) and return 'PATH (why)' for those that fail: the slow,
+    thorough check, run only after a decoder has failed on a file that passed the cheap header/end check."""
     paths = [str(Path(root) / path) for path, _ in samples]
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
         reasons = list(pool.map(_decode_error, paths, chunksize=64))
-    return [path for path, reason in zip(paths, reasons) if reason]
+    return [f"{path} ({reason})" for path, reason in zip(paths, reasons) if reason]
