@@ -4,7 +4,8 @@ One trunk class serves every model of the zoo: the block type and its options (r
 bottleneck width, avd, SE) are passed in; the stem (deep 3x3 or 7x7) and the shortcut (ResNet-D average
 pool, or strided 1x1 conv) are trunk options. Module names follow timm's `ResNet` so state dicts are
 interchangeable (`conv1.0.weight`, `layer1.0.conv2.fc1.weight`, `fc.weight`, ...); the structure follows
-the official PyTorch port and torchvision's `resnet.py`.
+the official PyTorch port and torchvision's `resnet.py`; DropBlock positions follow the Gluon code that
+trained the released weights (`resnest/gluon/resnet.py`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torchvision.ops import DropBlock2d, drop_block2d
 
+from resnest_train.models.dropblock import DropBlock2d, make_drop_block
 from resnest_train.models.split_attention import SplitAttentionConv2d
 
 NormLayer = Callable[[int], nn.Module]
@@ -36,23 +37,12 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(gate)
 
 
-class OddDropBlock2d(DropBlock2d):
-    """torchvision's DropBlock, with the block shrunk to an odd size on maps smaller than it (torchvision
-    raises on a 2x2 map, which small-image runs reach in stage 4)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        block_size = min(self.block_size, x.shape[-1], x.shape[-2])
-        block_size -= 1 - block_size % 2
-        return drop_block2d(x, self.p, block_size, self.inplace, self.eps, self.training)
-
-
-def make_drop_block(prob: float) -> nn.Module | None:
-    """DropBlock (block 3, as the reference) or None; its `p` is ramped by `ResNeSt.set_dropblock_prob`."""
-    return OddDropBlock2d(prob, block_size=3) if prob > 0 else None
-
-
 class ResNeStBottleneck(nn.Module):
-    """1x1 -> split-attention 3x3 (or plain 3x3 when radix == 0) -> 1x1, with avd and optional SE."""
+    """1x1 -> split-attention 3x3 (or plain 3x3 when radix == 0) -> 1x1, with avd and optional SE.
+
+    DropBlock sits where the Gluon code has it: after bn1, after the whole split-attention output (after
+    bn2 for radix 0) and after bn3, each with its own mask. Before or after the ReLU is the same thing, as
+    the mask and its scale are non-negative."""
 
     expansion = 4
 
@@ -80,27 +70,25 @@ class ResNeStBottleneck(nn.Module):
         conv_stride = 1 if avd_stride else stride
         self.conv1 = nn.Conv2d(inplanes, group_width, 1, bias=False)
         self.bn1 = norm_layer(group_width)
-        self.drop1 = make_drop_block(dropblock_prob) or nn.Identity()
+        self.drop1 = make_drop_block(dropblock_prob)
         self.act1 = nn.ReLU(inplace=True)
         self.avd_first = nn.AvgPool2d(3, avd_stride, padding=1) if avd_stride and avd_first else None
         if radix >= 1:
             self.conv2 = SplitAttentionConv2d(
                 group_width, group_width, kernel_size=3, stride=conv_stride, padding=dilation,
-                dilation=dilation, cardinality=cardinality, radix=radix, norm_layer=norm_layer,
-                drop_layer=make_drop_block(dropblock_prob))
+                dilation=dilation, cardinality=cardinality, radix=radix, norm_layer=norm_layer)
             self.bn2 = nn.Identity()
-            self.drop2 = nn.Identity()
             self.act2 = nn.Identity()
         else:
             self.conv2 = nn.Conv2d(group_width, group_width, 3, conv_stride, padding=dilation,
                                    dilation=dilation, groups=cardinality, bias=False)
             self.bn2 = norm_layer(group_width)
-            self.drop2 = make_drop_block(dropblock_prob) or nn.Identity()
             self.act2 = nn.ReLU(inplace=True)
+        self.drop2 = make_drop_block(dropblock_prob)
         self.avd_last = nn.AvgPool2d(3, avd_stride, padding=1) if avd_stride and not avd_first else None
         self.conv3 = nn.Conv2d(group_width, planes * self.expansion, 1, bias=False)
         self.bn3 = norm_layer(planes * self.expansion)
-        self.drop3 = make_drop_block(dropblock_prob) or nn.Identity()
+        self.drop3 = make_drop_block(dropblock_prob)
         self.se = SqueezeExcite(planes * self.expansion) if squeeze_excite else None
         self.act3 = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -216,10 +204,11 @@ class ResNeSt(nn.Module):
                     module.zero_init_last()
 
     def set_dropblock_prob(self, prob: float) -> None:
-        """Set every DropBlock's probability (the trainer ramps it linearly from 0 over training)."""
+        """Set every DropBlock's probability in place (the trainer ramps it linearly from 0 over training);
+        a tensor write, so a compiled model does not recompile for each new value."""
         for module in self.modules():
             if isinstance(module, DropBlock2d):
-                module.p = prob
+                module.set_prob(prob)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))

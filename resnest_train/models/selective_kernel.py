@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnest_train.models.resnest import make_drop_block
+from resnest_train.models.dropblock import make_drop_block
 
 
 class ConvBnAct(nn.Sequential):
@@ -78,7 +78,10 @@ class SelectiveKernelBottleneck(nn.Module):
         self.conv2 = SelectiveKernelConv2d(width, stride=stride, dilation=dilation, groups=cardinality,
                                            norm_layer=norm_layer)
         self.conv3 = ConvBnAct(width, planes * self.expansion, 1, act=False, norm_layer=norm_layer)
-        self.drop3 = make_drop_block(dropblock_prob) or nn.Identity()
+        # DropBlock at the ResNeSt bottleneck's three positions (after the ReLU is the same as before it).
+        self.drop1 = make_drop_block(dropblock_prob)
+        self.drop2 = make_drop_block(dropblock_prob)
+        self.drop3 = make_drop_block(dropblock_prob)
         self.act = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -87,5 +90,6 @@ class SelectiveKernelBottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.drop3(self.conv3(self.conv2(self.conv1(x))))
+        out = self.drop2(self.conv2(self.drop1(self.conv1(x))))
+        out = self.drop3(self.conv3(out))
         return self.act(out + shortcut)

@@ -8,6 +8,9 @@ its output is cardinality-major and `RadixSoftmax` turns it back into radix-majo
 Unlike timm, the forward never calls `.contiguous()`, and under channels_last the splits are channel slices
 combined with element-wise ops, which keep the memory format. That is what keeps channels_last fast (timm's
 version is 2.6x slower in training with it); NCHW uses the broadcast 5-d form, faster there (BENCHMARKS.md).
+
+DropBlock is not applied in here: the bottleneck applies it to this module's output, where the Gluon code of
+the released weights has it (`resnest/gluon/resnet.py`).
 """
 
 from __future__ import annotations
@@ -56,7 +59,6 @@ class SplitAttentionConv2d(nn.Module):
         min_inter_channels: int = 32,
         norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
         act_layer: Callable[..., nn.Module] = nn.ReLU,
-        drop_layer: nn.Module | None = None,
     ):
         super().__init__()
         self.radix = radix
@@ -66,7 +68,6 @@ class SplitAttentionConv2d(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels * radix, kernel_size, stride, padding, dilation,
                               groups=cardinality * radix, bias=False)
         self.bn0 = norm_layer(out_channels * radix)
-        self.drop = drop_layer if drop_layer is not None else nn.Identity()
         self.act0 = act_layer(inplace=True)
         self.fc1 = nn.Conv2d(out_channels, inter_channels, 1, groups=cardinality)
         self.bn1 = norm_layer(inter_channels)
@@ -75,7 +76,7 @@ class SplitAttentionConv2d(nn.Module):
         self.radix_softmax = RadixSoftmax(radix, cardinality)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act0(self.drop(self.bn0(self.conv(x))))  # (B, radix*C, H, W)
+        x = self.act0(self.bn0(self.conv(x)))  # (B, radix*C, H, W)
         if self.radix > 1 and x.is_contiguous():
             return self._combine_nchw(x)
         gap = self._splits_gap(x.sum((2, 3), keepdim=True), x.shape[2] * x.shape[3])
