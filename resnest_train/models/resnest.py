@@ -4,8 +4,8 @@ One trunk class serves every model of the zoo: the block type and its options (r
 bottleneck width, avd, SE) are passed in; the stem (deep 3x3 or 7x7) and the shortcut (ResNet-D average
 pool, or strided 1x1 conv) are trunk options. Module names follow timm's `ResNet` so state dicts are
 interchangeable (`conv1.0.weight`, `layer1.0.conv2.fc1.weight`, `fc.weight`, ...); the structure follows
-the official PyTorch port and torchvision's `resnet.py`; DropBlock positions follow the Gluon code that
-trained the released weights (`resnest/gluon/resnet.py`).
+the official PyTorch port and torchvision's `resnet.py`; DropBlock positions and the initialisation follow
+the Gluon code that trained the released weights (`resnest/gluon/resnet.py`, `scripts/gluon/train.py`).
 """
 
 from __future__ import annotations
@@ -190,10 +190,15 @@ class ResNeSt(nn.Module):
         self.init_weights(zero_init_last_bn)
 
     def init_weights(self, zero_init_last_bn: bool) -> None:
+        """The released weights' initialiser, Gluon's `Xavier(rnd_type='gaussian', factor_type='in',
+        magnitude=2)` (`scripts/gluon/train.py`): N(0, 2 / fan_in), i.e. He-normal on fan_in, on every conv
+        and linear weight, the classifier included; biases 0; norm gamma 1, beta 0."""
         for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         # After every other init, so no later loop undoes it (the official port's bug). Each residual
