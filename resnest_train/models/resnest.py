@@ -59,20 +59,23 @@ class ResNeStBottleneck(nn.Module):
         avd: bool = True,
         avd_first: bool = False,
         dilation: int = 1,
+        is_first: bool = False,
         squeeze_excite: bool = False,
         dropblock_prob: float = 0.0,
         norm_layer: NormLayer = nn.BatchNorm2d,
     ):
         super().__init__()
         group_width = int(planes * (bottleneck_width / 64.0)) * cardinality
-        # avd: the stride moves from the 3x3 conv to a 3x3 average pool (before or after it).
-        avd_stride = stride if avd and stride > 1 else 0
-        conv_stride = 1 if avd_stride else stride
+        # avd: the stride moves from the 3x3 conv to a 3x3 average pool (before or after it). As in the
+        # official port, the first block of stages 2-4 (`is_first`) has the pool even at stride 1, which
+        # only happens in a dilated stage; count_include_pad stays torch's default (True), as there.
+        has_avd = avd and (stride > 1 or is_first)
+        conv_stride = 1 if has_avd else stride
         self.conv1 = nn.Conv2d(inplanes, group_width, 1, bias=False)
         self.bn1 = norm_layer(group_width)
         self.drop1 = make_drop_block(dropblock_prob)
         self.act1 = nn.ReLU(inplace=True)
-        self.avd_first = nn.AvgPool2d(3, avd_stride, padding=1) if avd_stride and avd_first else None
+        self.avd_first = nn.AvgPool2d(3, stride, padding=1) if has_avd and avd_first else None
         if radix >= 1:
             self.conv2 = SplitAttentionConv2d(
                 group_width, group_width, kernel_size=3, stride=conv_stride, padding=dilation,
@@ -85,7 +88,7 @@ class ResNeStBottleneck(nn.Module):
             self.bn2 = norm_layer(group_width)
             self.act2 = nn.ReLU(inplace=True)
         self.drop2 = make_drop_block(dropblock_prob)
-        self.avd_last = nn.AvgPool2d(3, avd_stride, padding=1) if avd_stride and not avd_first else None
+        self.avd_last = nn.AvgPool2d(3, stride, padding=1) if has_avd and not avd_first else None
         self.conv3 = nn.Conv2d(group_width, planes * self.expansion, 1, bias=False)
         self.bn3 = norm_layer(planes * self.expansion)
         self.drop3 = make_drop_block(dropblock_prob)
@@ -130,21 +133,34 @@ def make_stem(stem_width: int, deep_stem: bool, norm_layer: NormLayer) -> tuple[
     return stem, stem_width * 2
 
 
-def make_downsample(inplanes: int, outplanes: int, stride: int, dilation: int, avg_down: bool,
+def make_downsample(inplanes: int, outplanes: int, stride: int, avg_down: bool,
                     norm_layer: NormLayer) -> nn.Module:
-    """Shortcut projection. ResNet-D (`avg_down`): 2x2 average pool then a 1x1 conv, so no activation
-    is skipped by a strided 1x1 (arXiv 1812.01187, fig. 2c)."""
+    """Shortcut projection. ResNet-D (`avg_down`): stride x stride average pool then a 1x1 conv, so no
+    activation is skipped by a strided 1x1 (arXiv 1812.01187, fig. 2c). A dilated stage has stride 1 and
+    no pool: the official port's 1x1 pool there is the identity (a 2x2 one, stride 1, would give H-1)."""
     if not avg_down:
         return nn.Sequential(nn.Conv2d(inplanes, outplanes, 1, stride=stride, bias=False), norm_layer(outplanes))
-    if stride == 1 and dilation == 1:
+    if stride == 1:
         pool: nn.Module = nn.Identity()
     else:
-        pool = nn.AvgPool2d(2, stride if dilation == 1 else 1, ceil_mode=True, count_include_pad=False)
+        pool = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
     return nn.Sequential(pool, nn.Conv2d(inplanes, outplanes, 1, bias=False), norm_layer(outplanes))
 
 
+# (stride, dilation) of the four stages per output stride: the official port's `dilated=True` (8) and
+# `dilation=2` (16) (`resnest/torch/models/resnet.py`): later stages keep their resolution and dilate
+# instead (DeepLab, arXiv 1706.05587).
+STAGE_PLANS = {
+    32: ((1, 1), (2, 1), (2, 1), (2, 1)),
+    16: ((1, 1), (2, 1), (2, 1), (1, 2)),
+    8: ((1, 1), (2, 1), (1, 2), (1, 4)),
+}
+
+
 class ResNeSt(nn.Module):
-    """stem -> maxpool -> four stages of bottlenecks -> global average pool -> dropout -> fc."""
+    """stem -> maxpool -> four stages of bottlenecks -> global average pool -> dropout -> fc.
+
+    `output_stride` 16 or 8 dilates stage 4 (and stage 3) instead of striding, for dense prediction."""
 
     def __init__(
         self,
@@ -155,7 +171,7 @@ class ResNeSt(nn.Module):
         stem_width: int = 64,
         deep_stem: bool = False,
         avg_down: bool = False,
-        dilations: Sequence[int] = (1, 1, 1, 1),
+        output_stride: int = 32,
         dropout: float = 0.0,
         dropblock_prob: float = 0.0,
         zero_init_last_bn: bool = True,
@@ -163,26 +179,32 @@ class ResNeSt(nn.Module):
         **block_kwargs,
     ):
         super().__init__()
+        if output_stride not in STAGE_PLANS:
+            raise ValueError(f"output_stride must be one of {sorted(STAGE_PLANS)}, got {output_stride}")
         self.conv1, inplanes = make_stem(stem_width, deep_stem, norm_layer)
         self.bn1 = norm_layer(inplanes)
         self.act1 = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         expansion = 4  # every block of the zoo is a bottleneck
-        for index, (planes, num_blocks, dilation) in enumerate(zip((64, 128, 256, 512), layers, dilations)):
-            # A dilated stage keeps its resolution (stride 1) instead of halving it (DeepLab-style).
-            stride = 1 if index == 0 or dilation > 1 else 2
+        previous_dilation = 1
+        for index, (planes, num_blocks, (stride, dilation)) in enumerate(
+                zip((64, 128, 256, 512), layers, STAGE_PLANS[output_stride])):
             downsample = None
             if stride != 1 or inplanes != planes * expansion:
-                downsample = make_downsample(inplanes, planes * expansion, stride, dilation, avg_down, norm_layer)
+                downsample = make_downsample(inplanes, planes * expansion, stride, avg_down, norm_layer)
             stage = []
             for block_index in range(num_blocks):
+                first = block_index == 0
                 stage.append(block(
-                    inplanes, planes, stride=stride if block_index == 0 else 1,
-                    downsample=downsample if block_index == 0 else None, dilation=dilation,
+                    inplanes, planes, stride=stride if first else 1, downsample=downsample if first else None,
+                    # The official port: a dilated stage's first block keeps the previous stage's dilation
+                    # (1 in a dilation-2 stage, 2 in a dilation-4 one), with padding = dilation.
+                    dilation=previous_dilation if first else dilation, is_first=first and index > 0,
                     # DropBlock in stages 3 and 4 only, as in the recipe of the released weights.
                     dropblock_prob=dropblock_prob if index >= 2 else 0.0,
                     norm_layer=norm_layer, **block_kwargs))
                 inplanes = planes * expansion
+            previous_dilation = dilation
             self.add_module(f"layer{index + 1}", nn.Sequential(*stage))
         self.num_features = inplanes
         self.drop = nn.Dropout(dropout)

@@ -70,9 +70,10 @@ class SelectiveKernelBottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, *, stride: int = 1, downsample: nn.Module | None = None,
-                 cardinality: int = 32, bottleneck_width: int = 4, dilation: int = 1,
+                 cardinality: int = 32, bottleneck_width: int = 4, dilation: int = 1, is_first: bool = False,
                  dropblock_prob: float = 0.0, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
         super().__init__()
+        del is_first  # the trunk's flag for avd, which SK-Net does not have
         width = int(planes * (bottleneck_width / 64.0)) * cardinality
         self.conv1 = ConvBnAct(inplanes, width, 1, norm_layer=norm_layer)
         self.conv2 = SelectiveKernelConv2d(width, stride=stride, dilation=dilation, groups=cardinality,
