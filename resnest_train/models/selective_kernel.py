@@ -54,10 +54,13 @@ class SelectiveKernelConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         paths = [path(x) for path in self.paths]  # num_paths x (B, C, H, W)
-        gap = sum(path.mean((2, 3), keepdim=True) for path in paths)  # (B, C, 1, 1)
+        dtype = paths[0].dtype
+        # Explicit dtypes: CUDA autocast would otherwise make the mean and softmax fp32 and the weighted sum
+        # full-size fp32 (split_attention.py).
+        gap = sum(path.mean((2, 3), keepdim=True, dtype=dtype) for path in paths)  # (B, C, 1, 1)
         attn = self.attn.fc_select(self.attn.act(self.attn.bn(self.attn.fc_reduce(gap))))
         # (B, M*C, 1, 1) -> (B, M, C, 1, 1): softmax across the M branches of each channel
-        attn = F.softmax(attn.reshape(x.shape[0], self.num_paths, self.channels, 1, 1), dim=1)
+        attn = F.softmax(attn.reshape(x.shape[0], self.num_paths, self.channels, 1, 1), dim=1, dtype=dtype)
         out = paths[0] * attn[:, 0]
         for index in range(1, self.num_paths):
             out = torch.addcmul(out, paths[index], attn[:, index])
