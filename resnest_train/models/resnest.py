@@ -4,7 +4,8 @@ One trunk class serves every model of the zoo: the block type and its options (r
 bottleneck width, avd, SE) are passed in; the stem (deep 3x3 or 7x7) and the shortcut (ResNet-D average
 pool, or strided 1x1 conv) are trunk options. Module names follow timm's `ResNet` so state dicts are
 interchangeable (`conv1.0.weight`, `layer1.0.conv2.fc1.weight`, `fc.weight`, ...); the structure follows
-the official PyTorch port and torchvision's `resnet.py`.
+the official PyTorch port and torchvision's `resnet.py`; DropBlock positions and the initialisation follow
+the Gluon code that trained the released weights (`resnest/gluon/resnet.py`, `scripts/gluon/train.py`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torchvision.ops import DropBlock2d, drop_block2d
 
+from resnest_train.models.dropblock import DropBlock2d, make_drop_block
 from resnest_train.models.split_attention import SplitAttentionConv2d
 
 NormLayer = Callable[[int], nn.Module]
@@ -36,23 +37,12 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(gate)
 
 
-class OddDropBlock2d(DropBlock2d):
-    """torchvision's DropBlock, with the block shrunk to an odd size on maps smaller than it (torchvision
-    raises on a 2x2 map, which small-image runs reach in stage 4)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        block_size = min(self.block_size, x.shape[-1], x.shape[-2])
-        block_size -= 1 - block_size % 2
-        return drop_block2d(x, self.p, block_size, self.inplace, self.eps, self.training)
-
-
-def make_drop_block(prob: float) -> nn.Module | None:
-    """DropBlock (block 3, as the reference) or None; its `p` is ramped by `ResNeSt.set_dropblock_prob`."""
-    return OddDropBlock2d(prob, block_size=3) if prob > 0 else None
-
-
 class ResNeStBottleneck(nn.Module):
-    """1x1 -> split-attention 3x3 (or plain 3x3 when radix == 0) -> 1x1, with avd and optional SE."""
+    """1x1 -> split-attention 3x3 (or plain 3x3 when radix == 0) -> 1x1, with avd and optional SE.
+
+    DropBlock sits where the Gluon code has it: after bn1, after the whole split-attention output (after
+    bn2 for radix 0) and after bn3, each with its own mask. Before or after the ReLU is the same thing, as
+    the mask and its scale are non-negative."""
 
     expansion = 4
 
@@ -69,38 +59,39 @@ class ResNeStBottleneck(nn.Module):
         avd: bool = True,
         avd_first: bool = False,
         dilation: int = 1,
+        is_first: bool = False,
         squeeze_excite: bool = False,
         dropblock_prob: float = 0.0,
         norm_layer: NormLayer = nn.BatchNorm2d,
     ):
         super().__init__()
         group_width = int(planes * (bottleneck_width / 64.0)) * cardinality
-        # avd: the stride moves from the 3x3 conv to a 3x3 average pool (before or after it).
-        avd_stride = stride if avd and stride > 1 else 0
-        conv_stride = 1 if avd_stride else stride
+        # avd: the stride moves from the 3x3 conv to a 3x3 average pool (before or after it). As in the
+        # official port, the first block of stages 2-4 (`is_first`) has the pool even at stride 1, which
+        # only happens in a dilated stage; count_include_pad stays torch's default (True), as there.
+        has_avd = avd and (stride > 1 or is_first)
+        conv_stride = 1 if has_avd else stride
         self.conv1 = nn.Conv2d(inplanes, group_width, 1, bias=False)
         self.bn1 = norm_layer(group_width)
-        self.drop1 = make_drop_block(dropblock_prob) or nn.Identity()
+        self.drop1 = make_drop_block(dropblock_prob)
         self.act1 = nn.ReLU(inplace=True)
-        self.avd_first = nn.AvgPool2d(3, avd_stride, padding=1) if avd_stride and avd_first else None
+        self.avd_first = nn.AvgPool2d(3, stride, padding=1) if has_avd and avd_first else None
         if radix >= 1:
             self.conv2 = SplitAttentionConv2d(
                 group_width, group_width, kernel_size=3, stride=conv_stride, padding=dilation,
-                dilation=dilation, cardinality=cardinality, radix=radix, norm_layer=norm_layer,
-                drop_layer=make_drop_block(dropblock_prob))
+                dilation=dilation, cardinality=cardinality, radix=radix, norm_layer=norm_layer)
             self.bn2 = nn.Identity()
-            self.drop2 = nn.Identity()
             self.act2 = nn.Identity()
         else:
             self.conv2 = nn.Conv2d(group_width, group_width, 3, conv_stride, padding=dilation,
                                    dilation=dilation, groups=cardinality, bias=False)
             self.bn2 = norm_layer(group_width)
-            self.drop2 = make_drop_block(dropblock_prob) or nn.Identity()
             self.act2 = nn.ReLU(inplace=True)
-        self.avd_last = nn.AvgPool2d(3, avd_stride, padding=1) if avd_stride and not avd_first else None
+        self.drop2 = make_drop_block(dropblock_prob)
+        self.avd_last = nn.AvgPool2d(3, stride, padding=1) if has_avd and not avd_first else None
         self.conv3 = nn.Conv2d(group_width, planes * self.expansion, 1, bias=False)
         self.bn3 = norm_layer(planes * self.expansion)
-        self.drop3 = make_drop_block(dropblock_prob) or nn.Identity()
+        self.drop3 = make_drop_block(dropblock_prob)
         self.se = SqueezeExcite(planes * self.expansion) if squeeze_excite else None
         self.act3 = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -142,21 +133,34 @@ def make_stem(stem_width: int, deep_stem: bool, norm_layer: NormLayer) -> tuple[
     return stem, stem_width * 2
 
 
-def make_downsample(inplanes: int, outplanes: int, stride: int, dilation: int, avg_down: bool,
+def make_downsample(inplanes: int, outplanes: int, stride: int, avg_down: bool,
                     norm_layer: NormLayer) -> nn.Module:
-    """Shortcut projection. ResNet-D (`avg_down`): 2x2 average pool then a 1x1 conv, so no activation
-    is skipped by a strided 1x1 (arXiv 1812.01187, fig. 2c)."""
+    """Shortcut projection. ResNet-D (`avg_down`): stride x stride average pool then a 1x1 conv, so no
+    activation is skipped by a strided 1x1 (arXiv 1812.01187, fig. 2c). A dilated stage has stride 1 and
+    no pool: the official port's 1x1 pool there is the identity (a 2x2 one, stride 1, would give H-1)."""
     if not avg_down:
         return nn.Sequential(nn.Conv2d(inplanes, outplanes, 1, stride=stride, bias=False), norm_layer(outplanes))
-    if stride == 1 and dilation == 1:
+    if stride == 1:
         pool: nn.Module = nn.Identity()
     else:
-        pool = nn.AvgPool2d(2, stride if dilation == 1 else 1, ceil_mode=True, count_include_pad=False)
+        pool = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
     return nn.Sequential(pool, nn.Conv2d(inplanes, outplanes, 1, bias=False), norm_layer(outplanes))
 
 
+# (stride, dilation) of the four stages per output stride: the official port's `dilated=True` (8) and
+# `dilation=2` (16) (`resnest/torch/models/resnet.py`): later stages keep their resolution and dilate
+# instead (DeepLab, arXiv 1706.05587).
+STAGE_PLANS = {
+    32: ((1, 1), (2, 1), (2, 1), (2, 1)),
+    16: ((1, 1), (2, 1), (2, 1), (1, 2)),
+    8: ((1, 1), (2, 1), (1, 2), (1, 4)),
+}
+
+
 class ResNeSt(nn.Module):
-    """stem -> maxpool -> four stages of bottlenecks -> global average pool -> dropout -> fc."""
+    """stem -> maxpool -> four stages of bottlenecks -> global average pool -> dropout -> fc.
+
+    `output_stride` 16 or 8 dilates stage 4 (and stage 3) instead of striding, for dense prediction."""
 
     def __init__(
         self,
@@ -167,7 +171,7 @@ class ResNeSt(nn.Module):
         stem_width: int = 64,
         deep_stem: bool = False,
         avg_down: bool = False,
-        dilations: Sequence[int] = (1, 1, 1, 1),
+        output_stride: int = 32,
         dropout: float = 0.0,
         dropblock_prob: float = 0.0,
         zero_init_last_bn: bool = True,
@@ -175,26 +179,32 @@ class ResNeSt(nn.Module):
         **block_kwargs,
     ):
         super().__init__()
+        if output_stride not in STAGE_PLANS:
+            raise ValueError(f"output_stride must be one of {sorted(STAGE_PLANS)}, got {output_stride}")
         self.conv1, inplanes = make_stem(stem_width, deep_stem, norm_layer)
         self.bn1 = norm_layer(inplanes)
         self.act1 = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         expansion = 4  # every block of the zoo is a bottleneck
-        for index, (planes, num_blocks, dilation) in enumerate(zip((64, 128, 256, 512), layers, dilations)):
-            # A dilated stage keeps its resolution (stride 1) instead of halving it (DeepLab-style).
-            stride = 1 if index == 0 or dilation > 1 else 2
+        previous_dilation = 1
+        for index, (planes, num_blocks, (stride, dilation)) in enumerate(
+                zip((64, 128, 256, 512), layers, STAGE_PLANS[output_stride])):
             downsample = None
             if stride != 1 or inplanes != planes * expansion:
-                downsample = make_downsample(inplanes, planes * expansion, stride, dilation, avg_down, norm_layer)
+                downsample = make_downsample(inplanes, planes * expansion, stride, avg_down, norm_layer)
             stage = []
             for block_index in range(num_blocks):
+                first = block_index == 0
                 stage.append(block(
-                    inplanes, planes, stride=stride if block_index == 0 else 1,
-                    downsample=downsample if block_index == 0 else None, dilation=dilation,
+                    inplanes, planes, stride=stride if first else 1, downsample=downsample if first else None,
+                    # The official port: a dilated stage's first block keeps the previous stage's dilation
+                    # (1 in a dilation-2 stage, 2 in a dilation-4 one), with padding = dilation.
+                    dilation=previous_dilation if first else dilation, is_first=first and index > 0,
                     # DropBlock in stages 3 and 4 only, as in the recipe of the released weights.
                     dropblock_prob=dropblock_prob if index >= 2 else 0.0,
                     norm_layer=norm_layer, **block_kwargs))
                 inplanes = planes * expansion
+            previous_dilation = dilation
             self.add_module(f"layer{index + 1}", nn.Sequential(*stage))
         self.num_features = inplanes
         self.drop = nn.Dropout(dropout)
@@ -202,10 +212,15 @@ class ResNeSt(nn.Module):
         self.init_weights(zero_init_last_bn)
 
     def init_weights(self, zero_init_last_bn: bool) -> None:
+        """The released weights' initialiser, Gluon's `Xavier(rnd_type='gaussian', factor_type='in',
+        magnitude=2)` (`scripts/gluon/train.py`): N(0, 2 / fan_in), i.e. He-normal on fan_in, on every conv
+        and linear weight, the classifier included; biases 0; norm gamma 1, beta 0."""
         for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         # After every other init, so no later loop undoes it (the official port's bug). Each residual
@@ -216,10 +231,11 @@ class ResNeSt(nn.Module):
                     module.zero_init_last()
 
     def set_dropblock_prob(self, prob: float) -> None:
-        """Set every DropBlock's probability (the trainer ramps it linearly from 0 over training)."""
+        """Set every DropBlock's probability in place (the trainer ramps it linearly from 0 over training);
+        a tensor write, so a compiled model does not recompile for each new value."""
         for module in self.modules():
             if isinstance(module, DropBlock2d):
-                module.p = prob
+                module.set_prob(prob)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))

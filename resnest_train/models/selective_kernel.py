@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnest_train.models.resnest import make_drop_block
+from resnest_train.models.dropblock import make_drop_block
 
 
 class ConvBnAct(nn.Sequential):
@@ -54,10 +54,13 @@ class SelectiveKernelConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         paths = [path(x) for path in self.paths]  # num_paths x (B, C, H, W)
-        gap = sum(path.mean((2, 3), keepdim=True) for path in paths)  # (B, C, 1, 1)
+        dtype = paths[0].dtype
+        # Explicit dtypes: CUDA autocast would otherwise make the mean and softmax fp32 and the weighted sum
+        # full-size fp32 (split_attention.py).
+        gap = sum(path.mean((2, 3), keepdim=True, dtype=dtype) for path in paths)  # (B, C, 1, 1)
         attn = self.attn.fc_select(self.attn.act(self.attn.bn(self.attn.fc_reduce(gap))))
         # (B, M*C, 1, 1) -> (B, M, C, 1, 1): softmax across the M branches of each channel
-        attn = F.softmax(attn.reshape(x.shape[0], self.num_paths, self.channels, 1, 1), dim=1)
+        attn = F.softmax(attn.reshape(x.shape[0], self.num_paths, self.channels, 1, 1), dim=1, dtype=dtype)
         out = paths[0] * attn[:, 0]
         for index in range(1, self.num_paths):
             out = torch.addcmul(out, paths[index], attn[:, index])
@@ -70,15 +73,19 @@ class SelectiveKernelBottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, *, stride: int = 1, downsample: nn.Module | None = None,
-                 cardinality: int = 32, bottleneck_width: int = 4, dilation: int = 1,
+                 cardinality: int = 32, bottleneck_width: int = 4, dilation: int = 1, is_first: bool = False,
                  dropblock_prob: float = 0.0, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
         super().__init__()
+        del is_first  # the trunk's flag for avd, which SK-Net does not have
         width = int(planes * (bottleneck_width / 64.0)) * cardinality
         self.conv1 = ConvBnAct(inplanes, width, 1, norm_layer=norm_layer)
         self.conv2 = SelectiveKernelConv2d(width, stride=stride, dilation=dilation, groups=cardinality,
                                            norm_layer=norm_layer)
         self.conv3 = ConvBnAct(width, planes * self.expansion, 1, act=False, norm_layer=norm_layer)
-        self.drop3 = make_drop_block(dropblock_prob) or nn.Identity()
+        # DropBlock at the ResNeSt bottleneck's three positions (after the ReLU is the same as before it).
+        self.drop1 = make_drop_block(dropblock_prob)
+        self.drop2 = make_drop_block(dropblock_prob)
+        self.drop3 = make_drop_block(dropblock_prob)
         self.act = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -87,5 +94,6 @@ class SelectiveKernelBottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.drop3(self.conv3(self.conv2(self.conv1(x))))
+        out = self.drop2(self.conv2(self.drop1(self.conv1(x))))
+        out = self.drop3(self.conv3(out))
         return self.act(out + shortcut)

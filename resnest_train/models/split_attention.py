@@ -8,6 +8,13 @@ its output is cardinality-major and `RadixSoftmax` turns it back into radix-majo
 Unlike timm, the forward never calls `.contiguous()`, and under channels_last the splits are channel slices
 combined with element-wise ops, which keep the memory format. That is what keeps channels_last fast (timm's
 version is 2.6x slower in training with it); NCHW uses the broadcast 5-d form, faster there (BENCHMARKS.md).
+
+Mixed precision: CUDA autocast runs `sum` and `softmax` in fp32 unless a dtype is given (PyTorch's AMP op
+reference; its `fp32_set_opt_dtype` policy keeps an explicit dtype). An fp32 attention weight would then
+promote the weighted sum, and the block's output, to full-size fp32 tensors. So every reduction here names
+the input's dtype (the kernels still accumulate in fp32) and the small attention tensor is cast to it before
+it meets the full-size splits. DropBlock is not applied in here: the bottleneck applies it to this module's
+output, where the Gluon code of the released weights has it (`resnest/gluon/resnet.py`).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ class RadixSoftmax(nn.Module):
         batch = x.shape[0]
         # (B, cardinality*radix*C', 1, 1) -> (B, cardinality, radix, C'): cardinality-major from fc2
         x = x.reshape(batch, self.cardinality, self.radix, -1)
-        x = F.softmax(x, dim=2)
+        x = F.softmax(x, dim=2, dtype=x.dtype)  # explicit dtype: no fp32 output under CUDA autocast
         # (B, cardinality, radix, C') -> (B, radix, cardinality, C') -> (B, radix*cardinality*C', 1, 1)
         return x.transpose(1, 2).reshape(batch, -1, 1, 1)
 
@@ -56,7 +63,6 @@ class SplitAttentionConv2d(nn.Module):
         min_inter_channels: int = 32,
         norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
         act_layer: Callable[..., nn.Module] = nn.ReLU,
-        drop_layer: nn.Module | None = None,
     ):
         super().__init__()
         self.radix = radix
@@ -66,7 +72,6 @@ class SplitAttentionConv2d(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels * radix, kernel_size, stride, padding, dilation,
                               groups=cardinality * radix, bias=False)
         self.bn0 = norm_layer(out_channels * radix)
-        self.drop = drop_layer if drop_layer is not None else nn.Identity()
         self.act0 = act_layer(inplace=True)
         self.fc1 = nn.Conv2d(out_channels, inter_channels, 1, groups=cardinality)
         self.bn1 = norm_layer(inter_channels)
@@ -75,11 +80,11 @@ class SplitAttentionConv2d(nn.Module):
         self.radix_softmax = RadixSoftmax(radix, cardinality)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act0(self.drop(self.bn0(self.conv(x))))  # (B, radix*C, H, W)
+        x = self.act0(self.bn0(self.conv(x)))  # (B, radix*C, H, W)
         if self.radix > 1 and x.is_contiguous():
             return self._combine_nchw(x)
-        gap = self._splits_gap(x.sum((2, 3), keepdim=True), x.shape[2] * x.shape[3])
-        attn = self._attention(gap)
+        gap = self._splits_gap(x.sum((2, 3), keepdim=True, dtype=x.dtype), x.shape[2] * x.shape[3])
+        attn = self._attention(gap).to(x.dtype)  # (B, radix*C, 1, 1): small, cast before the full-size ops
         if self.radix == 1:
             return x * attn
         # channels_last: channel slices are views that keep the layout (the 5-d form is 2x slower here,
@@ -98,16 +103,17 @@ class SplitAttentionConv2d(nn.Module):
         `cat` (`benchmark.py attention`)."""
         batch, _, height, width = x.shape
         x = x.view(batch, self.radix, self.out_channels, height, width)
-        gap = self._splits_gap(x.sum((3, 4)).view(batch, -1, 1, 1), height * width)
-        attn = self._attention(gap)  # (B, radix*C, 1, 1), radix-major
-        return (x * attn.view(batch, self.radix, self.out_channels, 1, 1)).sum(1)
+        gap = self._splits_gap(x.sum((3, 4), dtype=x.dtype).view(batch, -1, 1, 1), height * width)
+        attn = self._attention(gap).to(x.dtype)  # (B, radix*C, 1, 1), radix-major
+        # (B, radix, C, H, W) * (B, radix, C, 1, 1) -> sum over radix -> (B, C, H, W), in x's dtype
+        return (x * attn.view(batch, self.radix, self.out_channels, 1, 1)).sum(1, dtype=x.dtype)
 
     def _splits_gap(self, sums: torch.Tensor, pixels: int) -> torch.Tensor:
         """(B, radix*C, 1, 1) spatial sums -> (B, C, 1, 1) GAP of the splits' sum. Pooling first (the GAP of
         the sum equals the sum of the GAPs) keeps the radix sum on the small tensor; sums rather than a mean,
         whose backward materialises a full-size division (~5% of a train step, BENCHMARKS.md)."""
         if self.radix > 1:
-            sums = sums.reshape(sums.shape[0], self.radix, self.out_channels, 1, 1).sum(1)
+            sums = sums.reshape(sums.shape[0], self.radix, self.out_channels, 1, 1).sum(1, dtype=sums.dtype)
         return sums * (1.0 / pixels)
 
     def _attention(self, gap: torch.Tensor) -> torch.Tensor:

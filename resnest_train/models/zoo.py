@@ -61,8 +61,9 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, num_classes: int = 1000, **overrides: Any) -> nn.Module:
-    """Build a registered model. Overrides: `dropout`, `zero_init_last_bn`, `dropblock_prob`, or any
-    trunk/block option (e.g. `radix`, `stem_width`, `norm_layer`)."""
+    """Build a registered model. Overrides: `dropout`, `zero_init_last_bn`, `dropblock_prob`,
+    `output_stride` (32, or 16 / 8 for a dilated trunk), or any trunk/block option (e.g. `radix`,
+    `stem_width`, `norm_layer`)."""
     if name not in MODEL_SPECS:
         raise KeyError(f"unknown model '{name}'; available: {', '.join(list_models())}")
     kwargs = dict(MODEL_SPECS[name], num_classes=num_classes, **overrides)
