@@ -85,7 +85,7 @@ class DataConfig:
     def __post_init__(self):
         _check_choice("data.backend", self.backend, ("dali", "torchvision", "synthetic"))
         _check_choice("data.dali_device", self.dali_device, ("auto", "cpu", "gpu"))
-        _check_choice("data.autoaugment", self.autoaugment, ("imagenet", "none"))
+        _check_choice("data.autoaugment", self.autoaugment, ("imagenet", "gluon", "none"))
         _check_choice("data.autoaugment_on", self.autoaugment_on, ("image", "crop"))
         _check_choice("data.interpolation", self.interpolation, ("bilinear", "bicubic"))
         _check_range("data.synthetic_size", self.synthetic_size, 1)

@@ -67,9 +67,11 @@ def train(config: Config) -> Path:
     configure_logging(dist)
     try:
         with contextlib.ExitStack() as stack:
+            # From the start: a stop signal during setup is kept and honoured at the first step.
+            stop = stack.enter_context(stop_signals())
             prepared = _prepare(config, dist, stack)
             if prepared is not None:
-                _fit(*prepared)
+                _fit(*prepared, stop)
         return Path(config.output_dir)
     finally:
         cleanup(dist)
@@ -223,31 +225,30 @@ def _evaluate(run: Run) -> dict:
             "val_seconds": time.perf_counter() - started}
 
 
-def _fit(run: Run, progress: Progress) -> None:
+def _fit(run: Run, progress: Progress, stop) -> None:
     config = run.config
     reporter = RunReporter(config.output_dir, run.dist, run.plan, log_interval=config.train.log_interval)
     try:
-        with stop_signals() as stop:
-            while progress.epoch < config.train.epochs:
-                if not _train_epoch(run, progress, reporter, stop):
-                    log.info("stopped at step %d; rerun the same command to continue", progress.step)
-                    return
-                metrics = {"epoch": progress.epoch + 1,
-                           **reporter.end_epoch(progress.step, run.optimizer.param_groups[0]["lr"])}
-                progress.epoch += 1
-                progress.batch = 0
-                is_best = False
-                if progress.epoch % config.train.eval_interval == 0 or progress.epoch == config.train.epochs:
-                    metrics.update(_evaluate(run))
-                    is_best = metrics["val_top1"] > progress.best_top1
-                    progress.best_top1 = max(progress.best_top1, metrics["val_top1"])
-                else:
-                    metrics.update(val_top1=None, val_top5=None)
-                reporter.epoch_metrics(metrics)
-                _save(run, progress, is_best=is_best)
-                if _should_stop(run.dist, stop.requested):
-                    log.info("stopped after epoch %d; rerun the same command to continue", progress.epoch)
-                    return
+        while progress.epoch < config.train.epochs:
+            if not _train_epoch(run, progress, reporter, stop):
+                log.info("stopped at step %d; rerun the same command to continue", progress.step)
+                return
+            metrics = {"epoch": progress.epoch + 1,
+                       **reporter.end_epoch(progress.step, run.optimizer.param_groups[0]["lr"])}
+            progress.epoch += 1
+            progress.batch = 0
+            is_best = False
+            if progress.epoch % config.train.eval_interval == 0 or progress.epoch == config.train.epochs:
+                metrics.update(_evaluate(run))
+                is_best = metrics["val_top1"] > progress.best_top1
+                progress.best_top1 = max(progress.best_top1, metrics["val_top1"])
+            else:
+                metrics.update(val_top1=None, val_top5=None)
+            reporter.epoch_metrics(metrics)
+            _save(run, progress, is_best=is_best)
+            if _should_stop(run.dist, stop.requested):
+                log.info("stopped after epoch %d; rerun the same command to continue", progress.epoch)
+                return
         log.info("finished: %d epochs, best val top-1 %.2f; run folder %s", progress.epoch, progress.best_top1,
                  config.output_dir)
     finally:

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from nvidia.dali import fn, pipeline_def
-from nvidia.dali.auto_aug import auto_augment
 from nvidia.dali.auto_aug.core import signed_bin
 from PIL import Image
 from torchvision.transforms import AutoAugment as TorchvisionAutoAugment
@@ -24,13 +23,13 @@ from resnest_train.data.autoaugment import (
     OPS,
     SIGNED_OPS,
     AutoAugment,
-    HostAutoAugment,
     apply_op,
     apply_sub_policy,
     magnitude,
     resolve,
 )
 from resnest_train.data.dali_autoaugment import AUGMENTATIONS, dali_auto_augment, dali_policy
+from resnest_train.data.dali_cpu import HostAutoAugment
 
 _TORCHVISION_NAMES = {"ShearX": "shear_x", "ShearY": "shear_y", "Rotate": "rotate", "Solarize": "solarize",
                       "Posterize": "posterize", "Color": "color", "Contrast": "contrast", "Brightness": "brightness",
@@ -155,10 +154,7 @@ def test_dali_policy_is_the_table():
         assert [[(aug.name, prob, level) for aug, prob, level in sub] for sub in policy.sub_policies] == \
             [[(op, prob, None if op in ("auto_contrast", "equalize", "invert") else level)
               for op, prob, level in sub] for sub in table]
-    v0, dalis = dali_policy("v0"), auto_augment.get_image_net_policy(use_shape=True)
-    assert [[(a.name, p, m) for a, p, m in sub] for sub in v0.sub_policies] == \
-        [[(a.name, p, m) for a, p, m in sub] for sub in dalis.sub_policies]
-    with pytest.raises(ValueError, match="v0"):
+    with pytest.raises(ValueError, match="known: imagenet, gluon"):
         dali_policy("image_net")
 
 
@@ -181,7 +177,7 @@ def test_dali_auto_augment_makes_policy_outcomes(autograph_tmp):
     @pipeline_def(batch_size=batch, num_threads=1, device_id=None, enable_conditionals=True, seed=7)
     def pipeline():
         images = fn.external_source(source=lambda: [image] * batch, layout="HWC", batch=True)
-        return dali_auto_augment(images, shape=image.shape[:2])
+        return dali_auto_augment(images)
 
     pipe = pipeline()
     pipe.build()
@@ -196,7 +192,7 @@ def test_dali_auto_augment_makes_policy_outcomes(autograph_tmp):
 
 def test_host_autoaugment_applies_the_drawn_sub_policy():
     """The DALI CPU graph's host op: stage k runs when run[k] < its probability, negate flips rotate."""
-    augment, image = HostAutoAugment(threads=1), structured()
+    augment, image = HostAutoAugment(threads=1, policy_name="imagenet"), structured()
     pil = Image.fromarray(image)
     rotate_color = IMAGENET_POLICY.index((("rotate", 0.8, 8), ("color", 1.0, 2)))
     assert augment.one(image, rotate_color, np.array([0.9, 1.0]), np.zeros(2)) is image  # nothing ran

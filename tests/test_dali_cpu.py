@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageOps
+from PIL import Image
 
 from resnest_train.data import dali
-from resnest_train.data.dali_cpu import HostAutoAugment, image_net_policy, resize_one, saturate_one
+from resnest_train.data.dali_cpu import resize_one, saturate_one
 from resnest_train.data.index import load_index
 from resnest_train.data.torchvision import val_transform
 from tests.conftest import make_plan
@@ -60,30 +60,6 @@ def test_cpu_pipeline_matches_dali_ops(image_root, autoaugment_on):
     assert host.shape == native.shape == (8, 3, 32, 32)
     assert (host - native).abs().mean() < 0.02  # normalised units: ~1 grey level
     assert (host - native.flip(-1)).abs().mean() > 0.2  # the check can tell a mirrored image
-
-
-def test_autoaugment_applies_the_drawn_sub_policy():
-    """The host AutoAugment runs DALI's table with DALI's draws: stage k runs when run[k] < its probability,
-    magnitude bins index the op's range, negate flips the sign of negatable ops."""
-    augment = HostAutoAugment(threads=1)
-    policy = image_net_policy()  # DALI's table, read independently of ours
-    names = [[aug.name for aug, _, _ in sub] for sub in policy.sub_policies]
-    bin_of = lambda sub: policy.sub_policies[sub][0][2]  # noqa: E731  (first stage's magnitude bin)
-    image = photo_like(64, 64)
-    pil = Image.fromarray(image)
-    solarize = names.index(["solarize", "equalize"])
-    threshold = np.linspace(0, 256, policy.num_magnitude_bins)[bin_of(solarize)]
-    assert augment.one(image, solarize, np.array([0.99, 0.99]), np.zeros(2)) is image  # nothing ran
-    np.testing.assert_array_equal(augment.one(image, solarize, np.array([0.0, 0.99]), np.zeros(2)),
-                                  np.asarray(ImageOps.solarize(pil, threshold)))
-    np.testing.assert_array_equal(augment.one(image, solarize, np.array([0.0, 0.0]), np.zeros(2)),
-                                  np.asarray(ImageOps.equalize(ImageOps.solarize(pil, threshold))))
-    rotate = next(i for i, sub in enumerate(policy.sub_policies) if names[i][0] == "rotate" and sub[0][1] == 1.0)
-    angle = np.linspace(0, 30, policy.num_magnitude_bins)[bin_of(rotate)]
-    for sign in (0, 1):
-        expected = pil.rotate(-angle if sign else angle, Image.NEAREST, fillcolor=(128, 128, 128))
-        np.testing.assert_array_equal(augment.one(image, rotate, np.array([0.5, 0.99]), np.array([sign, 0])),
-                                      np.asarray(expected))
 
 
 @pytest.mark.parametrize("autoaugment_on", ["crop", "image"])

@@ -240,7 +240,7 @@ def test_16_bit_png_and_exif_orientation_agree_across_backends(tmp_path):
     """16-bit greyscale: scaled to 8 bits (not clipped to white); EXIF orientation: ignored by both, as the
     reference evaluation (PIL/torchvision) does."""
     ramp = (np.linspace(0, 65535, 40 * 48).reshape(40, 48)).astype(np.uint16)
-    root = _png_dataset(tmp_path / "grey16", Image.fromarray(ramp, mode="I;16"))
+    root = _png_dataset(tmp_path / "grey16", Image.fromarray(ramp))
     rgb = Image.fromarray(photo_array(40, 48))
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display"

@@ -16,7 +16,7 @@ Where each definition comes from. The released ResNeSt weights were trained with
   (`float_parameter(level, 1.8) + .1`), no sign; auto_contrast/equalize/invert ignore the level.
 - Each op of the drawn sub-policy runs with its own probability (`if random.random() > pr: continue`), the
   sub-policy is drawn uniformly per image. Gluon ran it on the decoded image, before the random-resized crop
-  (`get_train_data`); the pipelines here run it on the crop, where no op of the table depends on the size.
+  (`get_train_data`); `data.autoaugment_on` chooses that order (`image`) or the crop (`crop`).
 - No sub-policy of the table translates, so translate has no Gluon definition (its mapping there would fail
   its own range assert) and none here.
 Deviations, each forced or chosen so that every backend computes the same image:
@@ -30,7 +30,7 @@ Deviations, each forced or chosen so that every backend computes the same image:
   (N - count of the top value) // 255: a mean 1.9 and 3.9 grey levels apart on two photographs, and DALI has
   no histogram op to compute PIL's on the GPU.
 The PIL ops are the torchvision backend's transform (`AutoAugment`, torch's RNG, which DataLoader seeds per
-worker) and the DALI CPU graph's host op (`HostAutoAugment`, DALI's draws, reproducible and checkpointed).
+worker) and the DALI CPU graph's host op (`dali_cpu.HostAutoAugment`, DALI's draws, checkpointed).
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
-
-from resnest_train.data.cpu_ops import per_image
 
 # Levels 0..10 inclusive: Gluon's PARAMETER_MAX = 10; DALI's magnitude bins are the levels themselves.
 NUM_LEVELS = 11
@@ -191,23 +189,3 @@ class AutoAugment:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self.sub_policies)} sub-policies)"
-
-
-class HostAutoAugment:
-    """The DALI CPU graph's host op, called by `fn.python_function(images, sub_policy, run, negate,
-    batch_processing=True)` with DALI's draws (sub-policy index, a uniform per stage, a sign per stage);
-    the PIL ops run per image in the shared thread pool."""
-
-    def __init__(self, threads: int, policy=IMAGENET_POLICY):
-        self.sub_policies = resolve(policy)
-        self.stages = max(len(sub) for sub in self.sub_policies)
-        self._batch = per_image(self.one, threads)
-
-    def __call__(self, images, sub_policy, run, negate):
-        return self._batch(images, sub_policy, run, negate)
-
-    def one(self, image: np.ndarray, sub_policy: np.ndarray, run: np.ndarray, negate: np.ndarray) -> np.ndarray:
-        steps = self.sub_policies[int(sub_policy)]
-        if not any(run[stage] < step[1] for stage, step in enumerate(steps)):
-            return image
-        return np.asarray(apply_sub_policy(Image.fromarray(image), steps, run, negate))

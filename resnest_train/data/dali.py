@@ -20,17 +20,14 @@ reference evaluation (PIL/torchvision) ignores it (README, "Data").
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dali_math
-from nvidia.dali.auto_aug import auto_augment
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIClassificationIterator
 
-from resnest_train.data.dali_cpu import MAX_TRANSLATE_REL, HostOps
+from resnest_train.data.dali_autoaugment import dali_auto_augment
+from resnest_train.data.dali_cpu import HostOps
 from resnest_train.data.index import DatasetError, find_undecodable
 from resnest_train.data.plan import DataPlan
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVAL, PCA_EIGVEC
@@ -41,8 +38,9 @@ _DALI_INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
 class DaliOps:
     """DALI's own image ops (what GPU pipelines run; CPU pipelines can run them too, for comparison)."""
 
-    def __init__(self, *, interpolation: str, threads: int = 0):
+    def __init__(self, *, interpolation: str, threads: int = 0, autoaugment: str = "imagenet"):
         self.interp = _DALI_INTERP[interpolation]
+        self.policy = autoaugment
 
     def resize(self, images, size: int):
         return fn.resize(images, resize_x=size, resize_y=size, interp_type=self.interp, antialias=True)
@@ -54,16 +52,15 @@ class DaliOps:
     def color_twist(self, images, *, brightness, contrast, saturation):
         return fn.color_twist(images, brightness=brightness, contrast=contrast, saturation=saturation)
 
-    def autoaugment(self, images, *, shape):
-        # Nearest-neighbour warps, as torchvision and the original AutoAugment (PIL) use.
-        return auto_augment.auto_augment_image_net(images, shape=shape, interp_type=types.INTERP_NN,
-                                                   max_translate_rel=MAX_TRANSLATE_REL)
+    def autoaugment(self, images):
+        return dali_auto_augment(images, policy_name=self.policy)
 
 
 def graph_ops(plan: DataPlan, ops: str = "auto"):
     """`auto`: host ops where the graph runs on the CPU, DALI's elsewhere; `dali`: DALI's ops everywhere."""
     host = ops == "auto" and plan.decoder == "cpu"
-    return (HostOps if host else DaliOps)(interpolation=plan.interpolation, threads=max(1, plan.workers))
+    return (HostOps if host else DaliOps)(interpolation=plan.interpolation, threads=max(1, plan.workers),
+                                          autoaugment=plan.autoaugment)
 
 
 def _shorter_side_size(images, size: int):
@@ -123,9 +120,8 @@ def _random_crop(jpegs, plan: DataPlan, ops):
         images = ops.resize(_decode(jpegs, plan, **area), plan.crop_size)
         if plan.autoaugment == "none":
             return images
-        return ops.autoaugment(images, shape=[plan.crop_size, plan.crop_size])
-    images = _decode(jpegs, plan)
-    images = ops.autoaugment(images, shape=images.shape()[0:2])
+        return ops.autoaugment(images)
+    images = ops.autoaugment(_decode(jpegs, plan))
     anchor, shape = fn.random_crop_generator(images.shape(), **area)
     images = fn.slice(images, start=anchor, shape=shape, axes=[0, 1])
     return ops.resize(images, plan.crop_size)
@@ -164,22 +160,6 @@ def _val_pipeline(*, plan: DataPlan, files: list[str], labels: list[int], ops):
     return _to_device(plan, images, targets)
 
 
-@contextlib.contextmanager
-def _without_equalize_deprecation():
-    """DALI's own AutoAugment policy calls its deprecated `fn.experimental.equalize` and forces the warning
-    on (a `simplefilter("default")` inside DALI overrides ours), so drop just that message while building."""
-    show = warnings.showwarning
-
-    def filtered(message, *args, **kwargs):
-        if "experimental.equalize" not in str(message):
-            show(message, *args, **kwargs)
-    warnings.showwarning = filtered
-    try:
-        yield
-    finally:
-        warnings.showwarning = show
-
-
 class DaliLoader:
     """The `Loader` over a DALI pipeline: `len()` is the batches per epoch, equal on every rank."""
 
@@ -187,8 +167,7 @@ class DaliLoader:
         self.pipeline = pipeline
         self.plan, self.samples = plan, samples  # to name an image the decoder fails on
         self.delivered = list(range(len(samples)))  # validation yields every sample, in order
-        with _without_equalize_deprecation():
-            self.pipeline.build()
+        self.pipeline.build()
         policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
         try:  # the iterator runs the first batch already
             self.iterator = DALIClassificationIterator(
@@ -241,13 +220,12 @@ def build_dali_train(plan: DataPlan, samples: list[tuple[str, int]], *, batch_si
                      state: dict | None = None, ops: str = "auto") -> DaliLoader:
     """`ops`: see `graph_ops`; tests build the GPU graph's ops on the CPU with `ops="dali"`."""
     files, labels = zip(*samples)
-    with _without_equalize_deprecation():
-        pipe = _train_pipeline(
-            batch_size=batch_size, num_threads=max(1, plan.workers), device_id=_device_id(plan),
-            seed=plan.seed * 1000 + plan.rank + 1, prefetch_queue_depth=2, enable_checkpointing=True,
-            checkpoint=(state or {}).get("dali"),
-            # The dynamic executor hands batches to torch through DLPack without a copy (BENCHMARKS.md).
-            exec_dynamic=True, plan=plan, files=list(files), labels=list(labels), ops=graph_ops(plan, ops))
+    pipe = _train_pipeline(
+        batch_size=batch_size, num_threads=max(1, plan.workers), device_id=_device_id(plan),
+        seed=plan.seed * 1000 + plan.rank + 1, prefetch_queue_depth=2, enable_checkpointing=True,
+        checkpoint=(state or {}).get("dali"),
+        # The dynamic executor hands batches to torch through DLPack without a copy (BENCHMARKS.md).
+        exec_dynamic=True, plan=plan, files=list(files), labels=list(labels), ops=graph_ops(plan, ops))
     return DaliLoader(pipe, plan, samples, drop_last=True)
 
 

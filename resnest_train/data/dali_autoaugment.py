@@ -10,8 +10,7 @@ float mean where PIL's is the rounded mean of the L image, its sharpness filters
 leaves as is, its auto-contrast rounds where PIL truncates in float64, its shear maps input to output where
 PIL's affine coefficients map output to input. Those ops are written here after PIL's arithmetic (Pillow's
 ImageEnhance, Blend.c, Filter.c, ImageOps.autocontrast). Equalize is DALI's own, whose formula the PIL side
-copies (`autoaugment.equalize_lut`). `policy_name="v0"` gives the table DALI ships as `get_image_net_policy()`
-(TF EfficientNet's "v0", not the paper's) with the arguments the DALI graph used before.
+copies (`autoaugment.equalize_lut`).
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from nvidia.dali.auto_aug.core import Policy, augmentation
 
 from resnest_train.data.autoaugment import FILL, NUM_LEVELS, POLICIES, SIGNED_OPS, magnitude, posterize_mask
 
-V0_MAX_TRANSLATE_REL = 150 / 331  # the v0 call of dali.py: the paper's 150 px translation at 331 px
 _SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32)  # PIL's ImageFilter.SMOOTH, divisor 13
 
 
@@ -127,12 +125,9 @@ AUGMENTATIONS = {op: _augmentation(op) for op in _DALI_OPS}
 
 
 def dali_policy(policy_name: str = "imagenet") -> Policy:
-    """The table `autoaugment.POLICIES[policy_name]` ("imagenet": the paper's; "gluon") as a DALI Policy, or
-    DALI's own v0 table."""
-    if policy_name == "v0":
-        return auto_augment.get_image_net_policy(use_shape=True, max_translate_rel=V0_MAX_TRANSLATE_REL)
+    """The table `autoaugment.POLICIES[policy_name]` ("imagenet": the paper's; "gluon") as a DALI Policy."""
     if policy_name not in POLICIES:
-        raise ValueError(f"unknown AutoAugment policy {policy_name!r}; known: {', '.join([*POLICIES, 'v0'])}")
+        raise ValueError(f"unknown AutoAugment policy {policy_name!r}; known: {', '.join(POLICIES)}")
     sub_policies = [[(AUGMENTATIONS[op], prob, level if AUGMENTATIONS[op].mag_range is not None else None)
                      for op, prob, level in sub] for sub in POLICIES[policy_name]]
     with warnings.catch_warnings():
@@ -141,11 +136,7 @@ def dali_policy(policy_name: str = "imagenet") -> Policy:
         return Policy(policy_name, num_magnitude_bins=NUM_LEVELS, sub_policies=sub_policies)
 
 
-def dali_auto_augment(images, *, shape, policy_name: str = "imagenet", seed: int | None = None):
-    """AutoAugment on a batch of HWC uint8 images inside a pipeline built with `enable_conditionals=True`.
-    `shape` (H, W) only matters to v0's translation; v0 keeps its previous fill 128 and nearest warps."""
-    policy = dali_policy(policy_name)
-    if policy_name == "v0":
-        return auto_augment.apply_auto_augment(policy, images, seed, shape=shape, fill_value=128,
-                                               interp_type=types.INTERP_NN)
-    return auto_augment.apply_auto_augment(policy, images, seed)
+def dali_auto_augment(images, *, policy_name: str = "imagenet", seed: int | None = None):
+    """AutoAugment on a batch of HWC uint8 images inside a pipeline built with `enable_conditionals=True`
+    (no op of the tables depends on the image size, so full images and crops take the same call)."""
+    return auto_augment.apply_auto_augment(dali_policy(policy_name), images, seed)

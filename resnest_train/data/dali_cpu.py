@@ -17,15 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from nvidia.dali import fn, types
-from nvidia.dali.auto_aug import auto_augment
 from nvidia.dali.pipeline import do_not_convert
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
+
+from resnest_train.data.autoaugment import POLICIES, apply_sub_policy, resolve
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _GRAY = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
-FILL = (128, 128, 128)  # DALI's fill value for the warps
-# Translation up to 150/331 of the image, the AutoAugment paper's ImageNet setting (331 px images).
-MAX_TRANSLATE_REL = 150 / 331
 
 
 def pool(threads: int) -> ThreadPoolExecutor:
@@ -77,71 +75,24 @@ def saturate_one(image: np.ndarray, factor: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ AutoAugment
 
-def image_net_policy():
-    """DALI's ImageNet policy, translations relative to the image size (the same table on CPU and GPU)."""
-    return auto_augment.get_image_net_policy(use_shape=True, max_translate_rel=MAX_TRANSLATE_REL)
-
-
-def _affine(image: Image.Image, coefficients) -> Image.Image:
-    return image.transform(image.size, Image.AFFINE, coefficients, Image.NEAREST, fillcolor=FILL)
-
-
-def _solarize_add(image: Image.Image, shift: float) -> Image.Image:
-    lut = [min(255, i + int(shift)) if i < 128 else i for i in range(256)]
-    return image.point(lut * 3)
-
-
-_OPS = {
-    "shear_x": lambda im, m: _affine(im, (1, m, 0, 0, 1, 0)),
-    "shear_y": lambda im, m: _affine(im, (1, 0, 0, m, 1, 0)),
-    "translate_x": lambda im, m: _affine(im, (1, 0, m * im.size[0], 0, 1, 0)),
-    "translate_y": lambda im, m: _affine(im, (1, 0, 0, 0, 1, m * im.size[1])),
-    "rotate": lambda im, m: im.rotate(m, Image.NEAREST, fillcolor=FILL),
-    "color": lambda im, m: ImageEnhance.Color(im).enhance(m),
-    "posterize": lambda im, m: ImageOps.posterize(im, int(min(8, max(1, round(m))))),
-    "solarize": lambda im, m: ImageOps.solarize(im, m),
-    "solarize_add": _solarize_add,
-    "invert": lambda im, m: ImageOps.invert(im),
-    "equalize": lambda im, m: ImageOps.equalize(im),
-    "auto_contrast": lambda im, m: ImageOps.autocontrast(im),
-}
-
-
 class HostAutoAugment:
-    """Called by `fn.python_function(images, sub_policy, run, negate, batch_processing=True)` with the draws
-    of DALI's `apply_auto_augment`: a sub-policy, a uniform per stage, a sign per stage."""
+    """Called by `fn.python_function(images, sub_policy, run, negate, batch_processing=True)` with DALI's
+    draws (a sub-policy index, a uniform per stage, a sign per stage); the policy's PIL ops (autoaugment.py,
+    the definition every backend shares) run per image in the shared thread pool."""
 
-    def __init__(self, threads: int):
-        policy = image_net_policy()
-        self.stages = max(len(sub) for sub in policy.sub_policies)
-        # Per step: (op name, probability, magnitude, negatable), magnitudes looked up once from the bins.
-        self.sub_policies = [[(aug.name, prob, _magnitude(aug, magnitude_bin, policy.num_magnitude_bins),
-                               aug.randomly_negate) for aug, prob, magnitude_bin in sub]
-                             for sub in policy.sub_policies]
-        unknown = {step[0] for sub in self.sub_policies for step in sub} - set(_OPS)
-        if unknown:
-            raise NotImplementedError(f"AutoAugment ops without a CPU implementation: {sorted(unknown)}")
+    def __init__(self, threads: int, policy_name: str):
+        self.sub_policies = resolve(POLICIES[policy_name])
+        self.stages = max(len(sub) for sub in self.sub_policies)
         self._batch = per_image(self.one, threads)
 
     def __call__(self, images, sub_policy, run, negate):
         return self._batch(images, sub_policy, run, negate)
 
     def one(self, image: np.ndarray, sub_policy: np.ndarray, run: np.ndarray, negate: np.ndarray) -> np.ndarray:
-        steps = [(stage, step) for stage, step in enumerate(self.sub_policies[int(sub_policy)])
-                 if run[stage] < step[1]]
-        if not steps:
+        steps = self.sub_policies[int(sub_policy)]
+        if not any(run[stage] < step[1] for stage, step in enumerate(steps)):
             return image
-        pil = Image.fromarray(image)
-        for stage, (name, _, magnitude, negatable) in steps:
-            pil = _OPS[name](pil, -magnitude if negatable and negate[stage] else magnitude)
-        return np.asarray(pil)
-
-
-def _magnitude(aug, magnitude_bin, bins: int) -> float:
-    """The bin's magnitude in the op's range, as DALI's `Augmentation` computes it (0 for ops without one)."""
-    if magnitude_bin is None:
-        return 0.0
-    return float(np.linspace(*aug.mag_range, bins)[magnitude_bin])
+        return np.asarray(apply_sub_policy(Image.fromarray(image), steps, run, negate))
 
 
 # ------------------------------------------------------------------------------------------ the op set
@@ -153,9 +104,10 @@ def _host(function):
 class HostOps:
     """The host versions of `dali.DaliOps`' methods, for pipelines that run on the CPU."""
 
-    def __init__(self, *, interpolation: str, threads: int):
+    def __init__(self, *, interpolation: str, threads: int, autoaugment: str):
         self.interpolation = interpolation
         self.threads = threads
+        self.policy = autoaugment
         self._saturate = _host(per_image(saturate_one, threads))
         self._autoaugment = None  # built on first use: the table lookups are not free
 
@@ -173,10 +125,9 @@ class HostOps:
         return fn.python_function(images, saturation, function=self._saturate, batch_processing=True,
                                   output_layouts="HWC")
 
-    def autoaugment(self, images, *, shape=None):
-        """`shape` is not needed here: PIL's ops read each image's own size."""
+    def autoaugment(self, images):
         if self._autoaugment is None:
-            self._autoaugment = HostAutoAugment(self.threads)
+            self._autoaugment = HostAutoAugment(self.threads, self.policy)
         augment = self._autoaugment
         sub_policy = fn.random.uniform(values=list(range(len(augment.sub_policies))), dtype=types.INT32)
         run = fn.random.uniform(range=[0, 1], shape=(augment.stages,))

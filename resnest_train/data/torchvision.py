@@ -11,6 +11,7 @@ the whole process group (systemd, `scancel`, GNU `timeout`, Ctrl-C) must not kil
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 from pathlib import Path
@@ -20,12 +21,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision import transforms as T
 
+from resnest_train.data.autoaugment import POLICIES, AutoAugment
 from resnest_train.data.plan import DataPlan
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Lighting
 
 log = logging.getLogger(__name__)
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -57,23 +57,34 @@ class ImageListDataset(Dataset):
             return None
 
 
-def collate_decodable(batch: list):
-    """Drop the images that failed; keep the batch even when it was (batch mixup pairs images)."""
+def collate_decodable(batch: list, keep_even: bool = False):
+    """Drop the images that failed; in training keep the batch even when it was (batch mixup pairs images)."""
     good = [sample for sample in batch if sample is not None]
-    if len(good) < len(batch) and len(batch) % 2 == 0 and len(good) % 2:
+    if keep_even and len(good) < len(batch) and len(batch) % 2 == 0 and len(good) % 2:
         good = good[:-1]
     return default_collate(good) if good else None
 
 
+WORKER_GRACE_SECONDS = 60
+
+
+def _stop_later(_signum, _frame) -> None:
+    """SIGTERM in a worker: the main process decides (it finishes the step, saves and closes the loader,
+    which ends the worker); should nobody end it, SIGALRM's default action does, after the grace period.
+    (torch's own shutdown also sends SIGTERM to a worker that does not exit in time.)"""
+    signal.alarm(WORKER_GRACE_SECONDS)
+
+
 def ignore_stop_signals(_worker_id: int) -> None:
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop_later)
 
 
 def train_transform(plan: DataPlan) -> T.Compose:
     interpolation = T.InterpolationMode(plan.interpolation)
     crop = [T.RandomResizedCrop(plan.crop_size, scale=tuple(plan.rrc_scale), interpolation=interpolation)]
-    augment = [T.AutoAugment(T.AutoAugmentPolicy.IMAGENET)] if plan.autoaugment != "none" else []
+    augment = [AutoAugment(POLICIES[plan.autoaugment])] if plan.autoaugment != "none" else []
     steps = augment + crop if plan.autoaugment_on == "image" else crop + augment
     if plan.hflip:
         steps.append(T.RandomHorizontalFlip())
@@ -138,9 +149,10 @@ class TorchLoader:
         return {"epoch": self.epoch, "position": self.position}
 
 
-def _data_loader(dataset, plan: DataPlan, **kwargs) -> DataLoader:
+def _data_loader(dataset, plan: DataPlan, *, training: bool, **kwargs) -> DataLoader:
     return DataLoader(dataset, num_workers=plan.workers, pin_memory=plan.device.type == "cuda",
-                      persistent_workers=plan.workers > 0, collate_fn=collate_decodable,
+                      persistent_workers=plan.workers > 0,
+                      collate_fn=functools.partial(collate_decodable, keep_even=training),
                       worker_init_fn=ignore_stop_signals, **kwargs)
 
 
@@ -151,13 +163,13 @@ def build_torch_train(plan: DataPlan, samples: list[tuple[str, int]], *, batch_s
     sampler = ResumableSampler(dataset, start=position * batch_size, num_replicas=plan.world_size, rank=plan.rank,
                                shuffle=True, seed=plan.seed, drop_last=True)
     generator = torch.Generator().manual_seed(plan.seed * 1000 + plan.rank)  # workers' augmentation seeds
-    loader = _data_loader(dataset, plan, batch_size=batch_size, sampler=sampler, drop_last=True,
+    loader = _data_loader(dataset, plan, training=True, batch_size=batch_size, sampler=sampler, drop_last=True,
                           generator=generator)
     return TorchLoader(loader, plan, epoch=(state or {}).get("epoch", 0), position=position)
 
 
 def build_torch_val(plan: DataPlan, shard: list[tuple[str, int]], *, batch_size: int) -> TorchLoader:
     transform = val_transform(plan.val_crop_size, plan.val_resize_size, plan.interpolation)
-    loader = _data_loader(ImageListDataset(plan.root, shard, transform), plan, batch_size=batch_size,
-                          shuffle=False)
+    loader = _data_loader(ImageListDataset(plan.root, shard, transform), plan, training=False,
+                          batch_size=batch_size, shuffle=False)
     return TorchLoader(loader, plan)
