@@ -49,6 +49,7 @@ class ModelConfig:
     zero_init_last_bn: bool = True
     dropblock_prob: float = 0.1
     pretrained: str | None = None
+    freeze: tuple[str, ...] = ()  # parameter-name prefixes not trained (e.g. [conv1, bn1, layer1]); BN stats kept
     sync_bn: bool = False
 
     def __post_init__(self):
@@ -110,12 +111,14 @@ class OptimConfig:
     nesterov: bool = True
     weight_decay: float = 1.0e-4
     no_bn_bias_decay: bool = True
+    head_lr_scale: float = 1.0  # the classifier's lr = this x the schedule's lr (fine-tuning: a fresh head)
 
     def __post_init__(self):
         _check_choice("optim.name", self.name, ("sgd",))
         _check_range("optim.lr", self.lr, 0.0, low_open=True)
         _check_range("optim.momentum", self.momentum, 0.0, 1.0)
         _check_range("optim.weight_decay", self.weight_decay, 0.0)
+        _check_range("optim.head_lr_scale", self.head_lr_scale, 0.0, 1000.0)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return _coerce(key, value, args[0])
     if origin is tuple:
         args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[str, ...]: a list of any length
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"'{key}' must be a list, got {value!r}")
+            return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"'{key}' must be a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))

@@ -16,7 +16,7 @@ from resnest_train import checkpoint as ckpt
 from resnest_train.config import Config
 from resnest_train.errors import UserError
 from resnest_train.models.pretrained import WeightsMismatchError, check_fit
-from resnest_train.wrapping import load_weights
+from resnest_train.wrapping import load_starting_weights
 
 log = logging.getLogger("resnest_train")
 
@@ -46,7 +46,7 @@ def _replace_old_run(folder: Path) -> None:
 def _load_start(config: Config, model: nn.Module, state: dict | None) -> None:
     if state is None:
         if config.model.pretrained:
-            load_weights(model, config.model.pretrained, "model.pretrained", config.model.name)
+            load_starting_weights(model, config.model)
         return
     try:
         check_fit(model, state["model"])

@@ -38,7 +38,7 @@ from resnest_train.reporting import RunReporter, configure_logging, truncate_met
 from resnest_train.resume import Progress
 from resnest_train.run_folder import prepare_run_folder
 from resnest_train.schedule import TrainPlan, build_train_plan
-from resnest_train.wrapping import build_model, place, unwrap, wrap_for_training
+from resnest_train.wrapping import build_model, place, train_mode, unwrap, wrap_for_training
 
 log = logging.getLogger("resnest_train")
 
@@ -181,7 +181,7 @@ def _ramp_dropblock(run: Run, step: int) -> None:
 
 def _train_epoch(run: Run, progress: Progress, reporter: RunReporter, stop) -> bool:
     """Steps until the epoch ends (True) or a stop is requested (False)."""
-    run.model.train()
+    train_mode(run.model, run.config.model.freeze)
     run.train_loader.set_epoch(progress.epoch)
     interval = run.config.checkpoint.interval_steps
     check_every = 1 if not run.dist.distributed else 10

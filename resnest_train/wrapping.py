@@ -14,7 +14,7 @@ from resnest_train.config import ModelConfig
 from resnest_train.distributed import DistInfo
 from resnest_train.errors import UserError
 from resnest_train.models import create_model, load_pretrained
-from resnest_train.models.pretrained import WeightsMismatchError
+from resnest_train.models.pretrained import WeightsFileError, WeightsMismatchError
 
 log = logging.getLogger("resnest_train")
 
@@ -30,13 +30,26 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def load_weights(model: nn.Module, path: str, what: str, name: str) -> None:
+def load_weights(model: nn.Module, path: str, what: str, name: str, *, new_head: bool = False) -> list[str]:
+    """`load_pretrained` with its errors as one-line user errors; returns the keys left as the model had them
+    (`new_head`: a classifier of another shape stays fresh, fine-tuning's case)."""
     try:
-        load_pretrained(model, path)
+        return load_pretrained(model, path, new_head=new_head)
     except FileNotFoundError:
         raise UserError(f"{what}: file not found: {path}") from None
+    except WeightsFileError as exc:
+        raise UserError(f"{what}: {exc}") from None
     except WeightsMismatchError as exc:
         raise UserError(f"{what}: {path} does not fit model {name}: {exc}") from None
+
+
+def load_starting_weights(model: nn.Module, cfg: ModelConfig) -> None:
+    """`model.pretrained` into a fresh run: the trunk must fit; a classifier for another number of classes
+    starts fresh (said in one line)."""
+    skipped = load_weights(model, cfg.pretrained, "model.pretrained", cfg.name, new_head=True)
+    if skipped:
+        log.info("model.pretrained: loaded %s without %s: the classifier for %d classes starts fresh",
+                 cfg.pretrained, ", ".join(skipped), cfg.num_classes)
 
 
 def build_model(cfg: ModelConfig, *, pretrained: bool) -> nn.Module:
@@ -44,8 +57,34 @@ def build_model(cfg: ModelConfig, *, pretrained: bool) -> nn.Module:
     model = create_model(cfg.name, num_classes=cfg.num_classes, dropout=cfg.dropout,
                          zero_init_last_bn=cfg.zero_init_last_bn, dropblock_prob=cfg.dropblock_prob)
     if pretrained and cfg.pretrained:
-        load_weights(model, cfg.pretrained, "model.pretrained", cfg.name)
+        load_starting_weights(model, cfg)
+    freeze(model, cfg.freeze)
     return model
+
+
+def _frozen(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+
+def freeze(model: nn.Module, prefixes: tuple[str, ...]) -> None:
+    """`model.freeze`: parameters under these name prefixes are not trained."""
+    names = [name for name, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(_frozen(name, (prefix,)) for name in names):
+            raise UserError(f"model.freeze: no parameters under '{prefix}' (e.g. conv1, bn1, layer1, layer2.0)")
+    for name, param in model.named_parameters():
+        if _frozen(name, prefixes):
+            param.requires_grad_(False)
+
+
+def train_mode(model: nn.Module, prefixes: tuple[str, ...]) -> None:
+    """model.train(), with the frozen parts' normalisation layers in eval mode: their running statistics
+    stay the pretrained ones, as their weights do."""
+    model.train()
+    if prefixes:
+        for name, module in unwrap(model).named_modules():
+            if _frozen(name, prefixes) and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def place(model: nn.Module, dist: DistInfo, *, channels_last: bool) -> nn.Module:
