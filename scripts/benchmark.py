@@ -12,6 +12,7 @@
       train.py's loop on the synthetic backend (second epoch of two); --compare interleaves a bare PyTorch
       loop of the same steps (timed likewise after one epoch's worth of warm-up steps).
   benchmark.py attention: the split-attention combine step alone, three formulations, fwd+bwd (ms).
+  benchmark.py scan / checkpoint: the dataset index scan and checkpoint saves (benchmark_io.py).
 Ratios are measured in one run, rounds interleaved, because the machines are shared and noisy.
 """
 
@@ -29,32 +30,45 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import benchmark_io  # noqa: E402  (scripts/ is on sys.path when this file runs)
+
 from resnest_train.models import create_model  # noqa: E402
 from resnest_train.models.zoo import TIMM_NAMES  # noqa: E402
 
 
-def _step_fn(model, batch_size: int, image_size: int, channels_last: bool, compile_: bool):
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt).train()
-    if compile_:
+def _step_fn(model, args):
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    device = torch.device(args.device)
+    model = model.to(device, memory_format=fmt).train()
+    if args.compile:
         model = torch.compile(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    images = torch.randn(batch_size, 3, image_size, image_size).contiguous(memory_format=fmt)
-    targets = torch.randint(0, 1000, (batch_size,))
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    images = images.contiguous(memory_format=fmt)
+    targets = torch.randint(0, 1000, (args.batch_size,), device=device)
     criterion = torch.nn.CrossEntropyLoss()
+    amp = args.amp == "bf16"
 
     def step():
-        loss = criterion(model(images), targets)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = criterion(model(images), targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _time(step, steps: int) -> float:
+    _sync()
     started = time.perf_counter()
     for _ in range(steps):
         step()
+    _sync()
     return time.perf_counter() - started
 
 
@@ -67,8 +81,7 @@ def bench_model(args) -> dict:
     if args.compare:
         import timm
         sides["timm"] = timm.create_model(TIMM_NAMES[args.model])
-    steps = {name: _step_fn(model, args.batch_size, args.image_size, args.channels_last, args.compile)
-             for name, model in sides.items()}
+    steps = {name: _step_fn(model, args) for name, model in sides.items()}
     for step in steps.values():  # warm-up (allocator, compile)
         _time(step, 2)
     times = {name: [] for name in steps}
@@ -76,7 +89,8 @@ def bench_model(args) -> dict:
         for name, step in steps.items():
             times[name].append(_time(step, args.steps))
     result = {"model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
-              "channels_last": args.channels_last, "threads": args.threads, "flush_denormal": args.flush_denormal}
+              "channels_last": args.channels_last, "threads": args.threads, "flush_denormal": args.flush_denormal,
+              "device": args.device, "amp": args.amp}
     for name, values in times.items():
         prefix = "" if name == "ours" else f"{name}_"
         result[f"{prefix}images_per_sec"] = args.batch_size * args.steps / statistics.median(values)
@@ -137,7 +151,7 @@ def _data_loader(backend: str, args):
     config = from_dict({"data": dict(root=args.root, backend=backend, workers=args.workers, crop_size=args.crop_size,
                                      autoaugment=args.autoaugment, autoaugment_on=args.autoaugment_on,
                                      color_jitter=args.color_jitter, lighting=args.lighting)})
-    plan = build_data_plan(config, DistInfo(0, 0, 1, torch.device("cpu")))
+    plan = build_data_plan(config, DistInfo(0, 0, 1, torch.device(args.device)))
     return build_train_loader(plan, load_index(args.root), batch_size=args.batch_size)
 
 
@@ -249,6 +263,8 @@ def main(argv=None) -> int:
     model.add_argument("--rounds", type=int, default=5)
     model.add_argument("--threads", type=int, default=2)
     model.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True) for both")
+    model.add_argument("--device", default="cpu", help="cpu or cuda")
+    model.add_argument("--amp", choices=["none", "bf16"], default="none")
     data = sub.add_parser("data")
     data.add_argument("--root", required=True)
     data.add_argument("--backend", choices=["dali", "torchvision"], required=True)
@@ -264,6 +280,7 @@ def main(argv=None) -> int:
     data.add_argument("--rounds", type=int, default=4)
     data.add_argument("--settle", type=float, default=1.0, help="untimed seconds at the start of each round")
     data.add_argument("--compare", action="store_true")
+    data.add_argument("--device", default="cpu", help="cuda: batches on the GPU (DALI decodes there)")
     trainer = sub.add_parser("trainer")
     trainer.add_argument("--model", default="resnest14")
     trainer.add_argument("--batch-size", type=int, default=32)
@@ -273,13 +290,14 @@ def main(argv=None) -> int:
     trainer.add_argument("--threads", type=int, default=2)
     trainer.add_argument("--compare", action="store_true")
     trainer.add_argument("--flush-denormal", choices=["on", "off"], help="default: the trainer's setting")
+    benchmark_io.add_parsers(sub)
     attention = sub.add_parser("attention")
     attention.add_argument("--batch-size", type=int, default=16)
     attention.add_argument("--rounds", type=int, default=10)
     attention.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    result = {"model": bench_model, "data": bench_data, "trainer": bench_trainer,
-              "attention": bench_attention}[args.what](args)
+    result = {"model": bench_model, "data": bench_data, "trainer": bench_trainer, "attention": bench_attention,
+              "scan": benchmark_io.bench_scan, "checkpoint": benchmark_io.bench_checkpoint}[args.what](args)
     print(json.dumps(result))
     return 0
 

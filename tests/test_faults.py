@@ -9,7 +9,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,16 +136,27 @@ def test_data_that_does_not_fit_the_config_is_one_line(image_root, tmp_path, ext
     one_line_error(run_script(train_args(image_root, tmp_path, *extra), expect=2), *needles)
 
 
-@pytest.mark.parametrize("make_bad", ["file", "under_file", "read_only"])
+@pytest.mark.parametrize("make_bad", ["file", "under_file"])
 def test_unusable_output_dir_is_named_before_the_dataset_is_read(tmp_path, make_bad):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file")
-    out = {"file": blocker, "under_file": blocker / "run", "read_only": tmp_path / "ro" / "run"}[make_bad]
-    if make_bad == "read_only":
-        (tmp_path / "ro").mkdir()
-        os.chmod(tmp_path / "ro", 0o500)
-    if make_bad == "read_only" and os.access(tmp_path / "ro", os.W_OK):
-        os.chmod(tmp_path / "ro", 0o700)
-        pytest.skip("running as a user that can write into read-only folders (root): nothing to refuse")
-    result = run_script(train_args(tmp_path / "no-such-data", out), expect=2)
-    one_line_error(result, "output_dir")
+    out = blocker if make_bad == "file" else blocker / "run"
+    one_line_error(run_script(train_args(tmp_path / "no-such-data", out), expect=2), "output_dir", str(blocker))
+
+
+def test_read_only_output_dir_is_named_before_the_dataset_is_read():
+    """Root writes anywhere: as root, the trainer runs as `nobody` (setpriv) to meet a read-only folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o755)
+        home = Path(tmp) / "home"
+        home.mkdir(mode=0o777)
+        os.chmod(home, 0o777)
+        read_only = Path(tmp) / "ro"
+        read_only.mkdir(mode=0o555)
+        os.chmod(read_only, 0o555)
+        launcher = [sys.executable]
+        if os.geteuid() == 0:
+            launcher = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable]
+        result = run_script(train_args(Path(tmp) / "no-such-data", read_only / "run"), launcher=launcher,
+                            env=script_env(HOME=str(home)), expect=2)
+        one_line_error(result, "output_dir", str(read_only / "run"))

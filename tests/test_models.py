@@ -12,7 +12,7 @@ from resnest_train.models import SplitAttentionConv2d, create_model, list_models
 from resnest_train.models.pretrained import WeightsMismatchError
 from resnest_train.models.zoo import TIMM_NAMES
 
-# Papers' counts in millions (RECIPE.md), 1000 classes.
+# Papers' counts in millions (docs/RECIPE.md), 1000 classes.
 PARAMS = {"resnest14": 10.61, "resnest26": 17.07, "resnest50": 27.48, "resnest101": 48.28,
           "resnest200": 70.20, "resnest269": 110.93, "resnet50d": 25.58, "seresnet50": 28.09,
           "skresnext50_32x4d": 27.48}

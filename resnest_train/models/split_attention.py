@@ -7,7 +7,7 @@ its output is cardinality-major and `RadixSoftmax` turns it back into radix-majo
 
 Unlike timm, the forward never calls `.contiguous()`, and under channels_last the splits are channel slices
 combined with element-wise ops, which keep the memory format. That is what keeps channels_last fast (timm's
-version is 2.6x slower in training with it); NCHW uses the broadcast 5-d form, faster there (BENCHMARKS.md).
+version is much slower in training with it); NCHW uses the broadcast 5-d form, faster there (BENCHMARKS.md).
 
 Mixed precision: CUDA autocast runs `sum` and `softmax` in fp32 unless a dtype is given (PyTorch's AMP op
 reference; its `fp32_set_opt_dtype` policy keeps an explicit dtype). An fp32 attention weight would then
@@ -87,7 +87,7 @@ class SplitAttentionConv2d(nn.Module):
         attn = self._attention(gap).to(x.dtype)  # (B, radix*C, 1, 1): small, cast before the full-size ops
         if self.radix == 1:
             return x * attn
-        # channels_last: channel slices are views that keep the layout (the 5-d form is 2x slower here,
+        # channels_last: channel slices are views that keep the layout (the 5-d form is slower here,
         # and timm's trailing .contiguous() turns every block's output back into NCHW).
         splits = x.split(self.out_channels, dim=1)
         weights = attn.split(self.out_channels, dim=1)
@@ -111,7 +111,7 @@ class SplitAttentionConv2d(nn.Module):
     def _splits_gap(self, sums: torch.Tensor, pixels: int) -> torch.Tensor:
         """(B, radix*C, 1, 1) spatial sums -> (B, C, 1, 1) GAP of the splits' sum. Pooling first (the GAP of
         the sum equals the sum of the GAPs) keeps the radix sum on the small tensor; sums rather than a mean,
-        whose backward materialises a full-size division (~5% of a train step, BENCHMARKS.md)."""
+        whose backward materialises a full-size division (BENCHMARKS.md, "model step profile")."""
         if self.radix > 1:
             sums = sums.reshape(sums.shape[0], self.radix, self.out_channels, 1, 1).sum(1, dtype=sums.dtype)
         return sums * (1.0 / pixels)

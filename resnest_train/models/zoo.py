@@ -52,7 +52,7 @@ TIMM_NAMES = {
     "resnet50d": "resnet50d", "seresnet50": "seresnet50", "skresnext50_32x4d": "skresnext50_32x4d",
 }
 
-# Evaluation resolution of the released weights (RECIPE.md), for reports.
+# Evaluation resolution of the released weights (docs/RECIPE.md), for reports.
 DEFAULT_RESOLUTION = {"resnest101": 256, "resnest200": 320, "resnest269": 416}
 
 
