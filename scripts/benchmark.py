@@ -143,13 +143,13 @@ def bench_attention(args) -> dict:
     return {"attention_combine_ms": result}
 
 
-def _data_loader(backend: str, args):
+def _data_loader(backend: str, args, autoaugment_on: str | None = None):
     from resnest_train.config import from_dict
     from resnest_train.data import build_data_plan, build_train_loader
     from resnest_train.data.index import load_index
     from resnest_train.distributed import DistInfo
     config = from_dict({"data": dict(root=args.root, backend=backend, workers=args.workers, crop_size=args.crop_size,
-                                     autoaugment=args.autoaugment, autoaugment_on=args.autoaugment_on,
+                                     autoaugment=args.autoaugment, autoaugment_on=autoaugment_on or args.autoaugment_on,
                                      color_jitter=args.color_jitter, lighting=args.lighting)})
     plan = build_data_plan(config, DistInfo(0, 0, 1, torch.device(args.device)))
     return build_train_loader(plan, load_index(args.root), batch_size=args.batch_size)
@@ -175,6 +175,10 @@ def _images_per_sec(loader, seconds: float, settle: float) -> float:
 def bench_data(args) -> dict:
     backends = [args.backend] + ([b for b in ("dali", "torchvision") if b != args.backend] if args.compare else [])
     loaders = {b: _data_loader(b, args) for b in backends}
+    if args.compare_order:  # the same backend with AutoAugment on the other side of the random crop
+        other = "image" if args.autoaugment_on == "crop" else "crop"
+        backends.append(f"{args.backend}_autoaugment_on_{other}")
+        loaders[backends[-1]] = _data_loader(args.backend, args, other)
     for loader in loaders.values():
         _images_per_sec(loader, 1.0, settle=0.0)  # warm-up: workers started, caches filled
     rates = {b: [] for b in backends}
@@ -182,7 +186,8 @@ def bench_data(args) -> dict:
         for backend, loader in loaders.items():
             rates[backend].append(_images_per_sec(loader, args.seconds / args.rounds, args.settle))
     result = {"backend": args.backend, "images_per_sec": statistics.median(rates[args.backend]),
-              "workers": args.workers, "autoaugment": args.autoaugment, "crop_size": args.crop_size,
+              "workers": args.workers, "autoaugment": args.autoaugment, "autoaugment_on": args.autoaugment_on,
+              "crop_size": args.crop_size,
               "color_jitter": args.color_jitter, "lighting": args.lighting}
     for backend in backends[1:]:
         result[f"{backend}_images_per_sec"] = statistics.median(rates[backend])
@@ -281,6 +286,8 @@ def main(argv=None) -> int:
     data.add_argument("--settle", type=float, default=1.0, help="untimed seconds at the start of each round")
     data.add_argument("--compare", action="store_true")
     data.add_argument("--device", default="cpu", help="cuda: batches on the GPU (DALI decodes there)")
+    data.add_argument("--compare-order", action="store_true",
+                      help="also time the backend with AutoAugment on the other side of the crop")
     trainer = sub.add_parser("trainer")
     trainer.add_argument("--model", default="resnest14")
     trainer.add_argument("--batch-size", type=int, default=32)

@@ -1,7 +1,7 @@
 """The I/O benchmarks of scripts/benchmark.py: the dataset index scan and checkpoint saves.
 
-  benchmark.py scan --root DIR [--make 100000] [--threads 1 32] [--drop-caches]
-      index scan rate (files/s) with each thread count, rounds interleaved; --make N first writes N tiny
+  benchmark.py scan --root DIR [--make 100000] [--processes 1 16] [--drop-caches]
+      index scan rate (files/s) with each number of processes, rounds interleaved; --make N first writes N tiny
       JPEGs (100 classes) under DIR; --drop-caches empties the page cache before each scan (root only),
       which is what a first scan of a large dataset meets.
   benchmark.py checkpoint [--model resnest269] [--rounds 3]
@@ -52,14 +52,14 @@ def bench_scan(args) -> dict:
             if args.drop_caches:
                 _drop_caches()
             started = time.perf_counter()
-            index, table = scan_files(root, threads=threads)
+            index, table = scan_files(root, processes=threads)
             seconds = time.perf_counter() - started
             files = len(table)
             rates[threads].append(files / seconds)
     result = {"files": files, "drop_caches": args.drop_caches}
     for threads, values in rates.items():
-        result[f"files_per_sec_{threads}_threads"] = statistics.median(values)
-        result[f"us_per_file_{threads}_threads"] = 1e6 / statistics.median(values)
+        result[f"files_per_sec_{threads}_processes"] = statistics.median(values)
+        result[f"us_per_file_{threads}_processes"] = 1e6 / statistics.median(values)
     return result
 
 
@@ -102,7 +102,7 @@ def add_parsers(sub) -> None:
     scan = sub.add_parser("scan")
     scan.add_argument("--root", required=True)
     scan.add_argument("--make", type=int, default=0)
-    scan.add_argument("--threads", type=int, nargs="+", default=[1, 32])
+    scan.add_argument("--processes", dest="threads", type=int, nargs="+", default=[1, 16])
     scan.add_argument("--rounds", type=int, default=3)
     scan.add_argument("--drop-caches", action="store_true")
     checkpoint = sub.add_parser("checkpoint")

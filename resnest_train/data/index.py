@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
 CACHE_VERSION = 2
-SCAN_THREADS = 32  # I/O bound: enough requests in flight for NFS and local disks alike (BENCHMARKS.md)
+SCAN_PROCESSES = 16  # class folders in flight at once: I/O bound on network disks (BENCHMARKS.md, "index scan")
 
 
 class DatasetError(UserError):
@@ -43,16 +43,18 @@ class DatasetIndex:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
-def check_image(path: Path, size: int | None = None) -> str | None:
+def check_image(path: Path | str, size: int | None = None) -> str | None:
     """Return why `path` is not a usable image, or None. Reads only its first and last bytes."""
     try:
-        size = path.stat().st_size if size is None else size
-        if size == 0:
-            return "empty file"
-        with path.open("rb") as handle:
-            head = handle.read(8)
-            handle.seek(max(0, size - 64))
-            tail = handle.read(64)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size if size is None else size
+            if size == 0:
+                return "empty file"
+            head = os.pread(fd, 8, 0)
+            tail = os.pread(fd, 64, max(0, size - 64))
+        finally:
+            os.close(fd)
     except OSError as exc:
         return f"unreadable ({exc.strerror or exc})"
     if head[:3] == b"\xff\xd8\xff":
@@ -63,8 +65,10 @@ def check_image(path: Path, size: int | None = None) -> str | None:
     return "not a JPEG or PNG image"
 
 
-def _list_folder(folder: Path) -> list[tuple[str, int, int, str | None]]:
-    """(name, size, mtime_ns, reason) of every entry named like an image; reason set for non-files."""
+def _scan_folder(task: tuple[str, dict]) -> list[tuple[str, int, int, str | None]]:
+    """(name, size, mtime_ns, reason) of every entry of a class folder named like an image; `known` holds
+    the verdicts of an earlier scan, reused for files whose size and mtime did not change."""
+    folder, known = task
     entries = []
     for entry in os.scandir(folder):
         if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
@@ -74,7 +78,12 @@ def _list_folder(folder: Path) -> list[tuple[str, int, int, str | None]]:
         except OSError:
             entries.append((entry.name, -1, -1, "broken symbolic link"))
             continue
-        reason = None if entry.is_file() else "a directory, not an image file"
+        if not entry.is_file():
+            reason = "a directory, not an image file"
+        else:
+            old = known.get(entry.name)
+            same = old is not None and old[0] == stat.st_size and old[1] == stat.st_mtime_ns
+            reason = old[2] if same else check_image(entry.path, stat.st_size)
         entries.append((entry.name, stat.st_size, stat.st_mtime_ns, reason))
     return sorted(entries)
 
@@ -113,34 +122,34 @@ def scan(root: str | Path) -> DatasetIndex:
 
 
 def scan_files(root: str | Path, previous: dict | None = None,
-               threads: int = SCAN_THREADS) -> tuple[DatasetIndex, dict]:
+               processes: int = SCAN_PROCESSES) -> tuple[DatasetIndex, dict]:
     """Index `root`; `previous` maps relative path -> [size, mtime_ns, reason] from an earlier scan, whose
-    verdicts are reused for unchanged files. Returns the index and the new per-file table."""
+    verdicts are reused for unchanged files. Returns the index and the new per-file table. Class folders
+    are scanned by a pool of processes (no GIL between them; many requests in flight on network disks)."""
     root = Path(root)
     classes = _check_layout(root)
     folders = [(split, label, name) for split in ("train", "val") for label, name in enumerate(classes)
                if (root / split / name).is_dir()]
     previous = previous or {}
-    with ThreadPoolExecutor(threads) as pool:
-        listings = list(pool.map(lambda f: _list_folder(root / f[0] / f[2]), folders))
-        files = [(f"{split}/{name}/{entry[0]}", label, *entry[1:])
-                 for (split, label, name), listing in zip(folders, listings) for entry in listing]
-
-        def verdict(item):
-            rel, _, size, mtime, reason = item
-            if reason is not None:
-                return reason
-            known = previous.get(rel)
-            if known is not None and known[0] == size and known[1] == mtime:
-                return known[2]
-            return check_image(root / rel, size)
-        reasons = list(pool.map(verdict, files, chunksize=256))
-    table = {rel: [size, mtime, reason] for (rel, _, size, mtime, _), reason in zip(files, reasons)}
-    skipped = [(str(root / rel), reason) for (rel, *_), reason in zip(files, reasons) if reason]
-    splits = {"train": [], "val": []}
-    for (rel, label, *_), reason in zip(files, reasons):
-        if not reason:
-            splits[rel.split("/", 1)[0]].append((rel, label))
+    known: dict[str, dict] = {}
+    for rel, verdict in previous.items():
+        folder, _, name = rel.rpartition("/")
+        known.setdefault(folder, {})[name] = verdict
+    tasks = [(str(root / split / name), known.get(f"{split}/{name}", {})) for split, _, name in folders]
+    if processes > 1 and len(tasks) > 1:
+        with ProcessPoolExecutor(min(processes, len(tasks))) as pool:
+            listings = list(pool.map(_scan_folder, tasks))
+    else:
+        listings = [_scan_folder(task) for task in tasks]
+    table, skipped, splits = {}, [], {"train": [], "val": []}
+    for (split, label, name), listing in zip(folders, listings):
+        for entry, size, mtime, reason in listing:
+            rel = f"{split}/{name}/{entry}"
+            table[rel] = [size, mtime, reason]
+            if reason:
+                skipped.append((str(root / rel), reason))
+            else:
+                splits[split].append((rel, label))
     _check_splits(root, classes, splits)
     return DatasetIndex(str(root), classes, splits["train"], splits["val"], skipped), table
 
