@@ -24,7 +24,7 @@ demo: venv $(DEMO_DATA)/train
 
 test: venv
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 bench: venv
 	$(PY) scripts/benchmark.py model --model resnest50 --compare
