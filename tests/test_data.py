@@ -276,3 +276,24 @@ def test_torchvision_evaluation_drops_undecodable_images_instead_of_replacing_th
     seen = sum(len(targets) for _, targets in loader)
     assert seen == 19 and len(loader.delivered) == 19
     assert index.val.index((str(broken.relative_to(root)), 2)) not in loader.delivered
+
+
+def test_torchvision_skips_and_names_an_image_over_the_decompression_bomb_limit(image_root, monkeypatch, caplog):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40 // 4)  # every 40x40 image is > 2x the limit
+    index = load_index(image_root)
+    loader = build_torch_val(make_plan(image_root, workers=0), index.val[:3], batch_size=3)
+    assert list(loader) == [] and loader.delivered == []
+    assert "skipping undecodable image" in caplog.text and index.val[0][0] in caplog.text
+
+
+def test_file_deleted_while_dali_trains_is_named(image_root, tmp_path):
+    root = tmp_path / "vanishing"
+    shutil.copytree(image_root, root)
+    index = load_index(root)
+    loader = build_dali_train(make_plan(root), index.train, batch_size=8)
+    for path, _ in index.train:
+        (root / path).unlink()
+    with pytest.raises(DatasetError, match="deleted since the dataset was indexed") as info:
+        for _ in range(2):
+            list(loader)
+    assert str(root / index.train[-1][0]) in str(info.value) and "Traceback" not in str(info.value)

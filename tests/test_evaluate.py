@@ -76,3 +76,23 @@ def test_checkpoint_that_does_not_fit_is_an_error(odd_root, weights, tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "fc.weight" in result.stderr
     result = evaluate(odd_root, weights, tmp_path / "x.json", "model.name=resnet50d", check=False)
     assert result.returncode == 2 and "missing keys" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--batch-size", "0"], "--batch-size must be from 1 to 65536, got 0"),
+    (["--batch-size", "-1"], "--batch-size must be from 1 to 65536, got -1"),
+    (["--crop-size", "100000"], "--crop-size takes sizes from 8 to 4096"),
+])
+def test_absurd_arguments_are_one_line(odd_root, weights, tmp_path, args, needle):
+    result = evaluate(odd_root, weights, tmp_path / "x.json", *args, check=False)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {result.stderr.strip()[7:]}"
+    assert needle in result.stderr and "Traceback" not in result.stderr
+
+
+def test_predictions_into_a_missing_folder_after_the_results(odd_root, weights, tmp_path):
+    predictions = tmp_path / "new" / "folder" / "preds.csv"
+    report = evaluate(odd_root, weights, tmp_path / "r.json", "--crop-size", "32", "--predictions",
+                      str(predictions), "data.backend=torchvision")
+    rows = predictions.read_text().splitlines()
+    assert rows[0] == "path,label,top5_classes,top5_probs" and len(rows) == 1 + 65
+    assert report["results"][0]["num_images"] == 65

@@ -3,6 +3,7 @@ files, and DDP with two gloo processes (torchrun standalone and two c10d "nodes"
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -11,7 +12,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import TORCHRUN, free_port, metrics, run_script, script_env, train_args
+from tests.conftest import ROOT, TORCHRUN, free_port, metrics, run_script, script_env, train_args
 from tests.test_data import dirty_root  # noqa: F401  (fixture)
 
 
@@ -43,6 +44,9 @@ def test_run_folder_config_continues_the_run(tmp_path):
     assert "already complete" in again.stdout
     more = run_script([train_args(None, tmp_path)[0], "--config", str(tmp_path / "config.yaml"), "train.epochs=2"])
     assert "resuming from" in more.stdout and [r["epoch"] for r in metrics(tmp_path)] == [1, 2]
+    run_script([str(ROOT / "evaluate.py"), "--config", str(tmp_path / "config.yaml"), "--checkpoint",
+                str(tmp_path / "checkpoints" / "last.pt"), "--output", str(tmp_path / "eval.json")])
+    assert json.loads((tmp_path / "eval.json").read_text())["results"][0]["num_images"] == 16
 
 
 @pytest.mark.slow
@@ -95,6 +99,11 @@ def test_two_gloo_processes_train_one_run(image_root, tmp_path):
     assert [r["world_size"] for r in rows] == [2, 2] and rows[-1]["val_images"] == 20
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.jsonl",
                                                            "tb"]
+    # The run evaluated the model it saved: rank 0's BN statistics on both ranks, as in last.pt.
+    run_script([str(ROOT / "evaluate.py"), "--config", str(tmp_path / "config.yaml"), "--checkpoint",
+                str(tmp_path / "checkpoints" / "last.pt"), "--output", str(tmp_path / "eval.json")])
+    result = json.loads((tmp_path / "eval.json").read_text())["results"][0]
+    assert (result["top1"], result["top5"]) == (rows[-1]["val_top1"], rows[-1]["val_top5"])
 
 
 @pytest.mark.slow
