@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,8 +41,23 @@ def _drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
+_SCAN = """import sys, time
+from resnest_train.data.index import scan_files
+started = time.perf_counter()
+_, table = scan_files(sys.argv[1], processes=int(sys.argv[2]))
+print(len(table), time.perf_counter() - started)
+"""
+
+
+def _timed_scan(root: Path, processes: int) -> tuple[int, float]:
+    """In a `python -c` process, as the trainer runs it: the scan's spawned workers re-import the main
+    module, which for this script would mean importing torch once per worker."""
+    out = subprocess.run([sys.executable, "-c", _SCAN, str(root), str(processes)], check=True, capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    return int(out[0]), float(out[1])
+
+
 def bench_scan(args) -> dict:
-    from resnest_train.data.index import scan_files
     root = Path(args.root)
     if args.make:
         make_tiny_jpegs(root, args.make)
@@ -51,10 +67,7 @@ def bench_scan(args) -> dict:
         for threads in args.threads:
             if args.drop_caches:
                 _drop_caches()
-            started = time.perf_counter()
-            index, table = scan_files(root, processes=threads)
-            seconds = time.perf_counter() - started
-            files = len(table)
+            files, seconds = _timed_scan(root, threads)
             rates[threads].append(files / seconds)
     result = {"files": files, "drop_caches": args.drop_caches}
     for threads, values in rates.items():

@@ -14,18 +14,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
 from resnest_train.errors import UserError
+from resnest_train.filescan import IMAGE_EXTENSIONS, decode_error, scan_folder
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
 CACHE_VERSION = 2
 SCAN_PROCESSES = 16  # class folders in flight at once: I/O bound on network disks (BENCHMARKS.md, "index scan")
 
@@ -41,51 +40,6 @@ class DatasetIndex:
     train: list[tuple[str, int]]  # (path relative to root, label)
     val: list[tuple[str, int]]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-
-
-def check_image(path: Path | str, size: int | None = None) -> str | None:
-    """Return why `path` is not a usable image, or None. Reads only its first and last bytes."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            size = os.fstat(fd).st_size if size is None else size
-            if size == 0:
-                return "empty file"
-            head = os.pread(fd, 8, 0)
-            tail = os.pread(fd, 64, max(0, size - 64))
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        return f"unreadable ({exc.strerror or exc})"
-    if head[:3] == b"\xff\xd8\xff":
-        # Some encoders pad after the end-of-image marker, so look for it near the end.
-        return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
-    if head == b"\x89PNG\r\n\x1a\n":
-        return None if b"IEND" in tail else "truncated PNG (no IEND chunk)"
-    return "not a JPEG or PNG image"
-
-
-def _scan_folder(task: tuple[str, dict]) -> list[tuple[str, int, int, str | None]]:
-    """(name, size, mtime_ns, reason) of every entry of a class folder named like an image; `known` holds
-    the verdicts of an earlier scan, reused for files whose size and mtime did not change."""
-    folder, known = task
-    entries = []
-    for entry in os.scandir(folder):
-        if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
-            continue
-        try:
-            stat = entry.stat()
-        except OSError:
-            entries.append((entry.name, -1, -1, "broken symbolic link"))
-            continue
-        if not entry.is_file():
-            reason = "a directory, not an image file"
-        else:
-            old = known.get(entry.name)
-            same = old is not None and old[0] == stat.st_size and old[1] == stat.st_mtime_ns
-            reason = old[2] if same else check_image(entry.path, stat.st_size)
-        entries.append((entry.name, stat.st_size, stat.st_mtime_ns, reason))
-    return sorted(entries)
 
 
 def _class_folders(folder: Path) -> list[str]:
@@ -137,10 +91,11 @@ def scan_files(root: str | Path, previous: dict | None = None,
         known.setdefault(folder, {})[name] = verdict
     tasks = [(str(root / split / name), known.get(f"{split}/{name}", {})) for split, _, name in folders]
     if processes > 1 and len(tasks) > 1:
-        with ProcessPoolExecutor(min(processes, len(tasks))) as pool:
-            listings = list(pool.map(_scan_folder, tasks))
+        # Fresh interpreters, not forks: a fork of a process running gloo or DALI threads can deadlock.
+        with ProcessPoolExecutor(min(processes, len(tasks)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            listings = list(pool.map(scan_folder, tasks))
     else:
-        listings = [_scan_folder(task) for task in tasks]
+        listings = [scan_folder(task) for task in tasks]
     table, skipped, splits = {}, [], {"train": [], "val": []}
     for (split, label, name), listing in zip(folders, listings):
         for entry, size, mtime, reason in listing:
@@ -212,21 +167,11 @@ def warn_skipped(index: DatasetIndex) -> None:
         log.warning("skipped %d bad image file(s):\n%s", len(index.skipped), lines)
 
 
-def _decode_error(path: str) -> str | None:
-    if not os.path.exists(path):
-        return "deleted since the dataset was indexed"
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except Exception as exc:  # noqa: BLE001 - PIL reports broken data in several exception types
-        return f"cannot decode ({exc})"
-    return None
-
-
 def find_undecodable(root: str | Path, samples: list[tuple[str, int]], workers: int | None = None) -> list[str]:
-    """Fully decode every image (in parallel) and return 'PATH (why)' for those that fail: the slow,
-    thorough check, run only after a decoder has failed on a file that passed the cheap header/end check."""
+    """Fully decode every image and return 'PATH (why)' for those that fail: the slow, thorough check, run
+    only after a decoder has failed on a file that passed the cheap header/end check. Threads (PIL decodes
+    without the GIL), not forked processes: the caller runs DALI's threads."""
     paths = [str(Path(root) / path) for path, _ in samples]
-    with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        reasons = list(pool.map(_decode_error, paths, chunksize=64))
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        reasons = list(pool.map(decode_error, paths))
     return [f"{path} ({reason})" for path, reason in zip(paths, reasons) if reason]
