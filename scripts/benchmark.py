@@ -254,7 +254,7 @@ def bench_trainer(args) -> dict:
     return result
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     model = sub.add_parser("model")
@@ -302,7 +302,11 @@ def main(argv=None) -> int:
     attention.add_argument("--batch-size", type=int, default=16)
     attention.add_argument("--rounds", type=int, default=10)
     attention.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     result = {"model": bench_model, "data": bench_data, "trainer": bench_trainer, "attention": bench_attention,
               "scan": benchmark_io.bench_scan, "checkpoint": benchmark_io.bench_checkpoint}[args.what](args)
     print(json.dumps(result))
