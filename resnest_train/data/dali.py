@@ -216,24 +216,34 @@ def _device_id(plan: DataPlan) -> int | None:
     return plan.device.index if plan.device.type == "cuda" else None
 
 
-def build_dali_train(plan: DataPlan, samples: list[tuple[str, int]], *, batch_size: int,
-                     state: dict | None = None, ops: str = "auto") -> DaliLoader:
-    """`ops`: see `graph_ops`; tests build the GPU graph's ops on the CPU with `ops="dali"`."""
+def train_pipeline(plan: DataPlan, samples: list[tuple[str, int]], *, batch_size: int, state: dict | None = None,
+                   ops: str = "auto"):
+    """The training pipeline a run builds, not yet built (tests inspect its graph: tests/test_dali_graph.py).
+    `ops`: see `graph_ops`; tests build the GPU graph's ops on the CPU with `ops="dali"`."""
     files, labels = zip(*samples)
-    pipe = _train_pipeline(
+    return _train_pipeline(
         batch_size=batch_size, num_threads=max(1, plan.workers), device_id=_device_id(plan),
         seed=plan.seed * 1000 + plan.rank + 1, prefetch_queue_depth=2, enable_checkpointing=True,
         checkpoint=(state or {}).get("dali"),
         # The dynamic executor hands batches to torch through DLPack without a copy (BENCHMARKS.md).
         exec_dynamic=True, plan=plan, files=list(files), labels=list(labels), ops=graph_ops(plan, ops))
+
+
+def val_pipeline(plan: DataPlan, shard: list[tuple[str, int]], *, batch_size: int, ops: str = "auto"):
+    """The validation pipeline of this rank's shard, not yet built."""
+    files, labels = zip(*shard)
+    return _val_pipeline(batch_size=batch_size, num_threads=max(1, plan.workers), device_id=_device_id(plan),
+                         seed=0, exec_dynamic=True, plan=plan, files=list(files), labels=list(labels),
+                         ops=graph_ops(plan, ops))
+
+
+def build_dali_train(plan: DataPlan, samples: list[tuple[str, int]], *, batch_size: int,
+                     state: dict | None = None, ops: str = "auto") -> DaliLoader:
+    pipe = train_pipeline(plan, samples, batch_size=batch_size, state=state, ops=ops)
     return DaliLoader(pipe, plan, samples, drop_last=True)
 
 
 def build_dali_val(plan: DataPlan, shard: list[tuple[str, int]], *, batch_size: int, ops: str = "auto"):
     if not shard:
         return []
-    files, labels = zip(*shard)
-    pipe = _val_pipeline(batch_size=batch_size, num_threads=max(1, plan.workers), device_id=_device_id(plan),
-                         seed=0, exec_dynamic=True, plan=plan, files=list(files), labels=list(labels),
-                         ops=graph_ops(plan, ops))
-    return DaliLoader(pipe, plan, shard, drop_last=False)
+    return DaliLoader(val_pipeline(plan, shard, batch_size=batch_size, ops=ops), plan, shard, drop_last=False)

@@ -60,7 +60,8 @@ def _contrast(images, factor):
     # the other way.
     luma = _luma(images)
     total = fn.reductions.sum(luma, dtype=types.INT64)
-    count = fn.reductions.sum(fn.ones_like(luma), dtype=types.INT64)
+    height_width = luma.shape(dtype=types.INT64)  # metadata, read on the CPU whatever the images' device
+    count = height_width[0] * height_width[1]
     centre = (2 * total + count) // (2 * count)
     return _blend(fn.cast(centre, dtype=types.FLOAT), images, factor)
 
@@ -74,7 +75,9 @@ def _sharpness(images, factor):
     of the smoothed image unfiltered, so the border keeps its pixels."""
     kernel = types.Constant(_SMOOTH, device=images.device)
     smooth = dali_math.floor((fn.filter(images, kernel, border="clamp", dtype=types.FLOAT) + 6) / 13)
-    ones = fn.cast(fn.ones_like(images), dtype=types.UINT8)
+    # All ones, on the images' device: DALI 2.4 implements `ones_like` on the CPU only (its operator
+    # registry: `gpu_ops()` has no OnesLike), and a GPU graph with it fails to build.
+    ones = fn.cast(images >= 0, dtype=types.UINT8)
     interior = fn.filter(ones, kernel, border="constant", dtype=types.FLOAT) == 13  # full 3x3 window
     keep = fn.cast(interior, dtype=types.UINT8)
     return fn.cast(_blend(smooth, images, factor) * keep + images * (1 - keep), dtype=types.UINT8)
