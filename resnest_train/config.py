@@ -136,7 +136,8 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 270
-    batch_size: int = 128
+    global_batch: int | None = 8192  # the recipe's batch; None: batch_size x processes
+    batch_size: int = 128  # per process: the micro-batch
     label_smoothing: float = 0.1
     mixup_alpha: float = 0.2
     device: str = "auto"
@@ -151,6 +152,8 @@ class TrainConfig:
     def __post_init__(self):
         _check_range("train.epochs", self.epochs, 1, 100_000)
         _check_range("train.batch_size", self.batch_size, 1, 65_536)
+        if self.global_batch is not None:
+            _check_range("train.global_batch", self.global_batch, 1, 16_777_216)
         _check_range("train.label_smoothing", self.label_smoothing, 0.0, 1.0)
         _check_range("train.mixup_alpha", self.mixup_alpha, 0.0)
         _check_choice("train.device", self.device, ("auto", "cuda", "cpu"))

@@ -1,4 +1,4 @@
-"""One training step and one validation pass: explicit objects in, numbers out.
+"""One training micro-step and optimizer step, one validation pass: explicit objects in, numbers out.
 
 One code path for every precision (STYLE.md): autocast is enabled for bf16/fp16 where the device supports
 it, and the GradScaler is a no-op unless fp16. Losses stay on the device; the caller fetches them in one
@@ -7,11 +7,13 @@ batch at log time, so there is no host sync per step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from resnest_train.distributed import DistInfo, all_reduce_sum
 
@@ -46,16 +48,40 @@ def resolve_precision(amp: str, device: torch.device) -> Precision:
     return Precision(True, _AMP_DTYPES[amp], device.type)
 
 
-def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, criterion: nn.Module,
-               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, precision: Precision) -> torch.Tensor:
-    """Forward, backward and update on one batch; returns the detached loss (still on the device)."""
-    with precision.autocast():
-        loss = criterion(model(images), targets)
-    scaler.scale(loss).backward()
+def _ddp(model: nn.Module) -> DistributedDataParallel | None:
+    """The DDP wrapper of a (possibly compiled) model, if any."""
+    inner = getattr(model, "_orig_mod", model)
+    return inner if isinstance(inner, DistributedDataParallel) else None
+
+
+def forward_backward(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, criterion: nn.Module,
+                     scaler: torch.amp.GradScaler, precision: Precision, loss_scale: float = 1.0,
+                     sync: bool = True) -> torch.Tensor:
+    """One micro-batch: forward and backward, its gradients added to `.grad`; returns the detached loss
+    (still on the device). `loss_scale` = 1 / accumulation steps, so the summed gradients are the mean over
+    the global batch (DDP averages over processes). `sync`: DDP all-reduces in this backward; the earlier
+    micro-batches of a step run under `no_sync` (forward included, as DDP requires)."""
+    ddp = _ddp(model)
+    with contextlib.nullcontext() if sync or ddp is None else ddp.no_sync():
+        with precision.autocast():
+            loss = criterion(model(images), targets)
+        scaler.scale(loss if loss_scale == 1.0 else loss * loss_scale).backward()
+    return loss.detach()
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """One update from the accumulated gradients: one GradScaler step per optimizer step."""
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+
+
+def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, criterion: nn.Module,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, precision: Precision) -> torch.Tensor:
+    """Forward, backward and update on one batch (no accumulation); returns the detached loss."""
+    loss = forward_backward(model, images, targets, criterion=criterion, scaler=scaler, precision=precision)
+    optimizer_step(optimizer, scaler)
+    return loss
 
 
 @dataclass

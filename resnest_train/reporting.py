@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from resnest_train.distributed import DistInfo
+from resnest_train.distributed import DistInfo, all_reduce_sum
 from resnest_train.schedule import TrainPlan
 
 log = logging.getLogger("resnest_train")
@@ -65,7 +66,12 @@ class RunReporter:
         self.data_wait += waited
         self.interval_wait += waited
 
+    def micro_step_done(self) -> None:
+        """A micro-batch computed: the wait for the next one starts now."""
+        self.data_start = time.perf_counter()
+
     def step_done(self, step: int, batch: int, loss: torch.Tensor, lr: float, images: int) -> None:
+        """`loss`: this process's mean over its micro-batches of the step; `images`: the global batch."""
         self.loss_sum += loss
         self.loss_count += 1
         self.epoch_images += images
@@ -76,7 +82,9 @@ class RunReporter:
         self.data_start = time.perf_counter()
 
     def _flush(self, step: int, batch: int) -> None:
-        losses = torch.stack([loss for _, loss, _ in self._pending]).float().cpu().tolist()  # one sync
+        # The mean over the global batch: every process's losses, in one collective and one transfer.
+        stacked = torch.stack([loss for _, loss, _ in self._pending]).float()
+        losses = (all_reduce_sum(stacked, self.dist) / self.dist.world_size).cpu().tolist()
         now = time.perf_counter()
         elapsed = max(now - self.interval_start, 1e-9)
         speed = self.interval_images / elapsed
@@ -105,7 +113,8 @@ class RunReporter:
     # ------------------------------------------------------------------------------------------- epochs
     def end_epoch(self, step: int, lr: float) -> dict:
         seconds = time.perf_counter() - self.epoch_start
-        loss = (self.loss_sum / max(self.loss_count, 1)).item()
+        total = all_reduce_sum(self.loss_sum.float().reshape(1), self.dist) / self.dist.world_size
+        loss = (total / max(self.loss_count, 1)).item()
         return {"train_loss": loss, "lr": lr, "images_per_sec": self.epoch_images / max(seconds, 1e-9),
                 "data_wait_share": self.data_wait / max(seconds, 1e-9), "epoch_seconds": seconds,
                 "world_size": self.dist.world_size, "step": step}
@@ -128,6 +137,28 @@ class RunReporter:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class SampleRecord:
+    """Which training samples each micro-batch held, one JSON line per micro-batch in
+    `$RESNEST_TRAIN_SAMPLE_LOG/rank<R>.jsonl` when that variable names a folder (tests check the data
+    order with it: every image of an epoch used exactly once, whatever the processes); a no-op otherwise."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    @classmethod
+    def from_env(cls, rank: int) -> SampleRecord:
+        folder = os.environ.get("RESNEST_TRAIN_SAMPLE_LOG")
+        return cls(Path(folder) / f"rank{rank}.jsonl" if folder else None)
+
+    def write(self, progress, micro_batch: int, samples: torch.Tensor) -> None:
+        if self.path is None:
+            return
+        row = {"epoch": progress.epoch, "step": progress.step, "micro_batch": micro_batch,
+               "samples": samples.tolist()}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
 
 
 def _duration(seconds: float) -> str:

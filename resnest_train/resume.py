@@ -4,7 +4,7 @@ sends each rank what it needs.
 Deciding per rank from the filesystem is wrong on clusters: node-local output folders or NFS attribute
 caching give ranks different checkpoints or none, and the run silently diverges (or one rank says
 "complete" while the others wait). Here rank 0 alone finds the state; the others receive its summary
-(epoch, step, position, world size, global batch) and so reach the same decisions; the model reaches them
+(epoch, step, position, world size, global and micro-batch) and so reach the same decisions; the model reaches them
 through DDP's broadcast of rank 0's parameters, the optimizer state by broadcast, and each rank's own RNG
 and data position by scatter. After restoring, all ranks must agree on the step.
 """
@@ -18,8 +18,9 @@ import torch
 from resnest_train import checkpoint as ckpt
 from resnest_train.distributed import DistInfo, broadcast_object, scatter_object
 from resnest_train.errors import UserError
+from resnest_train.schedule import BatchLayout
 
-SUMMARY = ("epoch", "batch", "step", "world_size", "global_batch", "best_top1", "scaler")
+SUMMARY = ("epoch", "batch", "step", "world_size", "global_batch", "micro_batch", "best_top1", "scaler")
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Progress:
     """Where the run is; the only mutable part of a run."""
 
     epoch: int = 0
-    batch: int = 0  # batches done in `epoch`
+    batch: int = 0  # optimizer steps done in `epoch`
     step: int = 0
     best_top1: float = -1.0
 
@@ -43,6 +44,7 @@ class ResumeSummary:
     global_batch: int | None
     best_top1: float
     scaler: dict = field(default_factory=dict)
+    micro_batch: int | None = None  # None: a checkpoint written before accumulation existed
 
 
 def share_decision(state: dict | None, error: str | None, dist: DistInfo) -> ResumeSummary | None:
@@ -56,28 +58,27 @@ def share_decision(state: dict | None, error: str | None, dist: DistInfo) -> Res
     return summary
 
 
-def check_layout(summary: ResumeSummary, *, world_size: int, global_batch: int) -> None:
-    """A DALI reader position restored into another shard layout is undefined, and a sampler position is
-    counted in batches of the old size: refuse both mid-epoch (at an epoch boundary they are re-placed)."""
+def check_layout(summary: ResumeSummary, layout: BatchLayout) -> None:
+    """Mid-epoch, the rest of the epoch is the rest of its steps of `global_batch` images: any number of
+    processes can take it over (the data order is dealt anew), but another global batch cannot."""
     if summary.batch == 0:
         return
-    if summary.world_size != world_size:
-        raise ckpt.CheckpointError(
-            f"checkpoint at step {summary.step} was taken mid-epoch with world size {summary.world_size}; "
-            f"resume it with the same number of processes (now {world_size})")
-    if summary.global_batch is not None and summary.global_batch != global_batch:
+    if summary.global_batch is not None and summary.global_batch != layout.global_batch:
         raise ckpt.CheckpointError(
             f"checkpoint at step {summary.step} was taken mid-epoch with a global batch of "
-            f"{summary.global_batch}; resume it with the same train.batch_size x processes (now {global_batch})")
+            f"{summary.global_batch}; resume it with the same global batch (train.global_batch, or "
+            f"train.batch_size x processes; now {layout.global_batch})")
 
 
-def same_layout(summary: ResumeSummary, *, world_size: int, global_batch: int) -> bool:
-    return summary.world_size == world_size and summary.global_batch in (None, global_batch)
+def same_layout(summary: ResumeSummary, layout: BatchLayout) -> bool:
+    """Saved with these processes, micro-batch and global batch: each rank's own state applies again."""
+    return (summary.world_size == layout.world_size and summary.global_batch in (None, layout.global_batch)
+            and summary.micro_batch in (None, layout.micro_batch))
 
 
-def rank_states(state: dict | None, summary: ResumeSummary | None, dist: DistInfo, global_batch: int) -> dict:
+def rank_states(state: dict | None, summary: ResumeSummary | None, dist: DistInfo, layout: BatchLayout) -> dict:
     """This rank's RNG and data position, when the layout is the one they were saved in."""
-    if summary is None or not same_layout(summary, world_size=dist.world_size, global_batch=global_batch):
+    if summary is None or not same_layout(summary, layout):
         return {}
     return scatter_object(state["ranks"] if dist.is_main else None, dist)
 

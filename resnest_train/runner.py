@@ -23,18 +23,21 @@ from resnest_train.config import Config, to_dict, to_yaml
 from resnest_train.data import (
     DataPlan,
     Loader,
+    TrainOrder,
     build_data_plan,
     build_train_loader,
     build_val_loader,
     load_dataset_index,
+    num_train_images,
 )
 from resnest_train.distributed import DistInfo, broadcast_object, cleanup, gather_object, setup_distributed
-from resnest_train.engine import Precision, resolve_precision, train_step, validate
+from resnest_train.engine import Precision, forward_backward, optimizer_step, resolve_precision, validate
 from resnest_train.errors import UserError
 from resnest_train.loss import build_criterion, build_mixup
 from resnest_train.optim import build_optimizer
 from resnest_train.process import cpu_speed_settings, seed_everything, stop_signals
-from resnest_train.reporting import RunReporter, configure_logging, truncate_metrics
+from resnest_train.randomness import seed_micro_batch
+from resnest_train.reporting import RunReporter, SampleRecord, configure_logging, truncate_metrics
 from resnest_train.resume import Progress
 from resnest_train.run_folder import prepare_run_folder
 from resnest_train.schedule import TrainPlan, build_train_plan
@@ -57,6 +60,7 @@ class Run:
     criterion: nn.Module
     mixup: object  # timm Mixup, or None
     precision: Precision
+    order: TrainOrder
     train_loader: Loader
     val_loader: Loader
 
@@ -88,15 +92,19 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
         log.info("run in %s is already complete (%d epochs); nothing to do", config.output_dir, summary.epoch)
         return None
     data = build_data_plan(config, dist)
-    global_batch = train_cfg.batch_size * dist.world_size
-    if summary is not None:
-        resume.check_layout(summary, world_size=dist.world_size, global_batch=global_batch)
-    rank_state = resume.rank_states(state, summary, dist, global_batch)
     index = load_dataset_index(data, dist)
     _check_classes(index, config)
-    train_loader = build_train_loader(data, index, batch_size=train_cfg.batch_size, state=rank_state.get("data"))
+    num_images = num_train_images(data, index)
+    plan = build_train_plan(config, dist.world_size, num_images)
+    _warn_small_micro_batch(config)
+    if summary is not None:
+        resume.check_layout(summary, plan.layout)
+    rank_state = resume.rank_states(state, summary, dist, plan.layout)
+    progress = _start(summary, plan)
+    order = TrainOrder(train_cfg.seed, num_images, plan.layout, plan.steps_per_epoch, dist.rank)
+    train_loader = build_train_loader(data, index, order, start=(progress.epoch, progress.batch),
+                                      state=rank_state.get("data"))
     val_loader = build_val_loader(data, index, batch_size=train_cfg.batch_size)
-    plan = build_train_plan(config, dist.world_size, len(train_loader))
     # DDP's constructor broadcasts rank 0's parameters and buffers: the weights rank 0 loaded reach all.
     model = wrap_for_training(place(model, dist, channels_last=train_cfg.channels_last), dist,
                               sync_bn=config.model.sync_bn, compile_model=train_cfg.compile)
@@ -104,14 +112,34 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
     optimizer = build_optimizer(unwrap(model), config.optim, plan.peak_lr)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision.needs_scaler)
     run = Run(config, dist, plan, data, model, optimizer, scaler, build_criterion(train_cfg),
-              build_mixup(train_cfg, config.model.num_classes), precision, train_loader, val_loader)
-    progress = _restore(run, state, summary, rank_state) if summary is not None else Progress()
+              build_mixup(train_cfg, config.model.num_classes), precision, order, train_loader, val_loader)
+    if summary is not None:
+        _restore(run, state, summary, rank_state, progress)
     if dist.is_main:
-        header = "resolved config of this run: a valid --config for train.py (continues it) and evaluate.py\n"
-        header += "derived: " + ", ".join(f"{k} {v}" for k, v in plan.derived().items())
-        (Path(config.output_dir) / "config.yaml").write_text(to_yaml(config, header))
-        truncate_metrics(config.output_dir, progress.epoch)
+        _write_resolved_config(config, plan, progress)
     return run, progress
+
+
+def _write_resolved_config(config: Config, plan: TrainPlan, progress: Progress) -> None:
+    derived = ", ".join(f"{k} {v}" for k, v in plan.derived().items())
+    log.info("global batch %d = %d processes x micro-batch %d x %d accumulation steps; lr %g, %d steps per "
+             "epoch, %d warmup steps", plan.global_batch, plan.world_size, plan.layout.micro_batch,
+             plan.layout.accumulation, plan.peak_lr, plan.steps_per_epoch, plan.warmup_steps)
+    header = "resolved config of this run: a valid --config for train.py (continues it) and evaluate.py\n"
+    (Path(config.output_dir) / "config.yaml").write_text(to_yaml(config, header + "derived: " + derived))
+    truncate_metrics(config.output_dir, progress.epoch)
+
+
+# Split attention normalises each micro-batch with BatchNorm: below about 16 images per process the
+# statistics get noisy enough for NaN losses (the official repository's advice: >= 16 per GPU, or SyncBN).
+MIN_BN_MICRO_BATCH = 16
+
+
+def _warn_small_micro_batch(config: Config) -> None:
+    if config.train.batch_size < MIN_BN_MICRO_BATCH and not config.model.sync_bn:
+        log.warning("train.batch_size=%d per process is below %d: BatchNorm statistics of split attention over "
+                    "so few images can give NaN losses; use a micro-batch of %d or more, or model.sync_bn=true",
+                    config.train.batch_size, MIN_BN_MICRO_BATCH, MIN_BN_MICRO_BATCH)
 
 
 def _check_classes(index, config: Config) -> None:
@@ -120,22 +148,29 @@ def _check_classes(index, config: Config) -> None:
                         f"{config.model.num_classes}; set model.num_classes={len(index.classes)}")
 
 
-def _restore(run: Run, state: dict | None, summary: resume.ResumeSummary, rank_state: dict) -> Progress:
+def _start(summary: resume.ResumeSummary | None, plan: TrainPlan) -> Progress:
+    """Where training continues. A checkpoint of another global batch (only at an epoch boundary: checked
+    before) places the schedule at this epoch's start in the new steps per epoch."""
+    if summary is None:
+        return Progress()
+    progress = Progress(summary.epoch, summary.batch, summary.step, summary.best_top1)
+    if summary.global_batch is not None and summary.global_batch != plan.global_batch:
+        progress.step = progress.epoch * plan.steps_per_epoch
+    return progress
+
+
+def _restore(run: Run, state: dict | None, summary: resume.ResumeSummary, rank_state: dict,
+             progress: Progress) -> None:
     resume.restore_optimizer(run.optimizer, state, run.dist)
     if summary.scaler:  # empty when the checkpoint's run did not use fp16
         run.scaler.load_state_dict(summary.scaler)
-    progress = Progress(summary.epoch, summary.batch, summary.step, summary.best_top1)
-    if not resume.same_layout(summary, world_size=run.dist.world_size, global_batch=run.plan.global_batch):
-        # Only at an epoch boundary (checked before): steps per epoch changed with the global batch, so
-        # place the schedule at this epoch's start for the new layout.
+    if summary.world_size != run.dist.world_size or summary.global_batch != run.plan.global_batch:
         log.warning("resuming a run of world size %d (global batch %s) with world size %d (global batch %d) at "
-                    "epoch %d", summary.world_size, summary.global_batch, run.dist.world_size,
-                    run.plan.global_batch, progress.epoch)
-        progress.step = progress.epoch * run.plan.steps_per_epoch
+                    "epoch %d, step %d of %d", summary.world_size, summary.global_batch, run.dist.world_size,
+                    run.plan.global_batch, progress.epoch, progress.batch, run.plan.steps_per_epoch)
     if "rng" in rank_state:
         ckpt.set_rng_state(rank_state["rng"])
     resume.check_agreement(progress.step, run.dist)
-    return progress
 
 
 def _should_stop(dist: DistInfo, requested: bool) -> bool:
@@ -179,26 +214,47 @@ def _ramp_dropblock(run: Run, step: int) -> None:
         unwrap(run.model).set_dropblock_prob(run.plan.dropblock(step))
 
 
+def _micro_step(run: Run, step: int, micro_step: int, images, targets, reporter: RunReporter) -> torch.Tensor:
+    """One micro-batch of optimizer step `step`: its own random draws (mixup, DropBlock, dropout) seeded
+    from (seed, step, micro-batch), so they do not depend on the process that runs it."""
+    seed_micro_batch(run.config.train.seed, step, run.order.micro_batch_index(micro_step))
+    if run.mixup is not None:
+        images, targets = run.mixup(images, targets)
+    if step == 0 and micro_step == 0:
+        reporter.image_grid(images)
+    accumulation = run.plan.layout.accumulation
+    return forward_backward(run.model, images, targets, criterion=run.criterion, scaler=run.scaler,
+                            precision=run.precision, loss_scale=1.0 / accumulation,
+                            sync=micro_step == accumulation - 1)
+
+
 def _train_epoch(run: Run, progress: Progress, reporter: RunReporter, stop) -> bool:
-    """Steps until the epoch ends (True) or a stop is requested (False)."""
+    """Optimizer steps until the epoch ends (True) or a stop is requested (False); checkpoints and stops
+    only between optimizer steps."""
     train_mode(run.model, run.config.model.freeze)
     run.train_loader.set_epoch(progress.epoch)
     interval = run.config.checkpoint.interval_steps
     check_every = 1 if not run.dist.distributed else 10
+    accumulation = run.plan.layout.accumulation
+    record = SampleRecord.from_env(run.dist.rank)
     reporter.start_epoch(progress.epoch)
+    losses = []
     for images, targets in run.train_loader:
         reporter.data_ready()
-        lr = _set_lr(run, progress.step)
-        _ramp_dropblock(run, progress.step)
-        if run.mixup is not None:
-            images, targets = run.mixup(images, targets)
-        if progress.step == 0:
-            reporter.image_grid(images)
-        loss = train_step(run.model, images, targets, criterion=run.criterion, optimizer=run.optimizer,
-                          scaler=run.scaler, precision=run.precision)
+        if not losses:
+            lr = _set_lr(run, progress.step)
+            _ramp_dropblock(run, progress.step)
+        record.write(progress, run.order.micro_batch_index(len(losses)), run.train_loader.last_samples)
+        losses.append(_micro_step(run, progress.step, len(losses), images, targets, reporter))
+        if len(losses) < accumulation:
+            reporter.micro_step_done()
+            continue
+        optimizer_step(run.optimizer, run.scaler)
         progress.batch += 1
         progress.step += 1
-        reporter.step_done(progress.step, progress.batch, loss, lr, images.shape[0] * run.dist.world_size)
+        reporter.step_done(progress.step, progress.batch, torch.stack(losses).mean() if accumulation > 1
+                           else losses[0], lr, run.plan.global_batch)
+        losses = []
         if progress.batch == run.plan.steps_per_epoch:
             continue  # the epoch-end checkpoint follows the last batch
         if interval and progress.step % interval == 0:

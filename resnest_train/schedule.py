@@ -1,9 +1,12 @@
-"""The run's step plan (global batch, peak lr, steps per epoch, total and warmup steps), computed once,
-and the learning rate as a pure function of the global step: linear warmup from 0, then cosine to min_lr.
+"""The recipe's batch and step plan, computed once: the global batch and how it is split (`BatchLayout`),
+the peak lr, steps per epoch, total and warmup steps; the learning rate and DropBlock as functions of the
+global step.
 
-Both phases update every iteration (the ResNeSt recipe, docs/RECIPE.md; "Bag of Tricks", arXiv
-1812.01187). Resuming needs only the step, nothing else. DropBlock's probability ramps linearly from 0 to
-its target over the whole run, also by step.
+The global batch is the recipe's invariant (`train.global_batch`; the published ResNeSt-50 run: 8192 =
+64 GPUs x 128): everything the recipe derives from the batch (lr = optim.lr x global / 256, steps per
+epoch, warmup and total steps, the DropBlock ramp) comes from it, so it does not change with the number of
+processes. Processes x micro-batch (`train.batch_size`) x accumulation steps = global batch. Both lr phases
+update every iteration (docs/RECIPE.md; "Bag of Tricks", arXiv 1812.01187); resuming needs only the step.
 """
 
 from __future__ import annotations
@@ -11,19 +14,66 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from resnest_train.config import Config
+from resnest_train.config import Config, ConfigError
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """One optimizer step's images: `global_batch` = `world_size` x `micro_batch` x `accumulation`."""
+
+    global_batch: int
+    micro_batch: int
+    world_size: int
+
+    @property
+    def accumulation(self) -> int:
+        return self.global_batch // (self.micro_batch * self.world_size)
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per optimizer step, on all processes together."""
+        return self.global_batch // self.micro_batch
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def resolve_layout(global_batch: int | None, micro_batch: int, world_size: int, *, even: bool = False) -> BatchLayout:
+    """`global_batch` None: one micro-batch per process per step (global = micro-batch x processes).
+    `even`: micro-batches must be even (batch mixup pairs the images of a micro-batch)."""
+    if global_batch is None:
+        return BatchLayout(micro_batch * world_size, micro_batch, world_size)
+    if global_batch % (micro_batch * world_size) == 0:
+        return BatchLayout(global_batch, micro_batch, world_size)
+    if global_batch % world_size:
+        counts = ", ".join(map(str, _divisors(global_batch)[:12]))
+        raise ConfigError(f"train.global_batch={global_batch} cannot be split over {world_size} processes: no "
+                          f"valid train.batch_size for {world_size} processes (process counts that divide it: "
+                          f"{counts}, ...)")
+    sizes = [d for d in _divisors(global_batch // world_size) if not even or d % 2 == 0]
+    raise ConfigError(f"train.global_batch={global_batch} is not a multiple of {world_size} processes x "
+                      f"train.batch_size={micro_batch}; valid train.batch_size for {world_size} processes: "
+                      f"{', '.join(map(str, sizes))}")
 
 
 @dataclass(frozen=True)
 class TrainPlan:
-    world_size: int
-    global_batch: int
+    layout: BatchLayout
     peak_lr: float  # optim.lr per 256 images, scaled to the global batch
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
     min_lr: float
     dropblock_prob: float
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    @property
+    def global_batch(self) -> int:
+        return self.layout.global_batch
 
     def lr(self, step: int) -> float:
         return learning_rate(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
@@ -34,16 +84,23 @@ class TrainPlan:
 
     def derived(self) -> dict:
         """What config.yaml records next to the config (the values a run computes from it)."""
-        return {"world_size": self.world_size, "global_batch": self.global_batch, "lr": self.peak_lr,
-                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+        return {"world_size": self.world_size, "global_batch": self.global_batch,
+                "micro_batch": self.layout.micro_batch, "accumulation": self.layout.accumulation,
+                "lr": self.peak_lr, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                 "warmup_steps": self.warmup_steps}
 
 
-def build_train_plan(config: Config, world_size: int, steps_per_epoch: int) -> TrainPlan:
-    global_batch = config.train.batch_size * world_size
-    return TrainPlan(world_size=world_size, global_batch=global_batch,
-                     peak_lr=config.optim.lr * global_batch / 256, steps_per_epoch=steps_per_epoch,
-                     total_steps=config.train.epochs * steps_per_epoch,
+def build_train_plan(config: Config, world_size: int, num_images: int) -> TrainPlan:
+    """`num_images`: the training images of one epoch; its last partial global batch is dropped."""
+    train = config.train
+    layout = resolve_layout(train.global_batch, train.batch_size, world_size, even=train.mixup_alpha > 0)
+    steps_per_epoch = num_images // layout.global_batch
+    if steps_per_epoch == 0:
+        batch = (f"train.global_batch={layout.global_batch}" if train.global_batch is not None
+                 else f"train.batch_size={train.batch_size} x {world_size} processes")
+        raise ConfigError(f"{batch} is larger than the {num_images} training images: no full batch per epoch")
+    return TrainPlan(layout=layout, peak_lr=config.optim.lr * layout.global_batch / 256,
+                     steps_per_epoch=steps_per_epoch, total_steps=train.epochs * steps_per_epoch,
                      warmup_steps=round(config.schedule.warmup_epochs * steps_per_epoch),
                      min_lr=config.schedule.min_lr, dropblock_prob=config.model.dropblock_prob)
 

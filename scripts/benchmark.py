@@ -145,14 +145,18 @@ def bench_attention(args) -> dict:
 
 def _data_loader(backend: str, args, autoaugment_on: str | None = None):
     from resnest_train.config import from_dict
-    from resnest_train.data import build_data_plan, build_train_loader
+    from resnest_train.data import TrainOrder, build_data_plan, build_train_loader
     from resnest_train.data.index import load_index
     from resnest_train.distributed import DistInfo
+    from resnest_train.schedule import BatchLayout
     config = from_dict({"data": dict(root=args.root, backend=backend, workers=args.workers, crop_size=args.crop_size,
                                      autoaugment=args.autoaugment, autoaugment_on=autoaugment_on or args.autoaugment_on,
                                      color_jitter=args.color_jitter, lighting=args.lighting)})
     plan = build_data_plan(config, DistInfo(0, 0, 1, torch.device(args.device)))
-    return build_train_loader(plan, load_index(args.root), batch_size=args.batch_size)
+    index = load_index(args.root)
+    order = TrainOrder(0, len(index.train), BatchLayout(args.batch_size, args.batch_size, 1),
+                       len(index.train) // args.batch_size, 0)
+    return build_train_loader(plan, index, order)
 
 
 def _images_per_sec(loader, seconds: float, settle: float) -> float:
@@ -162,6 +166,8 @@ def _images_per_sec(loader, seconds: float, settle: float) -> float:
     round)."""
     images, started, settled = 0, time.perf_counter(), None
     while True:
+        loader.epochs = getattr(loader, "epochs", -1) + 1
+        loader.set_epoch(loader.epochs)
         for batch, _ in loader:
             now = time.perf_counter()
             if settled is None and now - started > settle:
@@ -195,11 +201,12 @@ def bench_data(args) -> dict:
     return result
 
 
-def _trainer_run(args, out: Path) -> float:
+def _trainer_run(args, out: Path, accumulation: int = 1) -> float:
     from resnest_train.config import load_config
     from resnest_train.runner import train
     root = Path(__file__).resolve().parents[1]
     config = load_config(root / "configs" / "demo.yaml", [
+        f"train.global_batch={args.batch_size * accumulation}",
         f"output_dir={out}", "data.backend=synthetic", f"data.synthetic_size={args.batch_size * args.steps}",
         f"model.name={args.model}", f"train.batch_size={args.batch_size}", f"data.crop_size={args.image_size}",
         f"data.val_crop_size={args.image_size}", "train.epochs=2", "checkpoint.keep_last=0",
@@ -240,17 +247,24 @@ def bench_trainer(args) -> dict:
     if args.flush_denormal is not None:
         process.FLUSH_DENORMAL = args.flush_denormal == "on"
     torch.set_flush_denormal(process.FLUSH_DENORMAL)
-    trainer, bare = [], []
+    trainer, bare, accumulated = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
             trainer.append(_trainer_run(args, Path(tmp) / f"run{round_}"))
             if args.compare:
                 bare.append(_bare_run(args))
+            if args.compare_accumulation:
+                accumulated.append(_trainer_run(args, Path(tmp) / f"acc{round_}", args.compare_accumulation))
     result = {"model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
               "flush_denormal": process.FLUSH_DENORMAL, "images_per_sec": statistics.median(trainer)}
     if args.compare:
         result["bare_images_per_sec"] = statistics.median(bare)
         result["ratio_vs_bare"] = result["images_per_sec"] / result["bare_images_per_sec"]
+    if args.compare_accumulation:
+        key = f"accumulation_{args.compare_accumulation}"
+        result[f"{key}_images_per_sec"] = statistics.median(accumulated)
+        result[f"ratio_{key}_vs_1"] = result[f"{key}_images_per_sec"] / result["images_per_sec"]
+        result["rounds"] = {"accumulation_1": trainer, key: accumulated}
     return result
 
 
@@ -296,6 +310,8 @@ def _parser() -> argparse.ArgumentParser:
     trainer.add_argument("--rounds", type=int, default=3)
     trainer.add_argument("--threads", type=int, default=2)
     trainer.add_argument("--compare", action="store_true")
+    trainer.add_argument("--compare-accumulation", type=int, default=0, metavar="K",
+                         help="also run with K accumulation steps of the same micro-batch (global batch K x it)")
     trainer.add_argument("--flush-denormal", choices=["on", "off"], help="default: the trainer's setting")
     benchmark_io.add_parsers(sub)
     attention = sub.add_parser("attention")

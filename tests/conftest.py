@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from resnest_train.config import from_dict
+from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan, build_data_plan
 from resnest_train.distributed import DistInfo
+from resnest_train.schedule import BatchLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
@@ -68,6 +70,14 @@ def make_plan(root, *, rank: int = 0, world_size: int = 1, seed: int = 0, channe
     config = from_dict({"model": {"num_classes": 4}, "data": values,
                         "train": {"seed": seed, "channels_last": channels_last}})
     return build_data_plan(config, DistInfo(rank, rank, world_size, torch.device("cpu")))
+
+
+def make_order(num_samples: int, batch_size: int, *, world_size: int = 1, rank: int = 0,
+               global_batch: int | None = None, seed: int = 0) -> TrainOrder:
+    """Process `rank`'s data order over `num_samples` training samples (global batch: one micro-batch per
+    process unless given)."""
+    layout = BatchLayout(global_batch or batch_size * world_size, batch_size, world_size)
+    return TrainOrder(seed, num_samples, layout, num_samples // layout.global_batch, rank)
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,10 @@ from PIL import Image
 
 from resnest_train.data import dali
 from resnest_train.data.dali_cpu import resize_one, saturate_one
+from resnest_train.data.dali_train import build_dali_train
 from resnest_train.data.index import load_index
 from resnest_train.data.torchvision import val_transform
-from tests.conftest import make_plan
+from tests.conftest import make_order, make_plan
 
 
 def photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -43,7 +44,8 @@ def test_saturation_matches_torchvision(factor):
 
 
 def _first_batch(root, plan, ops: str) -> torch.Tensor:
-    loader = dali.build_dali_train(plan, load_index(root).train, batch_size=8, ops=ops)
+    loader = build_dali_train(plan, load_index(root).train, make_order(48, 8, seed=plan.seed), ops=ops)
+    loader.set_epoch(0)
     return next(iter(loader))[0]
 
 

@@ -24,6 +24,7 @@ from resnest_train.data import dali  # noqa: E402
 from tests.conftest import make_plan  # noqa: E402
 
 SAMPLES = [("a/0.jpg", 0), ("b/1.jpg", 1)]
+FILES, IDS = ["a/0.jpg", "b/1.jpg"], [0, 1]
 REGISTRY = {"cpu": set(_registry.cpu_ops()), "gpu": set(_registry.gpu_ops()), "mixed": set(_registry.mixed_ops())}
 
 
@@ -69,7 +70,7 @@ def _variant_id(variant: dict) -> str:
 def test_gpu_training_graph_runs_every_op_where_dali_has_it(tmp_path, variant):
     layout = variant.pop("channels_last")
     plan = gpu_plan(tmp_path, channels_last=layout, color_jitter=0.4, lighting=0.1, hflip=True, **variant)
-    pipe = dali.train_pipeline(plan, SAMPLES, batch_size=2)
+    pipe = dali.train_pipeline(plan, FILES, IDS, batch_size=2, seed=1)
     assert pipe.device_id == 0
     assert graph_problems(pipe) == []
 
@@ -85,15 +86,15 @@ def test_gpu_validation_graph_runs_every_op_where_dali_has_it(tmp_path, decoder,
 def test_cpu_decoding_for_a_gpu_trainer_hands_the_batch_over(tmp_path, autoaugment_on):
     """`data.dali_device=cpu` on a GPU node: host ops on the CPU, then `.gpu()` for both outputs."""
     plan = gpu_plan(tmp_path, decoder="cpu", autoaugment="imagenet", autoaugment_on=autoaugment_on)
-    pipe = dali.train_pipeline(plan, SAMPLES, batch_size=2)
+    pipe = dali.train_pipeline(plan, FILES, IDS, batch_size=2, seed=1)
     assert graph_problems(pipe) == []
     assert [out.device for out in pipe._graph_out] == ["gpu", "gpu"]
     assert {op._op.device for op in pipe._ops} == {"cpu"}  # all image work on the host
 
 
 def test_the_gpu_graph_decodes_with_nvjpeg_and_the_cpu_graph_does_not(tmp_path):
-    gpu = dali.train_pipeline(gpu_plan(tmp_path), SAMPLES, batch_size=2)
-    cpu = dali.train_pipeline(make_plan(tmp_path), SAMPLES, batch_size=2)
+    gpu = dali.train_pipeline(gpu_plan(tmp_path), FILES, IDS, batch_size=2, seed=1)
+    cpu = dali.train_pipeline(make_plan(tmp_path), FILES, IDS, batch_size=2, seed=1)
     for pipe in (gpu, cpu):
         pipe._build_graph()
     decoders = lambda pipe: {op._op.device for op in pipe._ops if "decoders" in op._op.schema_name}  # noqa: E731
@@ -112,5 +113,5 @@ def test_the_check_catches_a_cpu_only_op_on_the_gpu(tmp_path, monkeypatch):
                                        factor)
 
     monkeypatch.setattr(dali_autoaugment.AUGMENTATIONS["contrast"], "_op", contrast_with_ones_like)
-    pipe = dali.train_pipeline(gpu_plan(tmp_path, autoaugment="imagenet"), SAMPLES, batch_size=2)
+    pipe = dali.train_pipeline(gpu_plan(tmp_path, autoaugment="imagenet"), FILES, IDS, batch_size=2, seed=1)
     assert "OnesLike has no gpu implementation" in graph_problems(pipe)

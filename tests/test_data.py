@@ -14,11 +14,12 @@ import torch
 from PIL import Image
 
 from resnest_train.data import resize_size
-from resnest_train.data.dali import build_dali_train, build_dali_val
+from resnest_train.data.dali import build_dali_val
+from resnest_train.data.dali_train import build_dali_train
 from resnest_train.data.index import DatasetError, load_index, scan
 from resnest_train.data.torchvision import build_torch_train, build_torch_val, val_transform
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from tests.conftest import make_plan
+from tests.conftest import make_order, make_plan
 
 
 def test_index_classes_and_labels(image_root):
@@ -74,8 +75,9 @@ def class_from_pixels(images: torch.Tensor) -> torch.Tensor:
 
 def test_dali_train_batches(image_root):
     index = load_index(image_root)
-    loader = build_dali_train(make_plan(image_root, autoaugment="none"), index.train, batch_size=8)
+    loader = build_dali_train(make_plan(image_root, autoaugment="none"), index.train, make_order(48, 8))
     assert len(loader) == 6
+    loader.set_epoch(0)
     batches = list(loader)
     assert len(batches) == 6
     images, targets = batches[0]
@@ -86,38 +88,55 @@ def test_dali_train_batches(image_root):
 
 
 def test_dali_channels_last_layout(image_root):
-    loader = build_dali_train(make_plan(image_root, channels_last=True), load_index(image_root).train, batch_size=8)
+    loader = build_dali_train(make_plan(image_root, channels_last=True), load_index(image_root).train,
+                              make_order(48, 8))
+    loader.set_epoch(0)
     images = next(iter(loader))[0]
     assert images.shape == (8, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
 
 
-def epoch_labels(loader):
+def epoch_labels(loader, epoch: int = 0):
+    loader.set_epoch(epoch)
     return [t.tolist() for _, t in loader]
 
 
-def test_dali_shards_equal_batches_different_augmentation(image_root):
+def epoch_samples(loader, epoch: int) -> list[int]:
+    loader.set_epoch(epoch)
+    samples = []
+    for _ in loader:
+        samples.extend(loader.last_samples.tolist())
+    return samples
+
+
+def test_dali_ranks_read_equal_disjoint_parts_with_different_augmentation(image_root):
     index = load_index(image_root)
-    # 48 images, 5 ranks: uneven shards (10/10/10/9/9) must still give every rank the same batch count.
-    lengths = []
-    for rank in range(5):
-        loader = build_dali_train(make_plan(image_root, rank=rank, world_size=5), index.train, batch_size=4)
-        lengths.append((len(loader), len(list(loader)), len(list(loader))))
-    assert len(set(lengths)) == 1 and lengths[0][0] == 2
-    first = [build_dali_train(make_plan(image_root, rank=r, world_size=2), index.train, batch_size=4)
-             for r in range(2)]
+    # 48 images, 5 ranks, micro-batches of 4: 2 steps of 20 images, 2 micro-batches per rank, every epoch.
+    loaders = [build_dali_train(make_plan(image_root, rank=rank, world_size=5), index.train,
+                                make_order(48, 4, world_size=5, rank=rank)) for rank in range(5)]
+    for epoch in range(2):
+        parts = [epoch_samples(loader, epoch) for loader in loaders]
+        assert [len(part) for part in parts] == [8] * 5 and len(set(sum(parts, []))) == 40
+    first = [build_dali_train(make_plan(image_root, rank=r, world_size=2), index.train,
+                              make_order(48, 4, world_size=2, rank=r)) for r in range(2)]
+    for loader in first:
+        loader.set_epoch(0)
     a, b = (next(iter(loader))[0] for loader in first)
     assert not torch.equal(a, b)  # ranks never repeat each other's augmentation
 
 
 def test_dali_reproducible_and_reshuffled(image_root):
     index = load_index(image_root)
-    make = lambda seed=3: build_dali_train(make_plan(image_root, seed=seed), index.train, batch_size=8)  # noqa: E731
+    make = lambda seed=3: build_dali_train(make_plan(image_root, seed=seed), index.train,  # noqa: E731
+                                           make_order(48, 8, seed=seed))
+
+    def images(loader, epoch):
+        loader.set_epoch(epoch)
+        return torch.cat([x for x, _ in loader])
     one, two = make(), make()
-    e1, e2 = [torch.cat([x for x, _ in one]) for _ in range(2)]
-    assert torch.equal(e1, torch.cat([x for x, _ in two]))  # same seed, same first epoch
+    e1, e2 = images(one, 0), images(one, 1)
+    assert torch.equal(e1, images(two, 0))  # same seed, same first epoch
     assert not torch.equal(e1, e2)  # the next epoch differs
-    order = lambda loader: torch.cat([t for _, t in loader]).tolist()  # noqa: E731
-    assert order(make(3)) != order(make(4))  # train.seed changes the data order, not only the augmentation
+    assert epoch_labels(make(3)) != epoch_labels(make(4))  # train.seed changes the data order too
 
 
 def test_dali_val_shards_cover_each_image_once(image_root):
@@ -173,14 +192,13 @@ def test_dali_val_matches_pil_reference(smooth_root, ops):
 
 def test_torchvision_pipeline_batches_and_resume_position(image_root):
     index = load_index(image_root)
-    loader = build_torch_train(make_plan(image_root, world_size=2), index.train, batch_size=8)
+    order = make_order(48, 8, world_size=2)
+    loader = build_torch_train(make_plan(image_root, world_size=2), index.train, order)
     assert len(loader) == 3
-    loader.set_epoch(0)
     full = epoch_labels(loader)
-    resumed = build_torch_train(make_plan(image_root, world_size=2), index.train, batch_size=8,
-                                state={"epoch": 0, "position": 1})
-    resumed.set_epoch(0)
+    resumed = build_torch_train(make_plan(image_root, world_size=2), index.train, order, start=(0, 1))
     assert len(resumed) == 3 and epoch_labels(resumed) == full[1:]
+    assert epoch_labels(resumed, 1) != full and len(epoch_labels(resumed, 1)) == 3  # the next epoch: all of it
     plan = make_plan(image_root, rank=1, world_size=3)
     val = build_torch_val(plan, plan.shard(index.val), batch_size=8)
     assert sum(len(t) for _, t in val) == math.ceil((20 - 1) / 3)
@@ -290,10 +308,13 @@ def test_file_deleted_while_dali_trains_is_named(image_root, tmp_path):
     root = tmp_path / "vanishing"
     shutil.copytree(image_root, root)
     index = load_index(root)
-    loader = build_dali_train(make_plan(root), index.train, batch_size=8)
+    loader = build_dali_train(make_plan(root), index.train, make_order(48, 8))
+    loader.set_epoch(0)
     for path, _ in index.train:
         (root / path).unlink()
     with pytest.raises(DatasetError, match="deleted since the dataset was indexed") as info:
-        for _ in range(2):
-            list(loader)
-    assert str(root / index.train[-1][0]) in str(info.value) and "Traceback" not in str(info.value)
+        for epoch in range(2):
+            epoch_labels(loader, epoch)
+    named = [path for path, _ in index.train if str(root / path) in str(info.value)]
+    # only the micro-batches that can have failed are searched: the one delivered and those prefetched
+    assert 1 <= len(named) <= 4 * 8 and "Traceback" not in str(info.value)

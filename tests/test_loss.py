@@ -8,7 +8,7 @@ import torch
 from resnest_train.config import load_config
 from resnest_train.data import build_train_loader
 from resnest_train.loss import build_mixup
-from tests.conftest import ROOT, make_plan
+from tests.conftest import ROOT, make_order, make_plan
 
 
 def test_mixup_with_label_smoothing_targets():
@@ -30,7 +30,9 @@ def test_synthetic_batches_are_not_collapsed_by_mixup(tmp_path):
     """timm mixes in place: a loader yielding one shared tensor would turn into identical pairs."""
     config = load_config(ROOT / "configs" / "demo.yaml", ["model.num_classes=4"])
     mixup = build_mixup(config.train, 4)
-    loader = build_train_loader(make_plan(tmp_path, backend="synthetic", synthetic_size=8 * 30), None, batch_size=8)
+    loader = build_train_loader(make_plan(tmp_path, backend="synthetic", synthetic_size=8 * 30), None,
+                                make_order(8 * 30, 8))
+    loader.set_epoch(0)
     batches = [mixup(images, targets)[0] for images, targets in loader]
     last = batches[-1]
     assert len(batches) == 30

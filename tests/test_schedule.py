@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from resnest_train.config import load_config
+from resnest_train.config import ConfigError, load_config
 from resnest_train.schedule import build_train_plan, learning_rate
 from tests.conftest import ROOT
 
@@ -19,12 +19,57 @@ def test_schedule_endpoints():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
+IMAGENET_TRAIN = 1_281_167
+
+
 def test_plan_derives_every_value_once():
     config = load_config(ROOT / "configs" / "resnest50.yaml")
-    plan = build_train_plan(config, world_size=64, steps_per_epoch=156)
+    plan = build_train_plan(config, world_size=64, num_images=IMAGENET_TRAIN)
     assert plan.global_batch == 8192 and plan.peak_lr == pytest.approx(3.2)  # the published R50 run
     assert plan.total_steps == 270 * 156 and plan.warmup_steps == 5 * 156
     assert plan.lr(plan.warmup_steps) == pytest.approx(3.2) and plan.lr(plan.total_steps - 1) == pytest.approx(0)
     assert plan.dropblock(0) == 0 and plan.dropblock(plan.total_steps) == pytest.approx(0.1)
-    assert plan.derived() == {"world_size": 64, "global_batch": 8192, "lr": plan.peak_lr, "steps_per_epoch": 156,
-                              "total_steps": 270 * 156, "warmup_steps": 780}
+    assert plan.derived() == {"world_size": 64, "global_batch": 8192, "micro_batch": 128, "accumulation": 1,
+                              "lr": plan.peak_lr, "steps_per_epoch": 156, "total_steps": 270 * 156,
+                              "warmup_steps": 780}
+
+
+@pytest.mark.parametrize("world_size,accumulation", [(1, 64), (8, 8), (64, 1)])
+def test_the_published_recipe_on_any_process_count(world_size, accumulation):
+    """ResNeSt-50 on 1, 8 or 64 processes: the same global batch, lr, steps and warmup; only the
+    accumulation steps change."""
+    plan = build_train_plan(load_config(ROOT / "configs" / "resnest50.yaml"), world_size, IMAGENET_TRAIN)
+    derived = plan.derived()
+    assert derived == {"world_size": world_size, "global_batch": 8192, "micro_batch": 128,
+                       "accumulation": accumulation, "lr": pytest.approx(3.2), "steps_per_epoch": 156,
+                       "total_steps": 270 * 156, "warmup_steps": 780}
+
+
+def test_a_global_batch_that_does_not_split_names_the_valid_micro_batches():
+    config = load_config(ROOT / "configs" / "resnest50.yaml")
+    with pytest.raises(ConfigError) as three:
+        build_train_plan(config, 3, IMAGENET_TRAIN)
+    assert str(three.value).startswith("train.global_batch=8192 cannot be split over 3 processes")
+    assert "process counts that divide it: 1, 2, 4, 8" in str(three.value)
+    with pytest.raises(ConfigError, match=r"valid train.batch_size for 8 processes: 2, 4, 8, 16, 32, 64, 128, "
+                                          r"256, 512, 1024$"):
+        build_train_plan(load_config(ROOT / "configs" / "resnest50.yaml", ["train.batch_size=96"]), 8,
+                         IMAGENET_TRAIN)
+    odd = load_config(ROOT / "configs" / "resnest50.yaml", ["train.global_batch=96", "train.batch_size=12"])
+    with pytest.raises(ConfigError, match="valid train.batch_size for 3 processes: 2, 4, 8, 16, 32$"):
+        build_train_plan(odd, 3, IMAGENET_TRAIN)  # even sizes only: mixup pairs the images of a micro-batch
+
+
+@pytest.mark.parametrize("name,global_batch", [("resnest50", 8192), ("resnest101", 4096), ("resnest200", 2048),
+                                               ("resnest269", 2048)])
+def test_published_configs_fix_the_published_global_batch(name, global_batch):
+    config = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert config.train.global_batch == global_batch == 64 * config.train.batch_size
+
+
+def test_null_global_batch_is_the_micro_batch_times_the_processes():
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    plan = build_train_plan(config, 4, 600)
+    assert config.train.global_batch is None and plan.global_batch == 4 * 32 and plan.layout.accumulation == 1
+    with pytest.raises(ConfigError, match="larger than the 100 training images"):
+        build_train_plan(config, 4, 100)

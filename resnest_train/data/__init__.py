@@ -14,11 +14,12 @@ from typing import Protocol
 import torch
 
 from resnest_train.data.index import DatasetError, DatasetIndex, load_index, warn_skipped
+from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan, build_data_plan, resize_size
 from resnest_train.distributed import DistInfo, broadcast_object
 
-__all__ = ["Loader", "DataPlan", "DatasetError", "DatasetIndex", "build_data_plan", "build_train_loader",
-           "build_val_loader", "load_dataset_index", "resize_size"]
+__all__ = ["Loader", "DataPlan", "DatasetError", "DatasetIndex", "TrainOrder", "build_data_plan",
+           "build_train_loader", "build_val_loader", "load_dataset_index", "num_train_images", "resize_size"]
 
 # Rank 0 may scan a large dataset while the others wait; this wait must not hit the process group's
 # timeout (the broadcast runs in its own group with this one).
@@ -31,9 +32,11 @@ class Loader(Protocol):
     - iterating yields `(images, targets)` on the training device, images in the model's memory format
       (`plan.memory_format`), targets int64; one pass yields the rest of the current epoch (all of it, or
       what remains after the position the loader was built from), then stops, ready for the next epoch;
-    - `len()` is the number of batches in a whole epoch, equal on every rank (DDP needs the same number of
-      steps everywhere);
-    - `set_epoch(epoch)` is called before each epoch (shuffles that depend on the epoch use it);
+    - training: the micro-batches of the framework's data order (`order.py`) this process reads, and
+      `last_samples`, the training-list positions of the micro-batch last yielded;
+    - `len()` is the number of (micro-)batches in a whole epoch, equal on every rank (DDP needs the same
+      number of steps everywhere);
+    - `set_epoch(epoch)` is called before each epoch;
     - `state()` is a plain dict with the position reached (and the RNG where the backend owns one); a
       loader built with `state=` continues exactly from there;
     - `delivered`: after a validation pass, the positions in the shard of the images it yielded, in order
@@ -78,19 +81,23 @@ def _dali():
     return dali
 
 
-def build_train_loader(plan: DataPlan, index: DatasetIndex | None, *, batch_size: int,
-                       state: dict | None = None) -> Loader:
-    """`state`: what the loader's `state()` returned when the checkpoint was taken (None: a fresh start)."""
+def num_train_images(plan: DataPlan, index: DatasetIndex | None) -> int:
+    return plan.synthetic_size if plan.backend == "synthetic" else len(index.train)
+
+
+def build_train_loader(plan: DataPlan, index: DatasetIndex | None, order: TrainOrder, *,
+                       start: tuple[int, int] = (0, 0), state: dict | None = None) -> Loader:
+    """This process's micro-batches of `order` from `start` (epoch, optimizer steps done in it). `state`:
+    what this rank's loader `state()` returned when the checkpoint was taken, with the same layout."""
     if plan.backend == "synthetic":
         from resnest_train.data.synthetic import build_synthetic_train
-        return build_synthetic_train(plan, batch_size=batch_size, state=state)
-    if len(index.train) < batch_size * plan.world_size:
-        raise DatasetError(f"train.batch_size={batch_size} x {plan.world_size} processes is larger than the "
-                           f"{len(index.train)} training images in {plan.root}: no full batch per epoch")
+        return build_synthetic_train(plan, order, start=start)
     if plan.backend == "dali":
-        return _dali().build_dali_train(plan, index.train, batch_size=batch_size, state=state)
+        _dali()
+        from resnest_train.data.dali_train import build_dali_train
+        return build_dali_train(plan, index.train, order, start=start, state=state)
     from resnest_train.data.torchvision import build_torch_train
-    return build_torch_train(plan, index.train, batch_size=batch_size, state=state)
+    return build_torch_train(plan, index.train, order, start=start)
 
 
 def build_val_loader(plan: DataPlan, index: DatasetIndex | None, *, batch_size: int) -> Loader:

@@ -1,12 +1,10 @@
 """NVIDIA DALI pipelines for training and validation: one graph each, its image ops chosen once.
 
-Training: file reader sharded by global rank over the dataset index, globally reshuffled every epoch
-(`shuffle_after_epoch`, with a seed from `train.seed` that is the same on every rank so shards stay
-disjoint) -> decode (`mixed` = nvJPEG on the GPU, or `cpu`) with a random crop -> resize -> AutoAugment ->
-color jitter -> PCA lighting -> flip + normalize; with `data.autoaugment_on: image` the whole decoded image
-is augmented before the random crop, as the released recipe did. Augmentation seeds derive from the seed
-and the *global* rank, so nodes never repeat each other. `pad_last_batch` with `reader_name` gives every
-rank the same number of batches (a per-rank `size` does not: a silent DDP mismatch, then a stall).
+Training (`dali_train.py` builds one pipeline per epoch): file reader over this process's part of the
+epoch in the framework's data order (`order.py`) -> decode (`mixed` = nvJPEG on the GPU, or `cpu`) with a
+random crop -> resize -> AutoAugment -> color jitter -> PCA lighting -> flip + normalize; with
+`data.autoaugment_on: image` the whole decoded image is augmented before the random crop, as the released
+recipe did. Every process reads the same number of micro-batches by construction of the order.
 
 The image ops are `DaliOps` (DALI's own: the GPU graph) or `dali_cpu.HostOps` (the CPU path's host ops),
 picked once by `graph_ops`; the graph itself has no device branches. A CPU pipeline feeding a GPU trainer
@@ -135,10 +133,11 @@ def _to_device(plan: DataPlan, *outputs):
 
 
 @pipeline_def(enable_conditionals=True)
-def _train_pipeline(*, plan: DataPlan, files: list[str], labels: list[int], ops):
-    jpegs, targets = fn.readers.file(
-        file_root=plan.root, files=files, labels=labels, shard_id=plan.rank, num_shards=plan.world_size,
-        shuffle_after_epoch=True, shuffle_after_epoch_seed=plan.seed + 17, pad_last_batch=True, name="reader")
+def _train_pipeline(*, plan: DataPlan, files: list[str], sample_ids: list[int], ops):
+    # This process's part of the epoch, in the framework's order: no sharding or shuffling of its own. The
+    # "labels" are the samples' positions in the training list; the loader maps them to classes.
+    jpegs, ids = fn.readers.file(file_root=plan.root, files=files, labels=sample_ids, random_shuffle=False,
+                                 pad_last_batch=True, name="reader")
     images = _random_crop(jpegs, plan, ops)
     if plan.color_jitter > 0:
         low, high = 1 - plan.color_jitter, 1 + plan.color_jitter
@@ -146,7 +145,7 @@ def _train_pipeline(*, plan: DataPlan, files: list[str], labels: list[int], ops)
                                             for k in ("brightness", "contrast", "saturation")})
     mirror = fn.random.coin_flip(probability=0.5) if plan.hflip else 0
     mean = _lighting_mean(plan.lighting) if plan.lighting > 0 else [m * 255 for m in IMAGENET_MEAN]
-    return _to_device(plan, _normalize(images, plan, mirror=mirror, mean=mean), targets)
+    return _to_device(plan, _normalize(images, plan, mirror=mirror, mean=mean), ids)
 
 
 @pipeline_def
@@ -160,73 +159,83 @@ def _val_pipeline(*, plan: DataPlan, files: list[str], labels: list[int], ops):
     return _to_device(plan, images, targets)
 
 
-class DaliLoader:
-    """The `Loader` over a DALI pipeline: `len()` is the batches per epoch, equal on every rank."""
+def channels_first(images, plan: DataPlan):
+    """HWC output: (B, H, W, 3) -> (B, 3, H, W) with channels_last strides, a view, which is exactly the
+    layout the model was converted to."""
+    return images.permute(0, 3, 1, 2) if plan.channels_last else images
 
-    def __init__(self, pipeline, plan: DataPlan, samples: list[tuple[str, int]], *, drop_last: bool):
+
+PREFETCH = 2  # batches DALI runs ahead of the one delivered
+
+
+def decode_failure(exc: RuntimeError, plan: DataPlan, samples: list[tuple[str, int]]) -> Exception:
+    """DALI's decoder error does not name the file: decode the batches that can have failed (`samples`:
+    the one being delivered and those prefetched after it) to find it, never the whole list."""
+    text = str(exc)
+    if "decoders" not in text and "File mapping failed" not in text and "open" not in text.lower():
+        return exc
+    bad = find_undecodable(plan.root, samples)
+    named = ", ".join(bad) if bad else f"an image under {plan.root} (none failed a full PIL decode)"
+    return DatasetError(f"cannot decode {named}; remove or replace it and rerun the same command")
+
+
+class DaliLoader:
+    """The validation `Loader` over a DALI pipeline of this rank's shard, read once in order."""
+
+    def __init__(self, pipeline, plan: DataPlan, samples: list[tuple[str, int]], *, batch_size: int):
         self.pipeline = pipeline
-        self.plan, self.samples = plan, samples  # to name an image the decoder fails on
+        self.plan, self.samples, self.batch_size = plan, samples, batch_size  # to name a failing image
         self.delivered = list(range(len(samples)))  # validation yields every sample, in order
+        self.position = 0
         self.pipeline.build()
-        policy = LastBatchPolicy.DROP if drop_last else LastBatchPolicy.PARTIAL
         try:  # the iterator runs the first batch already
             self.iterator = DALIClassificationIterator(
-                pipeline, reader_name="reader", last_batch_policy=policy, auto_reset=True)
+                pipeline, reader_name="reader", last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
         except RuntimeError as exc:
-            self._raise_decode_failure(exc)
+            raise self._failure(exc) from None
         self._len = len(self.iterator)
 
     def __len__(self) -> int:
         return self._len
 
     def set_epoch(self, epoch: int) -> None:
-        """Nothing to do: the reader reshuffles after each epoch on its own, from its seed."""
+        """Nothing to do: validation reads its shard in order."""
 
     def __iter__(self):
         batches = iter(self.iterator)
+        self.position = 0
         while True:
             try:
                 batch = next(batches)
-            except StopIteration:  # the iterator has reset itself for the next epoch (auto_reset)
+            except StopIteration:  # the iterator has reset itself for the next pass (auto_reset)
                 return
             except RuntimeError as exc:
-                self._raise_decode_failure(exc)
-            images = batch[0]["data"]
-            if self.plan.channels_last:
-                # HWC output: (B, H, W, 3) -> (B, 3, H, W) with channels_last strides, a view, which is
-                # exactly the layout the model was converted to.
-                images = images.permute(0, 3, 1, 2)
-            yield images, batch[0]["label"].reshape(-1).long()
+                raise self._failure(exc) from None
+            self.position += 1
+            yield channels_first(batch[0]["data"], self.plan), batch[0]["label"].reshape(-1).long()
 
-    def _raise_decode_failure(self, exc: RuntimeError):
-        """DALI's decoder error does not name the file: find it by decoding every image of the list."""
-        text = str(exc)
-        if "decoders" not in text and "File mapping failed" not in text and "open" not in text.lower():
-            raise exc
-        bad = find_undecodable(self.plan.root, self.samples)
-        named = ", ".join(bad) if bad else f"an image under {self.plan.root} (none failed a full PIL decode)"
-        raise DatasetError(f"cannot decode {named}; remove or replace it and rerun the same command") from None
+    def _failure(self, exc: RuntimeError) -> Exception:
+        window = self.samples[self.position * self.batch_size:(self.position + PREFETCH + 2) * self.batch_size]
+        return decode_failure(exc, self.plan, window)
 
     def state(self) -> dict:
-        """The reader and augmentation RNG position after the batches consumed so far (DALI checkpoint)."""
-        return {"dali": self.iterator.checkpoints()[0]}
+        return {}
 
 
 def _device_id(plan: DataPlan) -> int | None:
     return plan.device.index if plan.device.type == "cuda" else None
 
 
-def train_pipeline(plan: DataPlan, samples: list[tuple[str, int]], *, batch_size: int, state: dict | None = None,
-                   ops: str = "auto"):
-    """The training pipeline a run builds, not yet built (tests inspect its graph: tests/test_dali_graph.py).
-    `ops`: see `graph_ops`; tests build the GPU graph's ops on the CPU with `ops="dali"`."""
-    files, labels = zip(*samples)
+def train_pipeline(plan: DataPlan, files: list[str], sample_ids: list[int], *, batch_size: int, seed: int,
+                   checkpoint: str | None = None, ops: str = "auto"):
+    """A training pipeline over `files` as a run builds it, not yet built (tests inspect its graph:
+    tests/test_dali_graph.py). `ops`: see `graph_ops`; tests build the GPU graph's ops on the CPU with
+    `ops="dali"`."""
     return _train_pipeline(
-        batch_size=batch_size, num_threads=max(1, plan.workers), device_id=_device_id(plan),
-        seed=plan.seed * 1000 + plan.rank + 1, prefetch_queue_depth=2, enable_checkpointing=True,
-        checkpoint=(state or {}).get("dali"),
+        batch_size=batch_size, num_threads=max(1, plan.workers), device_id=_device_id(plan), seed=seed,
+        prefetch_queue_depth=PREFETCH, enable_checkpointing=True, checkpoint=checkpoint,
         # The dynamic executor hands batches to torch through DLPack without a copy (BENCHMARKS.md).
-        exec_dynamic=True, plan=plan, files=list(files), labels=list(labels), ops=graph_ops(plan, ops))
+        exec_dynamic=True, plan=plan, files=files, sample_ids=sample_ids, ops=graph_ops(plan, ops))
 
 
 def val_pipeline(plan: DataPlan, shard: list[tuple[str, int]], *, batch_size: int, ops: str = "auto"):
@@ -237,13 +246,7 @@ def val_pipeline(plan: DataPlan, shard: list[tuple[str, int]], *, batch_size: in
                          ops=graph_ops(plan, ops))
 
 
-def build_dali_train(plan: DataPlan, samples: list[tuple[str, int]], *, batch_size: int,
-                     state: dict | None = None, ops: str = "auto") -> DaliLoader:
-    pipe = train_pipeline(plan, samples, batch_size=batch_size, state=state, ops=ops)
-    return DaliLoader(pipe, plan, samples, drop_last=True)
-
-
 def build_dali_val(plan: DataPlan, shard: list[tuple[str, int]], *, batch_size: int, ops: str = "auto"):
     if not shard:
         return []
-    return DaliLoader(val_pipeline(plan, shard, batch_size=batch_size, ops=ops), plan, shard, drop_last=False)
+    return DaliLoader(val_pipeline(plan, shard, batch_size=batch_size, ops=ops), plan, shard, batch_size=batch_size)

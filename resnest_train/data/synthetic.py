@@ -1,53 +1,95 @@
 """The synthetic backend: random tensors of the right shape and labels, to measure the trainer without any
-decoding cost. Each batch is a fresh copy of one pre-made random batch (made on the training device once),
-so in-place work downstream (mixup) never changes what later batches hold."""
+decoding cost. Training sample i is pool image i mod P with its own random label: a small pool of random
+images made on the training device once, gathered per micro-batch in the framework's data order
+(`order.py`), so the synthetic backend reads the same samples as the others, and a gather is a fresh tensor
+(in-place work downstream, mixup, never changes what later batches hold)."""
 
 from __future__ import annotations
 
 import torch
 
+from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
+from resnest_train.randomness import SYNTHETIC, derive_seed
+
+POOL = 64  # distinct images: enough that mixup's pairs differ, small enough to make at once on any device
+
+
+def _random_images(plan: DataPlan, count: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(count, 3, size, size, generator=generator)
+    labels = torch.randint(0, plan.num_classes, (count,), generator=generator)
+    return images.to(plan.device).contiguous(memory_format=plan.memory_format), labels.to(plan.device)
+
+
+class SyntheticTrainLoader:
+    """The `Loader` over `order`: micro-batches of pool images, labelled per sample."""
+
+    def __init__(self, plan: DataPlan, order: TrainOrder, *, start: tuple[int, int] = (0, 0)):
+        self.order = order
+        self.pool, _ = _random_images(plan, min(POOL, order.num_samples), plan.crop_size,
+                                      derive_seed(plan.seed, SYNTHETIC, 0))
+        generator = torch.Generator().manual_seed(derive_seed(plan.seed, SYNTHETIC, 1))
+        self.labels = torch.randint(0, plan.num_classes, (order.num_samples,), generator=generator).to(plan.device)
+        self.start = start  # (epoch, optimizer steps done in it)
+        self.epoch, self.start_step, self.position = self.start[0], self.start[1], 0
+        self.memory_format = plan.memory_format
+        self.samples = torch.empty(0, dtype=torch.long)
+        self.last_samples = self.samples
+
+    def __len__(self) -> int:
+        return self.order.micro_batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        start_step = self.start[1] if epoch == self.start[0] else 0
+        self.epoch, self.start_step, self.position = epoch, start_step, 0
+        self.samples = self.order.rank_samples(epoch, start_step).view(-1, self.order.layout.micro_batch)
+
+    def __iter__(self):
+        pool_index = (self.samples % self.pool.shape[0]).to(self.pool.device)
+        sample_index = self.samples.to(self.labels.device)
+        while self.position < self.samples.shape[0]:
+            row = self.position
+            self.position += 1
+            self.last_samples = self.samples[row]
+            images = self.pool[pool_index[row]].contiguous(memory_format=self.memory_format)
+            yield images, self.labels[sample_index[row]]
+
+    def state(self) -> dict:
+        return {"order": 1, "epoch": self.epoch,
+                "step": self.start_step + self.position // self.order.layout.accumulation}
 
 
 class SyntheticLoader:
-    """The `Loader` over `num_batches` copies of one random batch; labels are random classes."""
+    """Validation: `num_batches` copies of one random batch (counts, not accuracy, are what it measures)."""
 
-    def __init__(self, plan: DataPlan, *, num_batches: int, batch_size: int, image_size: int, seed: int,
-                 state: dict | None = None):
-        generator = torch.Generator().manual_seed(seed)
-        images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
-        self.images = images.to(plan.device).contiguous(memory_format=plan.memory_format)
-        self.targets = torch.randint(0, plan.num_classes, (batch_size,), generator=generator).to(plan.device)
+    def __init__(self, plan: DataPlan, *, num_batches: int, batch_size: int, seed: int):
+        self.images, self.targets = _random_images(plan, batch_size, plan.val_crop_size, seed)
         self.num_batches = num_batches
-        self.position = (state or {}).get("position", 0)  # batches consumed in the current epoch
         self.delivered: list[int] = []
 
     def __len__(self) -> int:
         return self.num_batches
 
     def set_epoch(self, epoch: int) -> None:
-        """Nothing to do: every epoch holds the same batches."""
+        """Nothing to do: every pass holds the same batches."""
 
     def __iter__(self):
         batch = self.targets.numel()
-        self.delivered = []
-        while self.position < self.num_batches:
-            self.delivered.extend(range(self.position * batch, (self.position + 1) * batch))
-            self.position += 1
+        self.delivered = list(range(self.num_batches * batch))
+        for _ in range(self.num_batches):
             yield self.images.clone(), self.targets.clone()
-        self.position = 0
 
     def state(self) -> dict:
-        return {"position": self.position}
+        return {}
 
 
-def build_synthetic_train(plan: DataPlan, *, batch_size: int, state: dict | None = None) -> SyntheticLoader:
-    batches = max(1, plan.synthetic_size // plan.world_size // batch_size)
-    return SyntheticLoader(plan, num_batches=batches, batch_size=batch_size, image_size=plan.crop_size,
-                           seed=plan.seed + plan.rank, state=state)
+def build_synthetic_train(plan: DataPlan, order: TrainOrder, *,
+                          start: tuple[int, int] = (0, 0)) -> SyntheticTrainLoader:
+    return SyntheticTrainLoader(plan, order, start=start)
 
 
 def build_synthetic_val(plan: DataPlan, *, batch_size: int) -> SyntheticLoader:
     per_rank = max(1, plan.synthetic_size // 4) // plan.world_size
     return SyntheticLoader(plan, num_batches=max(1, -(-per_rank // batch_size)), batch_size=batch_size,
-                           image_size=plan.val_crop_size, seed=plan.seed + 7919)
+                           seed=plan.seed + 7919)

@@ -1,10 +1,11 @@
 """The torchvision backend: the DALI pipeline's semantics with torchvision transforms and a DataLoader.
 
-Used where DALI is unavailable, and as the reference the DALI path is compared with. Training shards with a
-`DistributedSampler` (`drop_last`, so every rank takes the same number of batches); validation reads this
-rank's shard of the list with no padding. An image that cannot be decoded (broken inside despite a valid
-header and end, over PIL's decompression-bomb limit, deleted since the scan) is dropped from its batch and
-named in the log, never replaced by another image: evaluation counts each decodable image exactly once.
+Used where DALI is unavailable, and as the reference the DALI path is compared with. Training reads this
+process's micro-batches of the framework's data order (`order.py`), each image augmented from a seed of its
+own (seed, epoch, sample); validation reads this rank's shard of the list with no padding. An image that
+cannot be decoded (broken inside despite a valid header and end, over PIL's decompression-bomb limit,
+deleted since the scan) is dropped from its batch and named in the log, never replaced by another image:
+evaluation counts each decodable image exactly once.
 Workers ignore the stop signals, which the main process turns into a checkpoint (runner.py): a signal to
 the whole process group (systemd, `scancel`, GNU `timeout`, Ctrl-C) must not kill them first.
 """
@@ -18,12 +19,14 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as T
 
 from resnest_train.data.autoaugment import POLICIES, AutoAugment
+from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Lighting
+from resnest_train.randomness import seed_sample
 
 log = logging.getLogger(__name__)
 
@@ -102,51 +105,94 @@ def val_transform(crop_size: int, resize_size: int, interpolation: str) -> T.Com
                       T.CenterCrop(crop_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start an epoch part-way, so a resumed run neither repeats nor skips images."""
+class EpochSamples:
+    """The sampler of a training DataLoader: (epoch, sample) pairs of this process's part of the epoch, in
+    the framework's order (`order.py`); replaced for each epoch (sampling runs in the main process, so
+    persistent workers see the new epoch)."""
 
-    def __init__(self, dataset, *, start: int = 0, **kwargs):
-        super().__init__(dataset, **kwargs)
-        self.start = start
+    def __init__(self):
+        self.pairs: list[tuple[int, int]] = []
+
+    def __len__(self) -> int:
+        return len(self.pairs)
 
     def __iter__(self):
-        indices = list(super().__iter__())[self.start:]
-        self.start = 0
-        return iter(indices)
+        return iter(self.pairs)
+
+
+class TrainImageDataset(ImageListDataset):
+    """Training images by (epoch, sample): each image's augmentation is seeded from (seed, epoch, sample),
+    so it does not depend on the process or worker that reads it (`randomness.py`)."""
+
+    def __init__(self, root: str, samples: list[tuple[str, int]], transform, *, seed: int):
+        super().__init__(root, samples, transform)
+        self.seed = seed
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, item = key
+        seed_sample(self.seed, epoch, item)
+        return super().__getitem__(item)
+
+
+class TorchTrainLoader:
+    """The training `Loader` over a DataLoader: this process's micro-batches of the framework's order."""
+
+    def __init__(self, loader: DataLoader, plan: DataPlan, order: TrainOrder, *, start: tuple[int, int] = (0, 0)):
+        self.loader, self.plan, self.order = loader, plan, order
+        self.start = start  # (epoch, optimizer steps done in it)
+        self.epoch, self.start_step, self.position = self.start[0], self.start[1], 0
+        self.last_samples = torch.empty(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.order.micro_batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.start_step = self.start[1] if epoch == self.start[0] else 0
+        self.epoch, self.position = epoch, 0
+        samples = self.order.rank_samples(epoch, self.start_step).tolist()
+        self.loader.sampler.pairs = [(epoch, item) for item in samples]
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.position += 1
+            if batch is None:  # every image of the micro-batch failed to decode (named in the log)
+                continue
+            images, targets, positions = batch
+            self.last_samples = positions
+            images = images.to(self.plan.device, non_blocking=True).contiguous(memory_format=self.plan.memory_format)
+            yield images, targets.to(self.plan.device, non_blocking=True)
+
+    def state(self) -> dict:
+        return {"order": 1, "epoch": self.epoch,
+                "step": self.start_step + self.position // self.order.layout.accumulation}
 
 
 class TorchLoader:
-    """The `Loader` over a DataLoader: batches moved to the device in the model's memory format."""
+    """The validation `Loader` over a DataLoader: batches moved to the device in the model's memory format."""
 
-    def __init__(self, loader: DataLoader, plan: DataPlan, *, epoch: int = 0, position: int = 0):
+    def __init__(self, loader: DataLoader, plan: DataPlan):
         self.loader = loader
         self.plan = plan
-        self.epoch = epoch
-        self.position = position  # batches consumed in the current epoch
         self.delivered: list[int] = []  # positions in the sample list of the images yielded (evaluation)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if isinstance(self.loader.sampler, DistributedSampler):
-            self.loader.sampler.set_epoch(epoch)
+        """Nothing to do: validation reads its shard in order."""
 
     def __iter__(self):
         self.delivered = []
         for batch in self.loader:
-            self.position += 1
             if batch is None:  # every image of the batch failed to decode (named in the log)
                 continue
             images, targets, positions = batch
             self.delivered.extend(positions.tolist())
             images = images.to(self.plan.device, non_blocking=True).contiguous(memory_format=self.plan.memory_format)
             yield images, targets.to(self.plan.device, non_blocking=True)
-        self.position = 0
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {}
 
 
 def _data_loader(dataset, plan: DataPlan, *, training: bool, **kwargs) -> DataLoader:
@@ -156,16 +202,11 @@ def _data_loader(dataset, plan: DataPlan, *, training: bool, **kwargs) -> DataLo
                       worker_init_fn=ignore_stop_signals, **kwargs)
 
 
-def build_torch_train(plan: DataPlan, samples: list[tuple[str, int]], *, batch_size: int,
-                      state: dict | None = None) -> TorchLoader:
-    dataset = ImageListDataset(plan.root, samples, train_transform(plan))
-    position = (state or {}).get("position", 0)
-    sampler = ResumableSampler(dataset, start=position * batch_size, num_replicas=plan.world_size, rank=plan.rank,
-                               shuffle=True, seed=plan.seed, drop_last=True)
-    generator = torch.Generator().manual_seed(plan.seed * 1000 + plan.rank)  # workers' augmentation seeds
-    loader = _data_loader(dataset, plan, training=True, batch_size=batch_size, sampler=sampler, drop_last=True,
-                          generator=generator)
-    return TorchLoader(loader, plan, epoch=(state or {}).get("epoch", 0), position=position)
+def build_torch_train(plan: DataPlan, samples: list[tuple[str, int]], order: TrainOrder, *,
+                      start: tuple[int, int] = (0, 0)) -> TorchTrainLoader:
+    dataset = TrainImageDataset(plan.root, samples, train_transform(plan), seed=plan.seed)
+    loader = _data_loader(dataset, plan, training=True, batch_size=order.layout.micro_batch, sampler=EpochSamples())
+    return TorchTrainLoader(loader, plan, order, start=start)
 
 
 def build_torch_val(plan: DataPlan, shard: list[tuple[str, int]], *, batch_size: int) -> TorchLoader:

@@ -1,0 +1,47 @@
+"""The run's randomness, owned in one place: every random draw is seeded from what it belongs to (the run's
+`train.seed` plus an epoch, a sample, a step, a micro-batch), never from how many processes drew before it.
+
+So the data order, each image's augmentation (torchvision and synthetic backends), mixup's lambda and the
+DropBlock / dropout masks of a micro-batch are the same whether 1 or 64 processes train, and a resumed run
+draws what the uninterrupted one drew without carrying RNG state. Seeds are derived with numpy's
+`SeedSequence` (a hash designed to give independent streams for distinct keys, NEP 19), one stream tag per
+kind of draw. DALI draws augmentation inside its graph from a pipeline seed (per process and epoch here).
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+ORDER, SAMPLE, MICRO_BATCH, PIPELINE, SYNTHETIC = 1, 2, 3, 4, 5  # stream tags: one per kind of draw
+
+
+def derive_seed(seed: int, stream: int, *keys: int) -> int:
+    """A 62-bit seed for (seed, stream, keys): distinct keys give independent streams."""
+    state = np.random.SeedSequence([seed, stream, *keys]).generate_state(1, dtype=np.uint64)[0]
+    return int(state) >> 2
+
+
+def epoch_permutation(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
+    """Epoch `epoch`'s order of the training list: a permutation from (seed, epoch) alone."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, ORDER, epoch))
+    return torch.randperm(num_samples, generator=generator)
+
+
+def _seed_global(value: int) -> None:
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)  # every device's default generator too (DropBlock and dropout masks on CUDA)
+
+
+def seed_sample(seed: int, epoch: int, sample: int) -> None:
+    """Before augmenting one training image: torchvision's transforms draw from the global generators."""
+    _seed_global(derive_seed(seed, SAMPLE, epoch, sample))
+
+
+def seed_micro_batch(seed: int, step: int, micro_batch: int) -> None:
+    """Before mixup and the forward pass of micro-batch `micro_batch` of optimizer step `step`: timm's
+    Mixup draws lambda with numpy, DropBlock and dropout draw their masks with torch."""
+    _seed_global(derive_seed(seed, MICRO_BATCH, step, micro_batch))
