@@ -257,10 +257,14 @@ def _train_epoch(run: Run, progress: Progress, reporter: RunReporter, stop) -> b
         losses = []
         if progress.batch == run.plan.steps_per_epoch:
             continue  # the epoch-end checkpoint follows the last batch
-        if interval and progress.step % interval == 0:
+        saved = bool(interval) and progress.step % interval == 0
+        if saved:
             _save(run, progress)
-        if progress.step % check_every == 0 and _should_stop(run.dist, stop.requested):
-            _save(run, progress)
+        # Ranks agree on a stop every `check_every` steps (a collective and a host sync) and after each
+        # interval checkpoint, which has just synchronised them anyway.
+        if (saved or progress.step % check_every == 0) and _should_stop(run.dist, stop.requested):
+            if not saved:
+                _save(run, progress)
             return False
     return True
 
