@@ -79,6 +79,11 @@ class CheckpointWriter:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._in_flight: Future | None = None
 
+    @property
+    def in_flight(self) -> bool:
+        """A write is running (never blocks)."""
+        return self._in_flight is not None and not self._in_flight.done()
+
     def submit(self, state: dict, *, is_best: bool) -> None:
         """Wait for the write in flight (raising its error), then start writing `state`, which must be a
         `snapshot`: the thread writes it while the caller goes on changing the live tensors."""
