@@ -7,7 +7,7 @@
   benchmark.py checkpoint [--model resnest269] [--rounds 3]
       one save of the model + SGD momentum state as the trainer does it (last.pt written once, step and
       best files linked) vs three full writes, and the resume read (memory-mapped) of the file.
-  benchmark.py checkpoint --blocking [--model resnest50] [--rounds 5]
+  benchmark.py checkpoint --blocking [--model resnest50] [--rounds 5] [--threads 2]
       how long the caller is blocked per save: a synchronous save_checkpoint vs snapshot + a background
       CheckpointWriter.submit, rounds interleaved; the background write's duration and the time of a
       resnest14 training step (batch 8, 64 px) while it runs vs with no write; and the per-rank state
@@ -132,6 +132,7 @@ def add_parsers(sub) -> None:
     checkpoint.add_argument("--dir", default=None, help="where to write (default: the system temp folder)")
     checkpoint.add_argument("--blocking", action="store_true",
                             help="time the caller is blocked per save: synchronous vs background write")
+    checkpoint.add_argument("--threads", type=int, default=2, help="torch threads of the training steps (--blocking)")
 
 
 def _old_rng_state() -> dict:
@@ -203,6 +204,7 @@ def _one_round(state: dict, tmp: str, writer, step, round_: int, times: dict) ->
 def bench_checkpoint_blocking(args) -> dict:
     from resnest_train.checkpoint import rng_state
     from resnest_train.checkpoint_writer import CheckpointWriter
+    torch.set_num_threads(args.threads)
     state, step = _state(args.model), _training_step()
     step()  # warm-up: the first step allocates
     times: dict[str, list[float]] = {name: [] for name in (
