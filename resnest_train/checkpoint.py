@@ -3,11 +3,12 @@ steps since the last save, and no run ever writes over another's checkpoints una
 
 Rank 0 writes `checkpoints/last.pt` once, through a temporary file in the same folder, fsync, then
 `os.replace`; `step-N.pt` and `best.pt` are hard links to that file (a copy where links are not
-supported), so a save costs one write whatever `keep_last` is. A failed save (full disk, torch's
-RuntimeError from its zip writer, Ctrl-C) removes its temporary file and leaves the previous checkpoint
-intact. A checkpoint is plain data, loadable with `weights_only=True`: model, optimizer, GradScaler,
-epoch, global step, the position inside the epoch, the resolved config, the world size and global batch,
-and each rank's RNG and data-pipeline state. Resuming reads only the chosen file (memory-mapped).
+supported), so a save costs one write whatever `keep_last` is; `checkpoint_writer.py` runs that write in
+a background thread, on a host copy of the state. A failed save (full disk, torch's RuntimeError from its
+zip writer, Ctrl-C) removes its temporary file and leaves the previous checkpoint intact. A checkpoint is
+plain data, loadable with `weights_only=True`: model, optimizer, GradScaler, epoch, global step, the
+position inside the epoch, the resolved config, the world size and global batch, and each rank's RNG and
+data-pipeline state. Resuming reads only the chosen file (memory-mapped).
 """
 
 from __future__ import annotations
@@ -204,28 +205,35 @@ class RunLock:
 
 
 def rng_state() -> dict:
-    """This process's RNG states as plain lists (they travel through object collectives and weights_only)."""
-    numpy_state = np.random.get_state()
-    state = {"python": _plain(random.getstate()),
-             "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
-             "torch": torch.get_rng_state().tolist()}
+    """This process's RNG states as plain data (object collectives, `weights_only=True`): the Mersenne Twister
+    words of Python and numpy as int32 tensors, torch's own uint8 blobs as they are, so that a rank adds
+    ~11 KB pickled to a checkpoint instead of ~18 KB as lists of ints (BENCHMARKS.md, checkpoints)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, _int32(internal), gauss], "numpy": [name, _int32(keys), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state().tolist()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned; also the lists of ints that checkpoints written before held."""
     version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+    random.setstate((version, tuple(_words(internal)), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    np.random.set_state((name, np.array(_words(keys), dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+        torch.cuda.set_rng_state(torch.as_tensor(state["cuda"], dtype=torch.uint8))
 
 
-def _plain(value):
-    """Tuples -> lists, so `weights_only=True` can load the result."""
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return value
+def _int32(words) -> torch.Tensor:
+    """uint32 words as an int32 tensor of the same bits: a uint32 tensor cannot be unpickled on torch 2.14.1
+    ("'UntypedStorage' has no attribute 'dtype'", measured), and object collectives pickle their values."""
+    return torch.from_numpy(np.array(words, dtype=np.uint32).view(np.int32))
+
+
+def _words(value) -> list[int]:
+    """The uint32 words, from `_int32`'s tensor or from a list of ints (the format before it)."""
+    return value.numpy().view(np.uint32).tolist() if isinstance(value, torch.Tensor) else value

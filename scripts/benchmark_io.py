@@ -7,11 +7,17 @@
   benchmark.py checkpoint [--model resnest269] [--rounds 3]
       one save of the model + SGD momentum state as the trainer does it (last.pt written once, step and
       best files linked) vs three full writes, and the resume read (memory-mapped) of the file.
+  benchmark.py checkpoint --blocking [--model resnest50] [--rounds 5] [--threads 2]
+      how long the caller is blocked per save: a synchronous save_checkpoint vs snapshot + a background
+      CheckpointWriter.submit, rounds interleaved; the background write's duration and the time of a
+      resnest14 training step (batch 8, 64 px) while it runs vs with no write; and the per-rank state
+      stored in a checkpoint (RNG as lists of ints, as before, vs the compact tensors), for 1 and 64 ranks.
 """
 
 from __future__ import annotations
 
 import io
+import pickle
 import statistics
 import subprocess
 import sys
@@ -89,6 +95,8 @@ def _state(model_name: str) -> dict:
 
 def bench_checkpoint(args) -> dict:
     from resnest_train import checkpoint as ckpt
+    if args.blocking:
+        return bench_checkpoint_blocking(args)
     state = _state(args.model)
     times: dict[str, list[float]] = {"linked": [], "three_writes": [], "resume_read": []}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -122,3 +130,98 @@ def add_parsers(sub) -> None:
     checkpoint.add_argument("--model", default="resnest269")
     checkpoint.add_argument("--rounds", type=int, default=3)
     checkpoint.add_argument("--dir", default=None, help="where to write (default: the system temp folder)")
+    checkpoint.add_argument("--blocking", action="store_true",
+                            help="time the caller is blocked per save: synchronous vs background write")
+    checkpoint.add_argument("--threads", type=int, default=2, help="torch threads of the training steps (--blocking)")
+
+
+def _old_rng_state() -> dict:
+    """checkpoint.rng_state() as checkpoints held it before the compact format: lists of ints."""
+    import random
+
+    import numpy as np
+    version, internal, gauss = random.getstate()
+    numpy_state = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+            "torch": torch.get_rng_state().tolist()}
+
+
+def _rank_state_bytes(make_rng, ranks: int) -> dict:
+    """Pickled (what gather_object sends) and torch.save'd (what the file holds) bytes of `ranks` ranks'
+    states; each rank's its own objects, as after a gather (pickle and torch.save share repeated objects)."""
+    states = [{"rng": make_rng(), "data": {"epoch": 0, "position": 0}} for _ in range(ranks)]
+    buffer = io.BytesIO()
+    torch.save({"ranks": states}, buffer)
+    return {"pickled": len(pickle.dumps(states)), "in_file": len(buffer.getvalue())}
+
+
+def _training_step():
+    """One SGD step of resnest14 on a batch of 8 at 64 px: a stand-in for the loop that the write runs beside."""
+    from resnest_train.models import create_model
+    model = create_model("resnest14", num_classes=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    images, targets = torch.randn(8, 3, 64, 64), torch.randint(0, 10, (8,))
+
+    def step() -> float:
+        started = time.perf_counter()
+        torch.nn.functional.cross_entropy(model(images), targets).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - started
+    return step
+
+
+def _background_save(state: dict, writer, step, times: dict) -> None:
+    """submit, then training steps until the write is done. `lost`: the steps' time beyond what they take
+    with no write in flight (the last step may run on a little after the write)."""
+    from resnest_train.checkpoint_writer import snapshot
+    usual = statistics.median(step() for _ in range(3))
+    started = time.perf_counter()
+    writer.submit(snapshot(state), is_best=True)
+    times["background_blocked"].append(time.perf_counter() - started)
+    during = []
+    while writer.in_flight:
+        during.append(step())
+    writer.wait()
+    times["background_write"].append(time.perf_counter() - started)
+    times["step_no_write"].append(usual)
+    times["step_during_write"].append(statistics.mean(during or [usual]))
+    times["lost_to_the_write"].append(sum(during) - len(during) * usual)
+
+
+def _one_round(state: dict, tmp: str, writer, step, round_: int, times: dict) -> None:
+    from resnest_train import checkpoint as ckpt
+    for kind in ("sync", "background") if round_ % 2 == 0 else ("background", "sync"):
+        if kind == "background":
+            _background_save({**state, "step": 2 * round_ + 2}, writer, step, times)
+            continue
+        started = time.perf_counter()
+        ckpt.save_checkpoint({**state, "step": 2 * round_ + 1}, tmp, keep_last=3, is_best=True)
+        times["sync_blocked"].append(time.perf_counter() - started)
+
+
+def bench_checkpoint_blocking(args) -> dict:
+    from resnest_train.checkpoint import rng_state
+    from resnest_train.checkpoint_writer import CheckpointWriter
+    torch.set_num_threads(args.threads)
+    state, step = _state(args.model), _training_step()
+    step()  # warm-up: the first step allocates
+    times: dict[str, list[float]] = {name: [] for name in (
+        "sync_blocked", "background_blocked", "background_write", "step_no_write", "step_during_write",
+        "lost_to_the_write")}
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp, CheckpointWriter(tmp, keep_last=3) as writer:
+        for round_ in range(args.rounds):
+            _one_round(state, tmp, writer, step, round_, times)
+        size = (Path(tmp) / "checkpoints" / "last.pt").stat().st_size
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    result = {"model": args.model, "checkpoint_mb": round(size / 2**20, 1), "rounds": args.rounds,
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    result.update({f"{name}_ms": round(1000 * value, 1) for name, value in medians.items()})
+    result["blocked_ratio"] = round(medians["sync_blocked"] / medians["background_blocked"], 1)
+    result["step_slowdown_during_write"] = round(medians["step_during_write"] / medians["step_no_write"], 2)
+    for name, make_rng in (("lists", _old_rng_state), ("compact", rng_state)):
+        for ranks in (1, 64):
+            for where, count in _rank_state_bytes(make_rng, ranks).items():
+                result[f"rank_state_{name}_{ranks}_ranks_{where}_bytes"] = count
+    return result
