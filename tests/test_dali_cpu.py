@@ -9,11 +9,14 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from resnest_train.data import dali
-from resnest_train.data.dali_cpu import resize_one, saturate_one
 from resnest_train.data.index import load_index
 from resnest_train.data.torchvision import val_transform
 from tests.conftest import make_plan
+
+pytest.importorskip("nvidia.dali", reason="DALI cannot be imported")
+
+from resnest_train.data import dali
+from resnest_train.data.dali_cpu import resize_one, saturate_one
 
 
 def photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:

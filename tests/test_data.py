@@ -14,11 +14,15 @@ import torch
 from PIL import Image
 
 from resnest_train.data import resize_size
-from resnest_train.data.dali import build_dali_train, build_dali_val
 from resnest_train.data.index import DatasetError, load_index, scan
 from resnest_train.data.torchvision import build_torch_train, build_torch_val, val_transform
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tests.conftest import make_plan
+
+try:
+    from resnest_train.data.dali import build_dali_train, build_dali_val
+except ImportError:  # no DALI here: the tests that use it are marked `dali` and skip
+    build_dali_train = build_dali_val = None
 
 
 def test_index_classes_and_labels(image_root):
@@ -72,6 +76,7 @@ def class_from_pixels(images: torch.Tensor) -> torch.Tensor:
     return images.mean(dim=(2, 3))
 
 
+@pytest.mark.dali
 def test_dali_train_batches(image_root):
     index = load_index(image_root)
     loader = build_dali_train(make_plan(image_root, autoaugment="none"), index.train, batch_size=8)
@@ -85,6 +90,7 @@ def test_dali_train_batches(image_root):
     assert sorted(labels.tolist()) == sorted(label for _, label in index.train)  # one epoch = every image
 
 
+@pytest.mark.dali
 def test_dali_channels_last_layout(image_root):
     loader = build_dali_train(make_plan(image_root, channels_last=True), load_index(image_root).train, batch_size=8)
     images = next(iter(loader))[0]
@@ -95,6 +101,7 @@ def epoch_labels(loader):
     return [t.tolist() for _, t in loader]
 
 
+@pytest.mark.dali
 def test_dali_shards_equal_batches_different_augmentation(image_root):
     index = load_index(image_root)
     # 48 images, 5 ranks: uneven shards (10/10/10/9/9) must still give every rank the same batch count.
@@ -109,6 +116,7 @@ def test_dali_shards_equal_batches_different_augmentation(image_root):
     assert not torch.equal(a, b)  # ranks never repeat each other's augmentation
 
 
+@pytest.mark.dali
 def test_dali_reproducible_and_reshuffled(image_root):
     index = load_index(image_root)
     make = lambda seed=3: build_dali_train(make_plan(image_root, seed=seed), index.train, batch_size=8)  # noqa: E731
@@ -120,6 +128,7 @@ def test_dali_reproducible_and_reshuffled(image_root):
     assert order(make(3)) != order(make(4))  # train.seed changes the data order, not only the augmentation
 
 
+@pytest.mark.dali
 def test_dali_val_shards_cover_each_image_once(image_root):
     index = load_index(image_root)
     seen = []
@@ -155,6 +164,7 @@ def smooth_root(tmp_path_factory):
     return root
 
 
+@pytest.mark.dali
 @pytest.mark.parametrize("ops", ["auto", "dali"], ids=["cpu-graph", "gpu-graph"])
 def test_dali_val_matches_pil_reference(smooth_root, ops):
     index = load_index(smooth_root)
@@ -236,6 +246,7 @@ def _png_dataset(tmp_path, image: Image.Image, name: str = "a.png") -> Path:
     return tmp_path
 
 
+@pytest.mark.dali
 def test_16_bit_png_and_exif_orientation_agree_across_backends(tmp_path):
     """16-bit greyscale: scaled to 8 bits (not clipped to white); EXIF orientation: ignored by both, as the
     reference evaluation (PIL/torchvision) does."""
@@ -286,6 +297,7 @@ def test_torchvision_skips_and_names_an_image_over_the_decompression_bomb_limit(
     assert "skipping undecodable image" in caplog.text and index.val[0][0] in caplog.text
 
 
+@pytest.mark.dali
 def test_file_deleted_while_dali_trains_is_named(image_root, tmp_path):
     root = tmp_path / "vanishing"
     shutil.copytree(image_root, root)
