@@ -1,8 +1,11 @@
 """Shared test helpers: a small generated JPEG dataset (made once per session), one way to run a script in
-a subprocess (with the environment every subprocess test needs), the tiny-run overrides, and data plans."""
+a subprocess (with the environment every subprocess test needs), the tiny-run overrides, and data plans.
+Tests marked `dali` and runs that read images with DALI skip where DALI cannot be imported (the GPU machines
+lent to this project have none); tests marked `cuda` skip without a GPU."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -29,6 +32,32 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 torch.set_num_threads(2)
 
 
+@functools.cache
+def dali_importable() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def skip_unless_dali(args: list) -> None:
+    """Skip the calling test where DALI cannot be imported and `args` (a train.py or evaluate.py command on
+    the demo config, whose backend is DALI) read a data root with no other backend named."""
+    args = [str(arg) for arg in args]
+    backends = [arg.split("=", 1)[1] for arg in args if arg.startswith("data.backend=")]
+    reads_images = any(arg.startswith("data.root=") for arg in args)
+    if reads_images and (backends or ["dali"])[-1] == "dali" and not dali_importable():
+        pytest.skip("DALI cannot be imported: the run reads images with data.backend=dali")
+
+
+def pytest_runtest_setup(item) -> None:
+    if item.get_closest_marker("dali") and not dali_importable():
+        pytest.skip("DALI cannot be imported")
+    if item.get_closest_marker("cuda") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
 def script_env(**extra: str) -> dict:
     """One thread per process (tests start several), and torchrun's store not shared across restarts
     (pytorch/pytorch#135712, README)."""
@@ -39,6 +68,7 @@ def run_script(args: list[str], *, expect: int | None = 0, launcher: list[str] |
                **kwargs) -> subprocess.CompletedProcess:
     """Run `python SCRIPT ARGS` (or `launcher SCRIPT ARGS`) from the project root; check the exit code
     unless `expect` is None."""
+    skip_unless_dali(args)
     env = kwargs.pop("env", None) or script_env()
     result = subprocess.run([*(launcher or [sys.executable]), *args], capture_output=True, text=True, cwd=ROOT,
                             timeout=timeout, env=env, **kwargs)
@@ -50,7 +80,9 @@ def run_script(args: list[str], *, expect: int | None = 0, launcher: list[str] |
 def train_args(root, out, *extra: str) -> list[str]:
     """train.py on the demo config, shrunk to TINY, on `root` (None: the synthetic backend)."""
     data = [f"data.root={root}"] if root is not None else ["data.backend=synthetic", "data.synthetic_size=64"]
-    return [str(ROOT / "train.py"), "--config", DEMO, f"output_dir={out}", *data, *TINY, *extra]
+    args = [str(ROOT / "train.py"), "--config", DEMO, f"output_dir={out}", *data, *TINY, *extra]
+    skip_unless_dali(args)  # also for the tests that start the run themselves (Popen)
+    return args
 
 
 def metrics(out: Path) -> list[dict]:

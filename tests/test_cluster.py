@@ -13,16 +13,18 @@ import time
 import pytest
 import torch
 
-from tests.conftest import DEMO, ROOT, TINY, TORCHRUN, free_port, script_env
+from tests.conftest import DEMO, ROOT, TINY, TORCHRUN, free_port, script_env, skip_unless_dali
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 
 def node_cmd(node_rank: int, port: int, *extra: str) -> list[str]:
     """Static rendezvous: node rank 0 holds global rank 0 (FACTS.md)."""
-    return [*TORCHRUN, "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node_rank}", "--master-addr=127.0.0.1",
-            f"--master-port={port}", str(ROOT / "train.py"), "--config", DEMO, "data.root=data", "output_dir=run",
-            *TINY, "train.epochs=2", "train.deterministic=true", "schedule.warmup_epochs=0.5", *extra]
+    cmd = [*TORCHRUN, "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node_rank}", "--master-addr=127.0.0.1",
+           f"--master-port={port}", str(ROOT / "train.py"), "--config", DEMO, "data.root=data", "output_dir=run",
+           *TINY, "train.epochs=2", "train.deterministic=true", "schedule.warmup_epochs=0.5", *extra]
+    skip_unless_dali(cmd)
+    return cmd
 
 
 def start_nodes(folders, *extra: str) -> list[subprocess.Popen]:

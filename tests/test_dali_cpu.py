@@ -9,12 +9,15 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from resnest_train.data import dali
-from resnest_train.data.dali_cpu import resize_one, saturate_one
-from resnest_train.data.dali_train import build_dali_train
 from resnest_train.data.index import load_index
 from resnest_train.data.torchvision import val_transform
 from tests.conftest import make_order, make_plan
+
+pytest.importorskip("nvidia.dali", reason="DALI cannot be imported")
+
+from resnest_train.data import dali  # noqa: E402
+from resnest_train.data.dali_cpu import resize_one, saturate_one  # noqa: E402
+from resnest_train.data.dali_train import build_dali_train  # noqa: E402
 
 
 def photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -14,12 +14,16 @@ import torch
 from PIL import Image
 
 from resnest_train.data import resize_size
-from resnest_train.data.dali import build_dali_val
-from resnest_train.data.dali_train import build_dali_train
 from resnest_train.data.index import DatasetError, load_index, scan
 from resnest_train.data.torchvision import build_torch_train, build_torch_val, val_transform
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tests.conftest import make_order, make_plan
+
+try:
+    from resnest_train.data.dali import build_dali_val
+    from resnest_train.data.dali_train import build_dali_train
+except ImportError:  # no DALI here: the tests that use it are marked `dali` and skip
+    build_dali_train = build_dali_val = None
 
 
 def test_index_classes_and_labels(image_root):
@@ -73,6 +77,7 @@ def class_from_pixels(images: torch.Tensor) -> torch.Tensor:
     return images.mean(dim=(2, 3))
 
 
+@pytest.mark.dali
 def test_dali_train_batches(image_root):
     index = load_index(image_root)
     loader = build_dali_train(make_plan(image_root, autoaugment="none"), index.train, make_order(48, 8))
@@ -87,6 +92,7 @@ def test_dali_train_batches(image_root):
     assert sorted(labels.tolist()) == sorted(label for _, label in index.train)  # one epoch = every image
 
 
+@pytest.mark.dali
 def test_dali_channels_last_layout(image_root):
     loader = build_dali_train(make_plan(image_root, channels_last=True), load_index(image_root).train,
                               make_order(48, 8))
@@ -108,6 +114,7 @@ def epoch_samples(loader, epoch: int) -> list[int]:
     return samples
 
 
+@pytest.mark.dali
 def test_dali_ranks_read_equal_disjoint_parts_with_different_augmentation(image_root):
     index = load_index(image_root)
     # 48 images, 5 ranks, micro-batches of 4: 2 steps of 20 images, 2 micro-batches per rank, every epoch.
@@ -124,6 +131,7 @@ def test_dali_ranks_read_equal_disjoint_parts_with_different_augmentation(image_
     assert not torch.equal(a, b)  # ranks never repeat each other's augmentation
 
 
+@pytest.mark.dali
 def test_dali_reproducible_and_reshuffled(image_root):
     index = load_index(image_root)
     make = lambda seed=3: build_dali_train(make_plan(image_root, seed=seed), index.train,  # noqa: E731
@@ -139,6 +147,7 @@ def test_dali_reproducible_and_reshuffled(image_root):
     assert epoch_labels(make(3)) != epoch_labels(make(4))  # train.seed changes the data order too
 
 
+@pytest.mark.dali
 def test_dali_val_shards_cover_each_image_once(image_root):
     index = load_index(image_root)
     seen = []
@@ -174,6 +183,7 @@ def smooth_root(tmp_path_factory):
     return root
 
 
+@pytest.mark.dali
 @pytest.mark.parametrize("ops", ["auto", "dali"], ids=["cpu-graph", "gpu-graph"])
 def test_dali_val_matches_pil_reference(smooth_root, ops):
     index = load_index(smooth_root)
@@ -254,6 +264,7 @@ def _png_dataset(tmp_path, image: Image.Image, name: str = "a.png") -> Path:
     return tmp_path
 
 
+@pytest.mark.dali
 def test_16_bit_png_and_exif_orientation_agree_across_backends(tmp_path):
     """16-bit greyscale: scaled to 8 bits (not clipped to white); EXIF orientation: ignored by both, as the
     reference evaluation (PIL/torchvision) does."""
@@ -304,6 +315,7 @@ def test_torchvision_skips_and_names_an_image_over_the_decompression_bomb_limit(
     assert "skipping undecodable image" in caplog.text and index.val[0][0] in caplog.text
 
 
+@pytest.mark.dali
 def test_file_deleted_while_dali_trains_is_named(image_root, tmp_path):
     root = tmp_path / "vanishing"
     shutil.copytree(image_root, root)
