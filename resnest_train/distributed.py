@@ -9,8 +9,11 @@ instead of hanging in its first NCCL collective.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +30,7 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
+    failure_key: str = "resnest_train/failure/0"  # where a rank that stops alone leaves its reason
 
     @property
     def is_main(self) -> bool:
@@ -67,6 +71,10 @@ def setup_distributed(device_setting: str = "auto") -> DistInfo:
         else:
             torch_dist.init_process_group("gloo", timeout=TIMEOUT)
         check_same_device_type(dist)
+        # Every process of this group joins once: the count names the group's round (an elastic restart
+        # may reuse the rendezvous store), so a reason left by an earlier round is never read as this one's.
+        joined = torch_dist.distributed_c10d._get_default_store().add("resnest_train/joined", 1)
+        dist = dataclasses.replace(dist, failure_key=f"resnest_train/failure/{(joined - 1) // world_size}")
     return dist
 
 
@@ -123,6 +131,44 @@ def gather_object(value, dist: DistInfo) -> list | None:
     out = [None] * dist.world_size if dist.is_main else None
     torch_dist.gather_object(value, out, dst=0)
     return out
+
+
+FAILURE_WAIT = datetime.timedelta(seconds=30)
+
+
+def announce_failure(dist: DistInfo, reason: str) -> None:
+    """This rank stops on `reason` (an image its decoder failed on) while the others may be waiting for it
+    in a collective: leave the reason in the rendezvous store, close this rank's connections (the others'
+    collectives then fail at once instead of at the process group's timeout, and they read the reason),
+    and wait until every rank has read it or stopped on its own (at most FAILURE_WAIT: the store lives in
+    rank 0's process when no launcher holds it)."""
+    if not dist.distributed or not torch_dist.is_initialized():
+        return
+    store = torch_dist.distributed_c10d._get_default_store()
+    try:
+        store.compare_set(f"{dist.failure_key}/reason", "", reason)  # the first rank's reason is kept
+        store.add(f"{dist.failure_key}/ended", 1)
+        torch_dist.destroy_process_group()
+        deadline = time.monotonic() + FAILURE_WAIT.total_seconds()
+        while store.add(f"{dist.failure_key}/ended", 0) < dist.world_size and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except (RuntimeError, OSError) as exc:  # the store went away: nothing more to tell
+        logging.getLogger("resnest_train").debug("could not announce the failure: %s", exc)
+
+
+def failure_of_another_rank(dist: DistInfo) -> str | None:
+    """After a collective failed: the reason another rank announced, if any (and say it was read)."""
+    if not dist.distributed:
+        return None
+    try:
+        store = torch_dist.distributed_c10d._get_default_store()
+        if not store.check([f"{dist.failure_key}/reason"]):
+            return None
+        reason = store.get(f"{dist.failure_key}/reason").decode()
+        store.add(f"{dist.failure_key}/ended", 1)
+        return reason
+    except (RuntimeError, OSError, ValueError):
+        return None
 
 
 def cleanup(dist: DistInfo) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from resnest_train import checkpoint as ckpt
 from resnest_train import resume
+from resnest_train.checkpoint_writer import CheckpointWriter, snapshot
 from resnest_train.config import Config, to_dict, to_yaml
 from resnest_train.data import (
     DataPlan,
@@ -30,7 +31,15 @@ from resnest_train.data import (
     load_dataset_index,
     num_train_images,
 )
-from resnest_train.distributed import DistInfo, broadcast_object, cleanup, gather_object, setup_distributed
+from resnest_train.distributed import (
+    DistInfo,
+    announce_failure,
+    broadcast_object,
+    cleanup,
+    failure_of_another_rank,
+    gather_object,
+    setup_distributed,
+)
 from resnest_train.engine import Precision, forward_backward, optimizer_step, resolve_precision, validate
 from resnest_train.errors import UserError
 from resnest_train.loss import build_criterion, build_mixup
@@ -63,6 +72,7 @@ class Run:
     order: TrainOrder
     train_loader: Loader
     val_loader: Loader
+    writer: CheckpointWriter | None  # rank 0's background checkpoint writer
 
 
 def train(config: Config) -> Path:
@@ -77,6 +87,14 @@ def train(config: Config) -> Path:
             if prepared is not None:
                 _fit(*prepared, stop)
         return Path(config.output_dir)
+    except UserError as exc:  # possibly this rank's alone (its decoder failed): the others must not hang
+        announce_failure(dist, str(exc))
+        raise
+    except RuntimeError:  # a collective failed: because another rank stopped on an error of its own?
+        reason = failure_of_another_rank(dist)
+        if reason is None:
+            raise
+        raise UserError(reason) from None
     finally:
         cleanup(dist)
 
@@ -107,12 +125,16 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
     val_loader = build_val_loader(data, index, batch_size=train_cfg.batch_size)
     # DDP's constructor broadcasts rank 0's parameters and buffers: the weights rank 0 loaded reach all.
     model = wrap_for_training(place(model, dist, channels_last=train_cfg.channels_last), dist,
-                              sync_bn=config.model.sync_bn, compile_model=train_cfg.compile)
+                              sync_bn=config.model.sync_bn, compile_model=train_cfg.compile,
+                              accumulation=plan.layout.accumulation)
     precision = resolve_precision(train_cfg.amp, dist.device)
     optimizer = build_optimizer(unwrap(model), config.optim, plan.peak_lr)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision.needs_scaler)
+    # Closed (the write in flight finished) whatever ends the run; rank 0 alone writes.
+    writer = stack.enter_context(CheckpointWriter(config.output_dir, keep_last=config.checkpoint.keep_last)) \
+        if dist.is_main else None
     run = Run(config, dist, plan, data, model, optimizer, scaler, build_criterion(train_cfg),
-              build_mixup(train_cfg, config.model.num_classes), precision, order, train_loader, val_loader)
+              build_mixup(train_cfg, config.model.num_classes), precision, order, train_loader, val_loader, writer)
     if summary is not None:
         _restore(run, state, summary, rank_state, progress)
     if dist.is_main:
@@ -168,7 +190,7 @@ def _restore(run: Run, state: dict | None, summary: resume.ResumeSummary, rank_s
         log.warning("resuming a run of world size %d (global batch %s) with world size %d (global batch %d) at "
                     "epoch %d, step %d of %d", summary.world_size, summary.global_batch, run.dist.world_size,
                     run.plan.global_batch, progress.epoch, progress.batch, run.plan.steps_per_epoch)
-    if "rng" in rank_state:
+    if "rng" in rank_state:  # checkpoints written before randomness was seeded per step and sample
         ckpt.set_rng_state(rank_state["rng"])
     resume.check_agreement(progress.step, run.dist)
 
@@ -182,21 +204,36 @@ def _should_stop(dist: DistInfo, requested: bool) -> bool:
 
 
 def _save(run: Run, progress: Progress, *, is_best: bool = False) -> None:
-    """Every rank contributes its RNG and data position; rank 0 writes; its outcome reaches every rank."""
-    ranks = gather_object({"rng": ckpt.rng_state(), "data": run.train_loader.state()}, run.dist)
+    """Every rank contributes its data position (randomness is seeded per step and sample, so no generator
+    state is needed); rank 0 copies the state to host memory and writes it in the background."""
+    ranks = gather_object({"data": run.train_loader.state()}, run.dist)
     error = None
     if run.dist.is_main:
         state = {"model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
                  "scaler": run.scaler.state_dict(), "epoch": progress.epoch, "batch": progress.batch,
                  "step": progress.step, "best_top1": progress.best_top1, "config": to_dict(run.config),
-                 "world_size": run.dist.world_size, "global_batch": run.plan.global_batch, "ranks": ranks}
+                 "world_size": run.dist.world_size, "global_batch": run.plan.global_batch,
+                 "micro_batch": run.plan.layout.micro_batch, "ranks": ranks}
         try:
-            path = ckpt.save_checkpoint(state, run.config.output_dir, keep_last=run.config.checkpoint.keep_last,
-                                        is_best=is_best)
-            log.info("saved %s (epoch %d, step %d)", path, progress.epoch, progress.step)
+            run.writer.submit(snapshot(state), is_best=is_best)  # first waits for the write in flight
         except UserError as exc:
             error = str(exc)
-    error = broadcast_object(error, run.dist)  # no rank waits for a save that failed
+    _share_error(error, run.dist)
+
+
+def _wait_for_writes(run: Run) -> None:
+    """Before a stop or the end of the run: the write in flight is on disk, or its error on every rank."""
+    error = None
+    if run.dist.is_main:
+        try:
+            run.writer.wait()
+        except UserError as exc:
+            error = str(exc)
+    _share_error(error, run.dist)
+
+
+def _share_error(error: str | None, dist: DistInfo) -> None:
+    error = broadcast_object(error, dist)  # no rank waits for a save that failed
     if error:
         raise UserError(error)
 
@@ -291,6 +328,7 @@ def _fit(run: Run, progress: Progress, stop) -> None:
     try:
         while progress.epoch < config.train.epochs:
             if not _train_epoch(run, progress, reporter, stop):
+                _wait_for_writes(run)
                 log.info("stopped at step %d; rerun the same command to continue", progress.step)
                 return
             metrics = {"epoch": progress.epoch + 1,
@@ -307,8 +345,10 @@ def _fit(run: Run, progress: Progress, stop) -> None:
             reporter.epoch_metrics(metrics)
             _save(run, progress, is_best=is_best)
             if _should_stop(run.dist, stop.requested):
+                _wait_for_writes(run)
                 log.info("stopped after epoch %d; rerun the same command to continue", progress.epoch)
                 return
+        _wait_for_writes(run)
         log.info("finished: %d epochs, best val top-1 %.2f; run folder %s", progress.epoch, progress.best_top1,
                  config.output_dir)
     finally:

@@ -92,7 +92,8 @@ def place(model: nn.Module, dist: DistInfo, *, channels_last: bool) -> nn.Module
     return model.to(dist.device, memory_format=memory_format)
 
 
-def wrap_for_training(model: nn.Module, dist: DistInfo, *, sync_bn: bool, compile_model: bool) -> nn.Module:
+def wrap_for_training(model: nn.Module, dist: DistInfo, *, sync_bn: bool, compile_model: bool,
+                      accumulation: int = 1) -> nn.Module:
     """SyncBN and DDP (whose construction broadcasts rank 0's parameters and buffers), then compile."""
     if sync_bn and dist.distributed:
         if dist.device.type == "cuda":
@@ -102,9 +103,16 @@ def wrap_for_training(model: nn.Module, dist: DistInfo, *, sync_bn: bool, compil
             log.warning("model.sync_bn=true has no effect on CPU (torch's SyncBatchNorm needs CUDA): "
                         "batch norm statistics stay per process")
     if dist.distributed:
-        # Gradients as views into the buckets: no second copy of them (torch DDP docs).
+        # Gradients as views into the buckets: no second copy of them (torch DDP docs). No buffer broadcast
+        # before every forward: BatchNorm statistics are per process during training, as in the published
+        # run, and rank 0's are sent to all before evaluation and saving (runner._sync_buffers). A static
+        # graph (every parameter used in every step, one graph) lets DDP fix its buckets after the first
+        # step. Not with gradient accumulation: DDP's reducer asserts under `no_sync` with a static graph
+        # (torch 2.14, "expect_autograd_hooks_"); not under torch.compile, which splits the graph at bucket
+        # boundaries itself.
         model = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
-                                        gradient_as_bucket_view=True)
+                                        gradient_as_bucket_view=True, broadcast_buffers=False,
+                                        static_graph=accumulation == 1 and not compile_model)
     if compile_model:
         model = torch.compile(model)
     return model

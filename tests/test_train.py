@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -87,6 +89,31 @@ def test_image_broken_inside_stops_dali_naming_it(image_root, tmp_path):
     root, broken = broken_inside(image_root, tmp_path)
     result = run_script(train_args(root, tmp_path / "run", "train.epochs=1"), expect=2)
     assert f"error: cannot decode {broken} (cannot decode" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.dali
+def test_image_broken_inside_stops_every_process_at_once(image_root, tmp_path):
+    """Two processes (no launcher to kill the other one): the one whose decoder fails names the image, the
+    other, waiting for it in a collective, stops with the same line within seconds, not at the process
+    group's 30-minute timeout."""
+    root, broken = broken_inside(image_root, tmp_path)
+    port = str(free_port())
+    started = time.time()
+    workers = [subprocess.Popen(
+        [sys.executable, *train_args(root, tmp_path / "run", "train.epochs=1")], cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=script_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=port)) for rank in range(2)]
+    outputs = [worker.communicate(timeout=120) for worker in workers]
+    assert time.time() - started < 60, outputs
+    errors = []
+    for worker, (_, stderr) in zip(workers, outputs):
+        assert worker.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
+        errors.append([line for line in stderr.splitlines() if line.startswith("error: ")])
+    assert errors[0] == errors[1] and len(errors[0]) == 1, errors  # (DALI's own log line aside)
+    assert errors[0][0].startswith(f"error: cannot decode {broken} (")
 
 
 @pytest.mark.slow

@@ -40,11 +40,23 @@ def test_sync_bn_on_gpu_ranks_converts_every_batch_norm(ddp):
     norms, params = batch_norms(model), dict(model.named_parameters())
     wrapped = wrap_for_training(model, DistInfo(3, 1, 4, torch.device("cuda", 1)), sync_bn=True, compile_model=False)
     assert isinstance(wrapped, RecordedDDP) and unwrap(wrapped) is wrapped.module
-    assert wrapped.kwargs == {"device_ids": [1], "gradient_as_bucket_view": True}
+    assert wrapped.kwargs == {"device_ids": [1], "gradient_as_bucket_view": True, "broadcast_buffers": False,
+                              "static_graph": True}
     converted = batch_norms(wrapped.module)
     assert converted.keys() == norms.keys() and set(converted.values()) == {nn.SyncBatchNorm}
     # The same parameters (and so the same optimizer groups and checkpoint keys), only the layers replaced.
     assert all(p is params[name] for name, p in wrapped.module.named_parameters())
+
+
+@pytest.mark.parametrize("accumulation,compile_model,static", [(1, False, True), (4, False, False),
+                                                               (1, True, False)])
+def test_ddp_graph_is_static_without_accumulation_or_compile(ddp, monkeypatch, accumulation, compile_model, static):
+    """DDP's reducer asserts under `no_sync` with a static graph (torch 2.14), and torch.compile buckets
+    the graph itself; buffers are never broadcast per forward (rank 0's are sent before evaluation)."""
+    monkeypatch.setattr(torch, "compile", lambda model: model)
+    wrapped = wrap_for_training(create_model("resnest14", num_classes=10), DistInfo(0, 0, 2, torch.device("cpu")),
+                                sync_bn=False, compile_model=compile_model, accumulation=accumulation)
+    assert wrapped.kwargs["static_graph"] is static and wrapped.kwargs["broadcast_buffers"] is False
 
 
 def test_sync_bn_on_cpu_ranks_is_a_warning_and_ddp_gets_no_device(ddp, caplog):
