@@ -1,7 +1,7 @@
 """Rank 0's work on the run folder before training: check it can be written, lock it, clean what a killed
-save left, find the state to resume, and put the starting weights (checkpoint or pretrained) into the
-model. Errors come back as a string, so that rank 0 can hand them to every rank (resume.share_decision)
-instead of leaving the others waiting."""
+save left, find the state to resume, put the starting weights (checkpoint or pretrained) into the model,
+and write the resolved config. Errors come back as a string, so that rank 0 can hand them to every rank
+(resume.share_decision) instead of leaving the others waiting."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from pathlib import Path
 from torch import nn
 
 from resnest_train import checkpoint as ckpt
-from resnest_train.config import Config
+from resnest_train.config import Config, to_yaml
 from resnest_train.errors import UserError
 from resnest_train.models.pretrained import WeightsMismatchError, check_fit
+from resnest_train.reporting import truncate_metrics
 from resnest_train.wrapping import load_starting_weights
 
 log = logging.getLogger("resnest_train")
@@ -71,3 +72,12 @@ def prepare_run_folder(config: Config, model: nn.Module, stack: contextlib.ExitS
         return state, None
     except UserError as exc:
         return None, str(exc)
+
+
+def write_resolved_config(config: Config, derived: dict, epoch: int) -> None:
+    """`config.yaml`, with what the run derives from it (global batch, accumulation, lr, steps) in its header;
+    `metrics.jsonl` cut back to the epoch the run continues from."""
+    header = "resolved config of this run: a valid --config for train.py (continues it) and evaluate.py\n"
+    header += "derived: " + ", ".join(f"{k} {v}" for k, v in derived.items())
+    (Path(config.output_dir) / "config.yaml").write_text(to_yaml(config, header))
+    truncate_metrics(config.output_dir, epoch)

@@ -19,8 +19,8 @@ from torch import nn
 
 from resnest_train import checkpoint as ckpt
 from resnest_train import resume
-from resnest_train.checkpoint_writer import CheckpointWriter, snapshot
-from resnest_train.config import Config, to_dict, to_yaml
+from resnest_train.checkpoint_writer import CheckpointWriter
+from resnest_train.config import Config
 from resnest_train.data import (
     DataPlan,
     Loader,
@@ -34,10 +34,8 @@ from resnest_train.data import (
 from resnest_train.distributed import (
     DistInfo,
     announce_failure,
-    broadcast_object,
     cleanup,
     failure_of_another_rank,
-    gather_object,
     setup_distributed,
 )
 from resnest_train.engine import Precision, forward_backward, optimizer_step, resolve_precision, validate
@@ -46,10 +44,11 @@ from resnest_train.loss import build_criterion, build_mixup
 from resnest_train.optim import build_optimizer
 from resnest_train.process import cpu_speed_settings, seed_everything, stop_signals
 from resnest_train.randomness import seed_micro_batch
-from resnest_train.reporting import RunReporter, SampleRecord, configure_logging, truncate_metrics
+from resnest_train.reporting import RunReporter, SampleRecord, configure_logging
 from resnest_train.resume import Progress
-from resnest_train.run_folder import prepare_run_folder
-from resnest_train.schedule import TrainPlan, build_train_plan
+from resnest_train.run_folder import prepare_run_folder, write_resolved_config
+from resnest_train.saving import save, wait_for_writes
+from resnest_train.schedule import TrainPlan, build_train_plan, micro_batch_warning
 from resnest_train.wrapping import build_model, place, train_mode, unwrap, wrap_for_training
 
 log = logging.getLogger("resnest_train")
@@ -114,7 +113,8 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
     _check_classes(index, config)
     num_images = num_train_images(data, index)
     plan = build_train_plan(config, dist.world_size, num_images)
-    _warn_small_micro_batch(config)
+    if dist.is_main and (warning := micro_batch_warning(train_cfg.batch_size, sync_bn=config.model.sync_bn)):
+        log.warning(warning)
     if summary is not None:
         resume.check_layout(summary, plan.layout)
     rank_state = resume.rank_states(state, summary, dist, plan.layout)
@@ -138,30 +138,15 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
     if summary is not None:
         _restore(run, state, summary, rank_state, progress)
     if dist.is_main:
-        _write_resolved_config(config, plan, progress)
+        write_resolved_config(config, plan.derived(), progress.epoch)
+        _log_layout(plan)
     return run, progress
 
 
-def _write_resolved_config(config: Config, plan: TrainPlan, progress: Progress) -> None:
-    derived = ", ".join(f"{k} {v}" for k, v in plan.derived().items())
+def _log_layout(plan: TrainPlan) -> None:
     log.info("global batch %d = %d processes x micro-batch %d x %d accumulation steps; lr %g, %d steps per "
              "epoch, %d warmup steps", plan.global_batch, plan.world_size, plan.layout.micro_batch,
              plan.layout.accumulation, plan.peak_lr, plan.steps_per_epoch, plan.warmup_steps)
-    header = "resolved config of this run: a valid --config for train.py (continues it) and evaluate.py\n"
-    (Path(config.output_dir) / "config.yaml").write_text(to_yaml(config, header + "derived: " + derived))
-    truncate_metrics(config.output_dir, progress.epoch)
-
-
-# Split attention normalises each micro-batch with BatchNorm: below about 16 images per process the
-# statistics get noisy enough for NaN losses (the official repository's advice: >= 16 per GPU, or SyncBN).
-MIN_BN_MICRO_BATCH = 16
-
-
-def _warn_small_micro_batch(config: Config) -> None:
-    if config.train.batch_size < MIN_BN_MICRO_BATCH and not config.model.sync_bn:
-        log.warning("train.batch_size=%d per process is below %d: BatchNorm statistics of split attention over "
-                    "so few images can give NaN losses; use a micro-batch of %d or more, or model.sync_bn=true",
-                    config.train.batch_size, MIN_BN_MICRO_BATCH, MIN_BN_MICRO_BATCH)
 
 
 def _check_classes(index, config: Config) -> None:
@@ -201,41 +186,6 @@ def _should_stop(dist: DistInfo, requested: bool) -> bool:
     flag = torch.tensor([1.0 if requested else 0.0], device=dist.device)
     torch.distributed.all_reduce(flag)
     return bool(flag.item() > 0)
-
-
-def _save(run: Run, progress: Progress, *, is_best: bool = False) -> None:
-    """Every rank contributes its data position (randomness is seeded per step and sample, so no generator
-    state is needed); rank 0 copies the state to host memory and writes it in the background."""
-    ranks = gather_object({"data": run.train_loader.state()}, run.dist)
-    error = None
-    if run.dist.is_main:
-        state = {"model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
-                 "scaler": run.scaler.state_dict(), "epoch": progress.epoch, "batch": progress.batch,
-                 "step": progress.step, "best_top1": progress.best_top1, "config": to_dict(run.config),
-                 "world_size": run.dist.world_size, "global_batch": run.plan.global_batch,
-                 "micro_batch": run.plan.layout.micro_batch, "ranks": ranks}
-        try:
-            run.writer.submit(snapshot(state), is_best=is_best)  # first waits for the write in flight
-        except UserError as exc:
-            error = str(exc)
-    _share_error(error, run.dist)
-
-
-def _wait_for_writes(run: Run) -> None:
-    """Before a stop or the end of the run: the write in flight is on disk, or its error on every rank."""
-    error = None
-    if run.dist.is_main:
-        try:
-            run.writer.wait()
-        except UserError as exc:
-            error = str(exc)
-    _share_error(error, run.dist)
-
-
-def _share_error(error: str | None, dist: DistInfo) -> None:
-    error = broadcast_object(error, dist)  # no rank waits for a save that failed
-    if error:
-        raise UserError(error)
 
 
 def _set_lr(run: Run, step: int) -> float:
@@ -296,12 +246,12 @@ def _train_epoch(run: Run, progress: Progress, reporter: RunReporter, stop) -> b
             continue  # the epoch-end checkpoint follows the last batch
         saved = bool(interval) and progress.step % interval == 0
         if saved:
-            _save(run, progress)
+            save(run, progress)
         # Ranks agree on a stop every `check_every` steps (a collective and a host sync) and after each
         # interval checkpoint, which has just synchronised them anyway.
         if (saved or progress.step % check_every == 0) and _should_stop(run.dist, stop.requested):
             if not saved:
-                _save(run, progress)
+                save(run, progress)
             return False
     return True
 
@@ -328,7 +278,7 @@ def _fit(run: Run, progress: Progress, stop) -> None:
     try:
         while progress.epoch < config.train.epochs:
             if not _train_epoch(run, progress, reporter, stop):
-                _wait_for_writes(run)
+                wait_for_writes(run)
                 log.info("stopped at step %d; rerun the same command to continue", progress.step)
                 return
             metrics = {"epoch": progress.epoch + 1,
@@ -343,12 +293,12 @@ def _fit(run: Run, progress: Progress, stop) -> None:
             else:
                 metrics.update(val_top1=None, val_top5=None)
             reporter.epoch_metrics(metrics)
-            _save(run, progress, is_best=is_best)
+            save(run, progress, is_best=is_best)
             if _should_stop(run.dist, stop.requested):
-                _wait_for_writes(run)
+                wait_for_writes(run)
                 log.info("stopped after epoch %d; rerun the same command to continue", progress.epoch)
                 return
-        _wait_for_writes(run)
+        wait_for_writes(run)
         log.info("finished: %d epochs, best val top-1 %.2f; run folder %s", progress.epoch, progress.best_top1,
                  config.output_dir)
     finally:

@@ -57,6 +57,19 @@ def resolve_layout(global_batch: int | None, micro_batch: int, world_size: int, 
                       f"{', '.join(map(str, sizes))}")
 
 
+# Split attention normalises each micro-batch with BatchNorm: below about 16 images per process the
+# statistics get noisy enough for NaN losses (the official repository's advice: >= 16 per GPU, or SyncBN).
+MIN_BN_MICRO_BATCH = 16
+
+
+def micro_batch_warning(micro_batch: int, *, sync_bn: bool) -> str | None:
+    if micro_batch >= MIN_BN_MICRO_BATCH or sync_bn:
+        return None
+    return (f"train.batch_size={micro_batch} per process is below {MIN_BN_MICRO_BATCH}: BatchNorm statistics of "
+            f"split attention over so few images can give NaN losses; use a micro-batch of {MIN_BN_MICRO_BATCH} "
+            "or more (the global batch stays train.global_batch), or model.sync_bn=true")
+
+
 @dataclass(frozen=True)
 class TrainPlan:
     layout: BatchLayout

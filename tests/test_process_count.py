@@ -126,6 +126,7 @@ def test_stopped_on_two_processes_continued_on_one(root, tmp_path, uninterrupted
     assert state["epoch"] == 0 and state["batch"] == 1 and state["world_size"] == 2
     result = run_script(args(root, tmp_path, backend, "checkpoint.interval_steps=1"), env=env)
     assert "resuming a run of world size 2 (global batch 32) with world size 1" in result.stdout
+    assert "train.batch_size=8 per process is below 16" in result.stdout  # the guard rail, said at start
     rows = recorded(record)
     for epoch in (0, 1):  # each image of the epoch's 11 steps once, and the images the 2-process run used
         use = epoch_use(rows, epoch)

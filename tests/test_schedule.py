@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from resnest_train.config import ConfigError, load_config
-from resnest_train.schedule import build_train_plan, learning_rate
+from resnest_train.schedule import build_train_plan, learning_rate, micro_batch_warning
 from tests.conftest import ROOT
 
 
@@ -73,3 +73,9 @@ def test_null_global_batch_is_the_micro_batch_times_the_processes():
     assert config.train.global_batch is None and plan.global_batch == 4 * 32 and plan.layout.accumulation == 1
     with pytest.raises(ConfigError, match="larger than the 100 training images"):
         build_train_plan(config, 4, 100)
+
+
+def test_a_micro_batch_below_16_without_sync_bn_is_warned_about():
+    assert "train.batch_size=8 per process is below 16" in micro_batch_warning(8, sync_bn=False)
+    assert "model.sync_bn=true" in micro_batch_warning(8, sync_bn=False)
+    assert micro_batch_warning(8, sync_bn=True) is None and micro_batch_warning(16, sync_bn=False) is None

@@ -1,0 +1,48 @@
+"""Checkpoints during a run: each rank's part, rank 0's copy of the state to host memory and its write in
+the background (checkpoint_writer.py), and the outcome on every rank: a failed write is one `error:` line
+everywhere, at the next save or before the run stops, and loses only the steps since the previous
+checkpoint (which is intact). `run` is the runner's `Run`."""
+
+from __future__ import annotations
+
+from resnest_train.checkpoint_writer import snapshot
+from resnest_train.config import to_dict
+from resnest_train.distributed import DistInfo, broadcast_object, gather_object
+from resnest_train.errors import UserError
+from resnest_train.resume import Progress
+from resnest_train.wrapping import unwrap
+
+
+def save(run, progress: Progress, *, is_best: bool = False) -> None:
+    """Every rank contributes its data position (randomness is seeded per step and sample, so no generator
+    state is needed); rank 0 copies the state to host memory and writes it in the background."""
+    ranks = gather_object({"data": run.train_loader.state()}, run.dist)
+    error = None
+    if run.dist.is_main:
+        state = {"model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
+                 "scaler": run.scaler.state_dict(), "epoch": progress.epoch, "batch": progress.batch,
+                 "step": progress.step, "best_top1": progress.best_top1, "config": to_dict(run.config),
+                 "world_size": run.dist.world_size, "global_batch": run.plan.global_batch,
+                 "micro_batch": run.plan.layout.micro_batch, "ranks": ranks}
+        try:
+            run.writer.submit(snapshot(state), is_best=is_best)  # first waits for the write in flight
+        except UserError as exc:
+            error = str(exc)
+    share_error(error, run.dist)
+
+
+def wait_for_writes(run) -> None:
+    """Before a stop or the end of the run: the write in flight is on disk, or its error on every rank."""
+    error = None
+    if run.dist.is_main:
+        try:
+            run.writer.wait()
+        except UserError as exc:
+            error = str(exc)
+    share_error(error, run.dist)
+
+
+def share_error(error: str | None, dist: DistInfo) -> None:
+    error = broadcast_object(error, dist)  # no rank waits for a save that failed
+    if error:
+        raise UserError(error)
