@@ -43,8 +43,10 @@ def truncate_metrics(output_dir: str | Path, epoch: int) -> None:
 
 
 class RunReporter:
-    def __init__(self, output_dir: str | Path, dist: DistInfo, plan: TrainPlan, *, log_interval: int):
+    def __init__(self, output_dir: str | Path, dist: DistInfo, plan: TrainPlan, *, log_interval: int,
+                 changes: list[str] = ()):
         self.dist, self.plan, self.log_interval = dist, plan, log_interval
+        self.changes = list(changes)  # recorded in the next metrics row (checkpoint.allow_changes)
         self.out = Path(output_dir)
         self.writer = None
         if dist.is_main:
@@ -131,6 +133,8 @@ class RunReporter:
             self.writer.add_scalar("val/top5", metrics["val_top5"], metrics["epoch"])
         self.writer.add_scalar("train/epoch_loss", metrics["train_loss"], metrics["epoch"])
         self.writer.flush()
+        if self.changes:
+            metrics, self.changes = {**metrics, "resumed_with_changes": self.changes}, []
         with open(self.out / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(metrics) + "\n")
 

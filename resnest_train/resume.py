@@ -11,16 +11,21 @@ and data position by scatter. After restoring, all ranks must agree on the step.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from resnest_train import checkpoint as ckpt
+from resnest_train import provenance
 from resnest_train.distributed import DistInfo, broadcast_object, scatter_object
 from resnest_train.errors import UserError
 from resnest_train.schedule import BatchLayout
 
-SUMMARY = ("epoch", "batch", "step", "world_size", "global_batch", "micro_batch", "best_top1", "scaler")
+log = logging.getLogger("resnest_train")
+
+SUMMARY = ("epoch", "batch", "step", "world_size", "global_batch", "micro_batch", "steps_per_epoch", "best_top1",
+           "scaler")
 
 
 @dataclass
@@ -45,6 +50,7 @@ class ResumeSummary:
     best_top1: float
     scaler: dict = field(default_factory=dict)
     micro_batch: int | None = None  # None: a checkpoint written before accumulation existed
+    steps_per_epoch: int | None = None
 
 
 def share_decision(state: dict | None, error: str | None, dist: DistInfo) -> ResumeSummary | None:
@@ -81,6 +87,29 @@ def rank_states(state: dict | None, summary: ResumeSummary | None, dist: DistInf
     if summary is None or not same_layout(summary, layout):
         return {}
     return scatter_object(state["ranks"] if dist.is_main else None, dist)
+
+
+def check_provenance(state: dict | None, current: dict, *, output_dir: str, allow: bool,
+                     dist: DistInfo) -> list[str]:
+    """Rank 0 compares what the checkpoint was trained on with this run (provenance.py); another model,
+    other class names or another training set is an error on every rank unless `allow`. Returns the
+    changes allowed (to be recorded)."""
+    error, changes = None, []
+    if dist.is_main and state is not None and "provenance" in state:
+        saved = state["provenance"]
+        changes = provenance.blocking_changes(saved, current)
+        if changes and not allow:
+            error = (f"the checkpoint in {output_dir} was trained on something else: {'; '.join(changes)}; "
+                     "resume it with its own model and data, use another output_dir, or set "
+                     "checkpoint.allow_changes=true to continue it with the change")
+        for change in provenance.other_changes(saved, current):
+            log.info("changed since the checkpoint: %s", change)
+        if changes and allow:
+            log.warning("continuing with changes (checkpoint.allow_changes=true): %s", "; ".join(changes))
+    error, changes = broadcast_object((error, changes), dist)
+    if error:
+        raise ckpt.CheckpointError(error)
+    return changes
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict | None, dist: DistInfo) -> None:

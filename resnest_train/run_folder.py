@@ -55,6 +55,13 @@ def _load_start(config: Config, model: nn.Module, state: dict | None) -> None:
         raise ckpt.CheckpointError(
             f"checkpoint in {config.output_dir} does not fit model {config.model.name}: {exc}; continue that "
             "run with its own config, or use another output_dir") from None
+    trained = state["config"]["model"]["name"]
+    if trained != config.model.name and not config.checkpoint.allow_changes:
+        # Same keys and shapes (7 groups of the zoo share them) but another network: refused before loading.
+        raise ckpt.CheckpointError(
+            f"checkpoint in {config.output_dir} was trained as model {trained} (model.name {trained} -> "
+            f"{config.model.name}); continue it with model.name={trained}, use another output_dir, or set "
+            "checkpoint.allow_changes=true to continue it as the other model")
     model.load_state_dict(state["model"])
 
 
@@ -74,10 +81,13 @@ def prepare_run_folder(config: Config, model: nn.Module, stack: contextlib.ExitS
         return None, str(exc)
 
 
-def write_resolved_config(config: Config, derived: dict, epoch: int) -> None:
-    """`config.yaml`, with what the run derives from it (global batch, accumulation, lr, steps) in its header;
-    `metrics.jsonl` cut back to the epoch the run continues from."""
+def write_resolved_config(config: Config, derived: dict, epoch: int, changes: list[str] = ()) -> None:
+    """`config.yaml`, with what the run derives from it (global batch, accumulation, lr, steps) and the
+    changes it was resumed with (checkpoint.allow_changes) in its header; `metrics.jsonl` cut back to the
+    epoch the run continues from."""
     header = "resolved config of this run: a valid --config for train.py (continues it) and evaluate.py\n"
     header += "derived: " + ", ".join(f"{k} {v}" for k, v in derived.items())
+    if changes:
+        header += f"\nresumed at epoch {epoch} with changes: " + "; ".join(changes)
     (Path(config.output_dir) / "config.yaml").write_text(to_yaml(config, header))
     truncate_metrics(config.output_dir, epoch)

@@ -43,12 +43,13 @@ from resnest_train.errors import UserError
 from resnest_train.loss import build_criterion, build_mixup
 from resnest_train.optim import build_optimizer
 from resnest_train.process import cpu_speed_settings, seed_everything, stop_signals
+from resnest_train.provenance import provenance
 from resnest_train.randomness import seed_micro_batch
 from resnest_train.reporting import RunReporter, SampleRecord, configure_logging
 from resnest_train.resume import Progress
 from resnest_train.run_folder import prepare_run_folder, write_resolved_config
 from resnest_train.saving import save, wait_for_writes
-from resnest_train.schedule import TrainPlan, build_train_plan, micro_batch_warning
+from resnest_train.schedule import TrainPlan, build_train_plan, learning_rate, micro_batch_warning
 from resnest_train.wrapping import build_model, place, train_mode, unwrap, wrap_for_training
 
 log = logging.getLogger("resnest_train")
@@ -72,6 +73,8 @@ class Run:
     train_loader: Loader
     val_loader: Loader
     writer: CheckpointWriter | None  # rank 0's background checkpoint writer
+    provenance: dict  # what this run trains on (provenance.py), stored in every checkpoint
+    changes: list[str]  # what changed since the checkpoint resumed, with checkpoint.allow_changes=true
 
 
 def train(config: Config) -> Path:
@@ -117,6 +120,10 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
         log.warning(warning)
     if summary is not None:
         resume.check_layout(summary, plan.layout)
+    trained_on = provenance(config, index.classes if index else None, index.train if index else None,
+                            plan.global_batch)
+    changes = resume.check_provenance(state, trained_on, output_dir=config.output_dir,
+                                      allow=config.checkpoint.allow_changes, dist=dist)
     rank_state = resume.rank_states(state, summary, dist, plan.layout)
     progress = _start(summary, plan)
     order = TrainOrder(train_cfg.seed, num_images, plan.layout, plan.steps_per_epoch, dist.rank)
@@ -134,11 +141,14 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
     writer = stack.enter_context(CheckpointWriter(config.output_dir, keep_last=config.checkpoint.keep_last)) \
         if dist.is_main else None
     run = Run(config, dist, plan, data, model, optimizer, scaler, build_criterion(train_cfg),
-              build_mixup(train_cfg, config.model.num_classes), precision, order, train_loader, val_loader, writer)
+              build_mixup(train_cfg, config.model.num_classes), precision, order, train_loader, val_loader, writer,
+              trained_on, changes)
     if summary is not None:
         _restore(run, state, summary, rank_state, progress)
     if dist.is_main:
-        write_resolved_config(config, plan.derived(), progress.epoch)
+        write_resolved_config(config, plan.derived(), progress.epoch, changes)
+        if state is not None:
+            _say_epochs_change(state, plan, progress)
         _log_layout(plan)
     return run, progress
 
@@ -157,13 +167,28 @@ def _check_classes(index, config: Config) -> None:
 
 def _start(summary: resume.ResumeSummary | None, plan: TrainPlan) -> Progress:
     """Where training continues. A checkpoint of another global batch (only at an epoch boundary: checked
-    before) places the schedule at this epoch's start in the new steps per epoch."""
+    before), or of a training set of another size (checkpoint.allow_changes), places the schedule at the
+    same position in the new steps per epoch."""
     if summary is None:
         return Progress()
     progress = Progress(summary.epoch, summary.batch, summary.step, summary.best_top1)
-    if summary.global_batch is not None and summary.global_batch != plan.global_batch:
-        progress.step = progress.epoch * plan.steps_per_epoch
+    if (summary.global_batch is not None and summary.global_batch != plan.global_batch) or \
+            summary.steps_per_epoch not in (None, plan.steps_per_epoch):
+        progress.batch = min(progress.batch, plan.steps_per_epoch)
+        progress.step = progress.epoch * plan.steps_per_epoch + progress.batch
     return progress
+
+
+def _say_epochs_change(state: dict, plan: TrainPlan, progress: Progress) -> None:
+    """A changed train.epochs stretches or shortens the cosine: say what it does to the next step's lr."""
+    epochs = state["config"]["train"]["epochs"]
+    if epochs * plan.steps_per_epoch == plan.total_steps:
+        return
+    before = learning_rate(progress.step, total_steps=epochs * plan.steps_per_epoch, warmup_steps=plan.warmup_steps,
+                           peak_lr=plan.peak_lr, min_lr=plan.min_lr)
+    log.warning("train.epochs %d -> %d: the schedule now ends at step %d (was %d); lr at the next step %g -> %g",
+                epochs, plan.total_steps // plan.steps_per_epoch, plan.total_steps, epochs * plan.steps_per_epoch,
+                before, plan.lr(progress.step))
 
 
 def _restore(run: Run, state: dict | None, summary: resume.ResumeSummary, rank_state: dict,
@@ -274,7 +299,8 @@ def _evaluate(run: Run) -> dict:
 
 def _fit(run: Run, progress: Progress, stop) -> None:
     config = run.config
-    reporter = RunReporter(config.output_dir, run.dist, run.plan, log_interval=config.train.log_interval)
+    reporter = RunReporter(config.output_dir, run.dist, run.plan, log_interval=config.train.log_interval,
+                           changes=run.changes)
     try:
         while progress.epoch < config.train.epochs:
             if not _train_epoch(run, progress, reporter, stop):

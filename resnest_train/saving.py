@@ -23,7 +23,8 @@ def save(run, progress: Progress, *, is_best: bool = False) -> None:
                  "scaler": run.scaler.state_dict(), "epoch": progress.epoch, "batch": progress.batch,
                  "step": progress.step, "best_top1": progress.best_top1, "config": to_dict(run.config),
                  "world_size": run.dist.world_size, "global_batch": run.plan.global_batch,
-                 "micro_batch": run.plan.layout.micro_batch, "ranks": ranks}
+                 "micro_batch": run.plan.layout.micro_batch, "steps_per_epoch": run.plan.steps_per_epoch,
+                 "provenance": run.provenance, "ranks": ranks}
         try:
             run.writer.submit(snapshot(state), is_best=is_best)  # first waits for the write in flight
         except UserError as exc:

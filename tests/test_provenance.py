@@ -1,0 +1,88 @@
+"""A run continues only on the data and model it started with: a resumed run whose training set grew or
+shrank, whose class folders were renamed, or whose model was swapped for one with the same state-dict keys
+stops with one `error:` line naming the change (old -> new), or, with checkpoint.allow_changes=true,
+continues and records it; the same data in another folder resumes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from resnest_train.provenance import blocking_changes, fingerprint
+from tests.conftest import metrics, run_script, train_args
+from tests.test_faults import one_line_error
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def data(image_root, tmp_path) -> Path:
+    root = tmp_path / "data"
+    shutil.copytree(image_root, root)
+    return root
+
+
+def first_run(root, out: Path, *extra: str) -> None:
+    run_script(train_args(root, out, "data.backend=torchvision", "train.epochs=1", *extra))
+
+
+def resumed(root, out: Path, *extra: str, expect: int = 0):
+    return run_script(train_args(root, out, "data.backend=torchvision", "train.epochs=2", *extra), expect=expect)
+
+
+def test_fingerprint_follows_paths_and_labels_not_their_order():
+    train = [("a/1.jpg", 0), ("b/2.jpg", 1)]
+    assert fingerprint(train, 0) == fingerprint(list(reversed(train)), 0)
+    assert fingerprint(train, 0) != fingerprint([("a/1.jpg", 1), ("b/2.jpg", 0)], 0)
+    saved = {"classes": ["a", "b"], "train_set": fingerprint(train, 0), "recipe": {"model": {"name": "x"}}}
+    renamed = {**saved, "classes": ["b", "a"]}
+    assert blocking_changes(saved, renamed) == ["class names (label 0: 'a' -> 'b')"]
+
+
+@pytest.mark.parametrize("change", ["grow", "shrink"])
+def test_a_changed_training_set_is_refused_or_continued_on_request(data, tmp_path, change):
+    first_run(data, tmp_path / "run")
+    folder = data / "train" / "class_000"
+    images = sorted(folder.glob("*.jpg"))
+    if change == "grow":
+        for i, image in enumerate(images[:8]):
+            shutil.copy(image, folder / f"extra_{i}.jpg")
+    else:
+        for image in images[:8]:
+            image.unlink()
+    new = 56 if change == "grow" else 40
+    refused = resumed(data, tmp_path / "run", expect=2)
+    one_line_error(refused, "training set 48 images", f"-> {new} images", "checkpoint.allow_changes=true")
+    assert [r["epoch"] for r in metrics(tmp_path / "run")] == [1]  # nothing trained, nothing rewritten
+    allowed = resumed(data, tmp_path / "run", "checkpoint.allow_changes=true")
+    assert "continuing with changes" in allowed.stdout
+    rows = metrics(tmp_path / "run")
+    assert [r["epoch"] for r in rows] == [1, 2] and "training set 48 images" in rows[1]["resumed_with_changes"][0]
+    assert rows[1]["step"] == 2 * (new // 8)  # the schedule placed in the new steps per epoch
+    assert "with changes: training set 48 images" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_renamed_class_folders_are_refused(data, tmp_path):
+    first_run(data, tmp_path / "run")
+    for split in ("train", "val"):
+        (data / split / "class_000").rename(data / split / "class_zzz")
+    one_line_error(resumed(data, tmp_path / "run", expect=2), "class names (label 0: 'class_000' -> 'class_001')")
+
+
+def test_a_model_with_the_same_keys_is_refused_before_loading(tmp_path):
+    run_script(train_args(None, tmp_path, "model.name=resnest50", "train.epochs=1"))
+    swapped = run_script(train_args(None, tmp_path, "model.name=resnest50_fast_2s1x64d", "train.epochs=2"), expect=2)
+    one_line_error(swapped, "model.name resnest50 -> resnest50_fast_2s1x64d", "another output_dir")
+
+
+def test_the_same_data_in_another_folder_resumes(data, tmp_path):
+    first_run(data, tmp_path / "run")
+    moved = tmp_path / "moved"
+    shutil.move(data, moved)
+    result = resumed(moved, tmp_path / "run")
+    assert f"data.root {data} -> {moved}" in result.stdout
+    assert [r["epoch"] for r in metrics(tmp_path / "run")] == [1, 2]
+    assert "resumed_with_changes" not in json.dumps(metrics(tmp_path / "run"))
