@@ -15,8 +15,11 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from resnest_train.config import Config
 from resnest_train.data import build_data_plan, build_val_loader, load_dataset_index
+from resnest_train.data.index import SPLITS
 from resnest_train.distributed import DistInfo, cleanup, gather_object, setup_distributed
 from resnest_train.engine import resolve_precision, validate
 from resnest_train.errors import UserError
@@ -57,7 +60,11 @@ def _measure(config: Config, dist: DistInfo, checkpoint: str, crop_sizes: list[i
     model = place(model, dist, channels_last=config.train.channels_last).eval()
     precision = resolve_precision(config.train.amp, dist.device)
     plan = build_data_plan(config, dist)
-    index = load_dataset_index(plan, dist)
+    classes = trained_classes(checkpoint)
+    # Our checkpoints name their classes: val/ alone is read, each folder labelled by its name (a folder
+    # that is not one of them is an error). Other weights: the classes are train/'s, or val/'s without it.
+    val_only = classes is not None or not (Path(config.data.root) / "train").is_dir()
+    index = load_dataset_index(plan, dist, classes=classes, splits=("val",) if val_only else SPLITS)
     results, rows = [], None
     for number, crop in enumerate(crop_sizes):
         crop_plan = plan.with_val_crop(crop, config.data.val_resize_size if crop == plan.val_crop_size else None,
@@ -79,8 +86,18 @@ def _measure(config: Config, dist: DistInfo, checkpoint: str, crop_sizes: list[i
         if output:
             Path(output).write_text(json.dumps(report, indent=2) + "\n")
     if predictions:
-        _write_predictions(gather_object(rows, dist), predictions, dist)
+        _write_predictions(gather_object(rows, dist), predictions, dist, index.classes if index else None)
     return report
+
+
+def trained_classes(checkpoint: str) -> list[str] | None:
+    """The class names (in label order) a checkpoint of this trainer was trained on; None for other files."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - safetensors, official .pth, unreadable: load_weights reports those
+        return None
+    classes = state.get("provenance", {}).get("classes") if isinstance(state, dict) else None
+    return list(classes) if classes else None
 
 
 def _print_table(report: dict) -> None:
@@ -91,13 +108,16 @@ def _print_table(report: dict) -> None:
               f"{row['num_images']:>8} {row['images_per_sec']:>8.1f}")
 
 
-def _write_predictions(gathered: list | None, path: str, dist: DistInfo) -> None:
-    """Per-image top-5 classes and probabilities, ranks' rows in rank order (each rank's in list order)."""
+def _write_predictions(gathered: list | None, path: str, dist: DistInfo, names: list[str] | None) -> None:
+    """Per-image top-5 classes (indices and names) and probabilities, ranks' rows in rank order (each
+    rank's in list order)."""
     if not dist.is_main:
         return
+    name = (lambda i: names[i] if 0 <= i < len(names) else "") if names else (lambda i: "")  # noqa: E731
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "top5_classes", "top5_probs"])
+        writer.writerow(["path", "label", "top5_classes", "top5_probs", "label_name", "top5_names"])
         for rank_rows in gathered:
             for (file, label), (classes, probs) in rank_rows:
-                writer.writerow([file, label, " ".join(map(str, classes)), " ".join(f"{p:.4f}" for p in probs)])
+                writer.writerow([file, label, " ".join(map(str, classes)), " ".join(f"{p:.4f}" for p in probs),
+                                 name(label), " ".join(name(c) for c in classes)])

@@ -4,6 +4,7 @@ and a checkpoint that does not fit is a clear error."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -94,5 +95,24 @@ def test_predictions_into_a_missing_folder_after_the_results(odd_root, weights, 
     report = evaluate(odd_root, weights, tmp_path / "r.json", "--crop-size", "32", "--predictions",
                       str(predictions), "data.backend=torchvision")
     rows = predictions.read_text().splitlines()
-    assert rows[0] == "path,label,top5_classes,top5_probs" and len(rows) == 1 + 65
+    assert rows[0] == "path,label,top5_classes,top5_probs,label_name,top5_names" and len(rows) == 1 + 65
     assert report["results"][0]["num_images"] == 65
+
+
+@pytest.mark.slow
+def test_our_checkpoint_names_its_classes_for_a_val_only_folder(image_root, tmp_path):
+    """The checkpoint's class names label val/ (no train/ needed); val folders with other names are refused
+    (they would score 0.00 silently), a class without a val folder is fine."""
+    run_script(train_args(image_root, tmp_path / "run", "data.backend=torchvision", "train.epochs=1"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
+    val_only = tmp_path / "val_only"
+    shutil.copytree(image_root / "val", val_only / "val")
+    shutil.rmtree(val_only / "val" / "class_003")
+    args = [str(ROOT / "evaluate.py"), "--config", str(tmp_path / "run" / "config.yaml"), "--checkpoint",
+            str(checkpoint), "--output", str(tmp_path / "r.json"), f"data.root={val_only}"]
+    run_script(args)
+    assert json.loads((tmp_path / "r.json").read_text())["results"][0]["num_images"] == 15
+    (val_only / "val" / "class_000").rename(val_only / "val" / "cat")
+    refused = run_script(args, expect=2)
+    assert refused.stderr.startswith(f"error: class folder {val_only / 'val' / 'cat'} is not a class of the model")
+    assert len(refused.stderr.strip().splitlines()) == 1

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from resnest_train.data.index import DatasetError, DatasetIndex, load_index, warn_skipped
+from resnest_train.data.index import SPLITS, DatasetError, DatasetIndex, load_index, warn_skipped
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan, build_data_plan, resize_size
 from resnest_train.distributed import DistInfo, broadcast_object
@@ -54,15 +54,17 @@ class Loader(Protocol):
     def state(self) -> dict: ...
 
 
-def load_dataset_index(plan: DataPlan, dist: DistInfo) -> DatasetIndex | None:
+def load_dataset_index(plan: DataPlan, dist: DistInfo, *, classes: list[str] | None = None,
+                       splits: tuple[str, ...] = SPLITS) -> DatasetIndex | None:
     """Rank 0 loads the index (its cache, or a scan) and sends it to every rank, errors included: all ranks
-    train on one file list even when their nodes hold different copies of the data (or none)."""
+    train on one file list even when their nodes hold different copies of the data (or none). Evaluation
+    indexes `splits=("val",)` alone, labelled by the checkpoint's `classes` when it names them."""
     if plan.backend == "synthetic":
         return None
     index, error = None, None
     if dist.is_main:
         try:
-            index = load_index(plan.root)
+            index = load_index(plan.root, classes=classes, splits=splits)
             warn_skipped(index)
         except DatasetError as exc:
             error = str(exc)

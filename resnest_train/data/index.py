@@ -26,6 +26,7 @@ from resnest_train.filescan import IMAGE_EXTENSIONS, decode_error, scan_folder
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2
+SPLITS = ("train", "val")
 SCAN_PROCESSES = 16  # class folders in flight at once: I/O bound on network disks (BENCHMARKS.md, "index scan")
 
 
@@ -52,11 +53,28 @@ def _flat_images(folder: Path) -> bool:
     return any(os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS for name in os.listdir(folder))
 
 
-def _check_layout(root: Path) -> list[str]:
+def _val_only_classes(root: Path, val_classes: list[str], classes: list[str] | None) -> list[str]:
+    """Evaluation without train/: the class list a checkpoint names (or val's own folders); every val
+    folder must be one of them, a class without a val folder is fine (said in the log)."""
+    if classes is None:
+        return val_classes
+    unknown = [name for name in val_classes if name not in classes]
+    if unknown:
+        raise DatasetError(f"class folder {root / 'val' / unknown[0]} is not a class of the model (its "
+                           f"{len(classes)} classes: {', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
+    missing = [name for name in classes if name not in val_classes]
+    if missing:
+        log.info("%d of the model's classes have no folder in %s (e.g. %s)", len(missing), root / "val", missing[0])
+    return list(classes)
+
+
+def _check_layout(root: Path, classes: list[str] | None = None, splits: tuple[str, ...] = SPLITS) -> list[str]:
     if not root.exists():
         raise DatasetError(f"data.root not found: {root}")
     if not root.is_dir():
         raise DatasetError(f"data.root is a file, not a folder: {root}")
+    if "train" not in splits:
+        return _val_only_classes(root, _class_folders(root / "val"), classes)
     classes = _class_folders(root / "train")
     if not classes:
         raise DatasetError(f"no class folders in {root / 'train'}")
@@ -75,14 +93,15 @@ def scan(root: str | Path) -> DatasetIndex:
     return scan_files(root)[0]
 
 
-def scan_files(root: str | Path, previous: dict | None = None,
-               processes: int = SCAN_PROCESSES) -> tuple[DatasetIndex, dict]:
+def scan_files(root: str | Path, previous: dict | None = None, processes: int = SCAN_PROCESSES, *,
+               classes: list[str] | None = None, splits: tuple[str, ...] = SPLITS) -> tuple[DatasetIndex, dict]:
     """Index `root`; `previous` maps relative path -> [size, mtime_ns, reason] from an earlier scan, whose
     verdicts are reused for unchanged files. Returns the index and the new per-file table. Class folders
-    are scanned by a pool of processes (no GIL between them; many requests in flight on network disks)."""
+    are scanned by a pool of processes (no GIL between them; many requests in flight on network disks).
+    `splits=("val",)`: evaluation's index, val/ alone, labelled by `classes` (a checkpoint's) when given."""
     root = Path(root)
-    classes = _check_layout(root)
-    folders = [(split, label, name) for split in ("train", "val") for label, name in enumerate(classes)
+    classes = _check_layout(root, classes, splits)
+    folders = [(split, label, name) for split in splits for label, name in enumerate(classes)
                if (root / split / name).is_dir()]
     previous = previous or {}
     known: dict[str, dict] = {}
@@ -96,7 +115,7 @@ def scan_files(root: str | Path, previous: dict | None = None,
             listings = list(pool.map(scan_folder, tasks))
     else:
         listings = [scan_folder(task) for task in tasks]
-    table, skipped, splits = {}, [], {"train": [], "val": []}
+    table, skipped, lists = {}, [], {"train": [], "val": []}
     for (split, label, name), listing in zip(folders, listings):
         for entry, size, mtime, reason in listing:
             rel = f"{split}/{name}/{entry}"
@@ -104,16 +123,17 @@ def scan_files(root: str | Path, previous: dict | None = None,
             if reason:
                 skipped.append((str(root / rel), reason))
             else:
-                splits[split].append((rel, label))
-    _check_splits(root, classes, splits)
-    return DatasetIndex(str(root), classes, splits["train"], splits["val"], skipped), table
+                lists[split].append((rel, label))
+    _check_splits(root, classes, {split: lists[split] for split in splits})
+    return DatasetIndex(str(root), classes, lists["train"], lists["val"], skipped), table
 
 
 def _check_splits(root: Path, classes: list[str], splits: dict) -> None:
-    used = {label for _, label in splits["train"]}
-    empty = [name for label, name in enumerate(classes) if label not in used]
-    if empty:
-        raise DatasetError(f"class folder {root / 'train' / empty[0]} has no usable images")
+    if "train" in splits:
+        used = {label for _, label in splits["train"]}
+        empty = [name for label, name in enumerate(classes) if label not in used]
+        if empty:
+            raise DatasetError(f"class folder {root / 'train' / empty[0]} has no usable images")
     for split, samples in splits.items():
         if not samples:
             raise DatasetError(f"no images in {root / split}")
@@ -151,11 +171,13 @@ def _write_cache(root: Path, table: dict) -> None:
             continue
 
 
-def load_index(root: str | Path, *, write_cache: bool = True) -> DatasetIndex:
+def load_index(root: str | Path, *, write_cache: bool = True, classes: list[str] | None = None,
+               splits: tuple[str, ...] = SPLITS) -> DatasetIndex:
     """The index of `root`: every file listed, only new or changed files checked again."""
     root = Path(root)
     previous = _read_cache(root) if root.is_dir() else {}
-    index, table = scan_files(root, previous)
+    index, table = scan_files(root, previous, classes=classes, splits=splits)
+    table = {**previous, **table} if splits != SPLITS else table  # keep the other split's verdicts
     if write_cache and table != previous:
         _write_cache(root, table)
     return index
