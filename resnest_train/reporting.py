@@ -129,14 +129,22 @@ class RunReporter:
         if self.writer is None:
             return
         if metrics.get("val_top1") is not None:
-            self.writer.add_scalar("val/top1", metrics["val_top1"], metrics["epoch"])
-            self.writer.add_scalar("val/top5", metrics["val_top5"], metrics["epoch"])
-        self.writer.add_scalar("train/epoch_loss", metrics["train_loss"], metrics["epoch"])
+            self.writer.add_scalar("val/top1", metrics["val_top1"], metrics["step"])
+            self.writer.add_scalar("val/top5", metrics["val_top5"], metrics["step"])
+        # Every scalar on one x-axis, the global step: epoch-level ones at the step that ends the epoch.
+        self.writer.add_scalar("train/epoch_loss", metrics["train_loss"], metrics["step"])
+        self.writer.add_scalar("train/epoch", metrics["epoch"], metrics["step"])
         self.writer.flush()
         if self.changes:
             metrics, self.changes = {**metrics, "resumed_with_changes": self.changes}, []
         with open(self.out / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(metrics) + "\n")
+
+    def summary(self, lines: list[str]) -> None:
+        """The run's start-up summary: one block in the log, and in TensorBoard's text tab."""
+        log.info("run summary:\n  %s", "\n  ".join(lines))
+        if self.writer is not None:
+            self.writer.add_text("run/summary", "  \n".join(lines), 0)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -75,6 +75,7 @@ class Run:
     writer: CheckpointWriter | None  # rank 0's background checkpoint writer
     provenance: dict  # what this run trains on (provenance.py), stored in every checkpoint
     changes: list[str]  # what changed since the checkpoint resumed, with checkpoint.allow_changes=true
+    summary: list[str]  # the start-up summary's lines
 
 
 def train(config: Config) -> Path:
@@ -142,27 +143,38 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
         if dist.is_main else None
     run = Run(config, dist, plan, data, model, optimizer, scaler, build_criterion(train_cfg),
               build_mixup(train_cfg, config.model.num_classes), precision, order, train_loader, val_loader, writer,
-              trained_on, changes)
+              trained_on, changes, _summary(config, dist, data, index, plan, summary, progress))
     if summary is not None:
         _restore(run, state, summary, rank_state, progress)
     if dist.is_main:
         write_resolved_config(config, plan.derived(), progress.epoch, changes)
         if state is not None:
             _say_epochs_change(state, plan, progress)
-        _log_layout(plan)
     return run, progress
 
 
-def _log_layout(plan: TrainPlan) -> None:
-    log.info("global batch %d = %d processes x micro-batch %d x %d accumulation steps; lr %g, %d steps per "
-             "epoch, %d warmup steps", plan.global_batch, plan.world_size, plan.layout.micro_batch,
-             plan.layout.accumulation, plan.peak_lr, plan.steps_per_epoch, plan.warmup_steps)
+def _summary(config: Config, dist: DistInfo, data: DataPlan, index, plan: TrainPlan,
+             resumed: resume.ResumeSummary | None, progress: Progress) -> list[str]:
+    images = (f"{len(index.classes)} classes, {len(index.train)} training / {len(index.val)} validation images in "
+              f"{data.root}" if index is not None else f"synthetic: {plan.steps_per_epoch * plan.global_batch} images")
+    decoder = f" (decoding on the {data.decoder.upper()})" if data.backend == "dali" else ""
+    start = (f"resumed at epoch {progress.epoch + 1}, step {progress.batch}/{plan.steps_per_epoch} (global step "
+             f"{progress.step}) of a run on {resumed.world_size} processes" if resumed else "a fresh run")
+    return [f"backend {data.backend}{decoder}, device {dist.device}, {dist.world_size} processes", images,
+            f"global batch {plan.global_batch} = {dist.world_size} processes x micro-batch {plan.layout.micro_batch} "
+            f"x {plan.layout.accumulation} accumulation steps",
+            f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} in all ({plan.warmup_steps} warmup), peak "
+            f"lr {plan.peak_lr:g}", start]
 
 
 def _check_classes(index, config: Config) -> None:
     if index is not None and len(index.classes) > config.model.num_classes:
         raise UserError(f"{config.data.root} has {len(index.classes)} classes but model.num_classes="
                         f"{config.model.num_classes}; set model.num_classes={len(index.classes)}")
+    if index is not None and len(index.classes) < config.model.num_classes:
+        log.warning("model.num_classes=%d but %s has %d classes: %d outputs of the classifier never get a "
+                    "training image", config.model.num_classes, config.data.root, len(index.classes),
+                    config.model.num_classes - len(index.classes))
 
 
 def _start(summary: resume.ResumeSummary | None, plan: TrainPlan) -> Progress:
@@ -301,11 +313,13 @@ def _fit(run: Run, progress: Progress, stop) -> None:
     config = run.config
     reporter = RunReporter(config.output_dir, run.dist, run.plan, log_interval=config.train.log_interval,
                            changes=run.changes)
+    reporter.summary(run.summary)
     try:
         while progress.epoch < config.train.epochs:
             if not _train_epoch(run, progress, reporter, stop):
                 wait_for_writes(run)
-                log.info("stopped at step %d; rerun the same command to continue", progress.step)
+                log.info("stopped in epoch %d at step %d/%d (global step %d); rerun the same command to continue",
+                         progress.epoch + 1, progress.batch, run.plan.steps_per_epoch, progress.step)
                 return
             metrics = {"epoch": progress.epoch + 1,
                        **reporter.end_epoch(progress.step, run.optimizer.param_groups[0]["lr"])}

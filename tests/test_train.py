@@ -20,7 +20,7 @@ from tests.test_data import dirty_root  # noqa: F401  (fixture)
 
 def test_tensorboard_lr_follows_warmup_then_cosine(tmp_path):
     run_script(train_args(None, tmp_path, "train.epochs=4", "schedule.warmup_epochs=1", "optim.lr=0.8"))
-    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "tensors": 0})
     events.Reload()
     lrs = [e.value for e in events.Scalars("train/lr")]
     steps = [e.step for e in events.Scalars("train/lr")]
@@ -30,6 +30,11 @@ def test_tensorboard_lr_follows_warmup_then_cosine(tmp_path):
     assert lrs[4] == pytest.approx(peak / 2) and max(lrs) == pytest.approx(peak)
     assert len(events.Scalars("train/loss")) == 32 and len(events.Scalars("val/top1")) == 4
     assert events.Scalars("perf/images_per_sec") and events.Images("train/augmented_batch")
+    # one x-axis, the global step: epoch-level scalars at the step that ends their epoch
+    for tag in ("val/top1", "val/top5", "train/epoch_loss", "train/epoch"):
+        assert [e.step for e in events.Scalars(tag)] == [8, 16, 24, 32], tag
+    summary = events.Tensors("run/summary/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "global batch 8 = 1 processes x micro-batch 8 x 1 accumulation steps" in summary
     rows = metrics(tmp_path)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert {"train_loss", "val_top1", "val_top5", "lr", "images_per_sec", "world_size"} <= set(rows[0])
