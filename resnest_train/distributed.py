@@ -73,8 +73,11 @@ def setup_distributed(device_setting: str = "auto") -> DistInfo:
         check_same_device_type(dist)
         # Every process of this group joins once: the count names the group's round (an elastic restart
         # may reuse the rendezvous store), so a reason left by an earlier round is never read as this one's.
-        joined = torch_dist.distributed_c10d._get_default_store().add("resnest_train/joined", 1)
-        dist = dataclasses.replace(dist, failure_key=f"resnest_train/failure/{(joined - 1) // world_size}")
+        try:
+            joined = torch_dist.distributed_c10d._get_default_store().add("resnest_train/joined", 1)
+            dist = dataclasses.replace(dist, failure_key=f"resnest_train/failure/{(joined - 1) // world_size}")
+        except (RuntimeError, ValueError) as exc:  # no store to count on: a failure is then not announced
+            logging.getLogger("resnest_train").debug("no rendezvous store: %s", exc)
     return dist
 
 

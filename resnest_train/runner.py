@@ -318,8 +318,8 @@ def _fit(run: Run, progress: Progress, stop) -> None:
         while progress.epoch < config.train.epochs:
             if not _train_epoch(run, progress, reporter, stop):
                 wait_for_writes(run)
-                log.info("stopped in epoch %d at step %d/%d (global step %d); rerun the same command to continue",
-                         progress.epoch + 1, progress.batch, run.plan.steps_per_epoch, progress.step)
+                log.info("stopped at step %d (epoch %d  step %d/%d); rerun the same command to continue",
+                         progress.step, progress.epoch + 1, progress.batch, run.plan.steps_per_epoch)
                 return
             metrics = {"epoch": progress.epoch + 1,
                        **reporter.end_epoch(progress.step, run.optimizer.param_groups[0]["lr"])}

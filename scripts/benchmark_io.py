@@ -135,25 +135,34 @@ def add_parsers(sub) -> None:
     checkpoint.add_argument("--threads", type=int, default=2, help="torch threads of the training steps (--blocking)")
 
 
-def _old_rng_state() -> dict:
-    """checkpoint.rng_state() as checkpoints held it before the compact format: lists of ints."""
-    import random
+def rank_state_bytes(ranks: int = 64) -> dict:
+    """Bytes of the per-rank part of a checkpoint as the trainer gathers it (`{"data": loader.state()}`,
+    pickled as gather_object sends it): a DALI training loader over a generated folder, with and without
+    AutoAugment, after one micro-batch of 8."""
+    import dataclasses
 
-    import numpy as np
-    version, internal, gauss = random.getstate()
-    numpy_state = np.random.get_state()
-    return {"python": [version, list(internal), gauss],
-            "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
-            "torch": torch.get_rng_state().tolist()}
-
-
-def _rank_state_bytes(make_rng, ranks: int) -> dict:
-    """Pickled (what gather_object sends) and torch.save'd (what the file holds) bytes of `ranks` ranks'
-    states; each rank's its own objects, as after a gather (pickle and torch.save share repeated objects)."""
-    states = [{"rng": make_rng(), "data": {"epoch": 0, "position": 0}} for _ in range(ranks)]
-    buffer = io.BytesIO()
-    torch.save({"ranks": states}, buffer)
-    return {"pickled": len(pickle.dumps(states)), "in_file": len(buffer.getvalue())}
+    from resnest_train.data.dali_train import build_dali_train
+    from resnest_train.data.index import load_index
+    from resnest_train.data.order import TrainOrder
+    from resnest_train.data.plan import DataPlan
+    from resnest_train.schedule import BatchLayout
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        make_tiny_jpegs(Path(tmp), 800)
+        index = load_index(tmp, write_cache=False)
+        base = DataPlan(backend="dali", root=tmp, rank=0, world_size=1, device=torch.device("cpu"), decoder="cpu",
+                        channels_last=False, workers=1, seed=0, num_classes=100, synthetic_size=0, crop_size=8,
+                        rrc_scale=(0.5, 1.0), hflip=True, autoaugment="none", autoaugment_on="crop",
+                        color_jitter=0.4, lighting=0.1, interpolation="bilinear", val_crop_size=8, val_resize_size=8)
+        order = TrainOrder(0, len(index.train), BatchLayout(8, 8, 1), len(index.train) // 8, 0)
+        for policy in ("none", "imagenet"):
+            loader = build_dali_train(dataclasses.replace(base, autoaugment=policy), index.train, order)
+            loader.set_epoch(0)
+            next(iter(loader))
+            size = len(pickle.dumps({"data": loader.state()}))
+            result[f"rank_state_dali_{policy}_bytes"] = size
+            result[f"rank_state_dali_{policy}_{ranks}_ranks_bytes"] = size * ranks
+    return result
 
 
 def _training_step():
@@ -202,7 +211,6 @@ def _one_round(state: dict, tmp: str, writer, step, round_: int, times: dict) ->
 
 
 def bench_checkpoint_blocking(args) -> dict:
-    from resnest_train.checkpoint import rng_state
     from resnest_train.checkpoint_writer import CheckpointWriter
     torch.set_num_threads(args.threads)
     state, step = _state(args.model), _training_step()
@@ -220,8 +228,5 @@ def bench_checkpoint_blocking(args) -> dict:
     result.update({f"{name}_ms": round(1000 * value, 1) for name, value in medians.items()})
     result["blocked_ratio"] = round(medians["sync_blocked"] / medians["background_blocked"], 1)
     result["step_slowdown_during_write"] = round(medians["step_during_write"] / medians["step_no_write"], 2)
-    for name, make_rng in (("lists", _old_rng_state), ("compact", rng_state)):
-        for ranks in (1, 64):
-            for where, count in _rank_state_bytes(make_rng, ranks).items():
-                result[f"rank_state_{name}_{ranks}_ranks_{where}_bytes"] = count
+    result.update(rank_state_bytes())
     return result
