@@ -182,3 +182,16 @@ def test_gmacs_of_the_report():
     from resnest_train.models.__main__ import report
     assert round(report("resnest50")[1], 2) == 5.37  # torch's flop counter; the paper says 5.39
     assert round(report("skresnext50_32x4d")[1], 2) == 4.46  # paper: 4.47
+
+
+@pytest.mark.parametrize("kwargs,argument", [
+    (dict(num_classes=0), "num_classes"), (dict(num_classes=-1), "num_classes"),
+    (dict(dropblock_prob=1.0), "dropblock_prob"), (dict(dropblock_prob=-0.1), "dropblock_prob"),
+    (dict(dropblock_prob=float("nan")), "dropblock_prob"),
+])
+def test_create_model_rejects_out_of_range_arguments(kwargs, argument):
+    with torch.device("meta"), pytest.raises(ValueError, match=f"^{argument} "):
+        create_model("resnest14", **kwargs)
+    with torch.device("meta"):
+        create_model("resnest14", num_classes=1, dropblock_prob=0.0)
+        create_model("resnest14", dropblock_prob=0.99)

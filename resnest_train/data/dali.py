@@ -24,11 +24,14 @@ from nvidia.dali import math as dali_math
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIClassificationIterator
 
+from resnest_train.data.autograph_files import delete_autograph_files_after_loading
 from resnest_train.data.dali_autoaugment import dali_auto_augment
 from resnest_train.data.dali_cpu import HostOps
 from resnest_train.data.index import DatasetError, find_undecodable
 from resnest_train.data.plan import DataPlan
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVAL, PCA_EIGVEC
+
+delete_autograph_files_after_loading()  # the conditional graph's generated sources stay out of the temp folder
 
 _DALI_INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
 

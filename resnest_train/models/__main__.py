@@ -1,5 +1,11 @@
 """`python -m resnest_train.models [NAME ...]`: names, parameters and GMACs (torch's flop counter) at each
-model's default resolution."""
+model's default resolution.
+
+Every model is built and run on the meta device: tensors there have shapes and no storage, so nothing is
+allocated, initialised or computed, and the flop counter (which reads only shapes) gives the same numbers as
+a real forward. The whole zoo takes seconds instead of the minutes real builds and forwards took on 2 cores
+(resnest269 at 416 px alone was the slowest).
+"""
 
 from __future__ import annotations
 
@@ -13,11 +19,13 @@ from resnest_train.models.zoo import DEFAULT_RESOLUTION, create_model, list_mode
 
 def report(name: str) -> tuple[float, float, int]:
     size = DEFAULT_RESOLUTION.get(name, 224)
-    model = create_model(name).eval()
+    with torch.device("meta"):
+        model = create_model(name).eval()
+        images = torch.zeros(1, 3, size, size)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(torch.zeros(1, 3, size, size))
+        model(images)
     return params, counter.get_total_flops() / 2 / 1e9, size  # a MAC is two flops
 
 
