@@ -55,7 +55,8 @@ class ModelConfig:
     def __post_init__(self):
         _check_range("model.num_classes", self.num_classes, 1, MAX_CLASSES)
         _check_range("model.dropout", self.dropout, 0.0, 1.0)
-        _check_range("model.dropblock_prob", self.dropblock_prob, 0.0, 1.0)
+        if not 0.0 <= self.dropblock_prob < 1.0:  # 1 would drop every block (create_model refuses it too)
+            raise ConfigError(f"'model.dropblock_prob' must be in [0.0, 1.0), got {self.dropblock_prob!r}")
         # Imported here: the model registry pulls in torch, which the config itself does not need.
         from resnest_train.models import list_models
         if self.name not in list_models():
