@@ -318,7 +318,7 @@ def _fit(run: Run, progress: Progress, stop) -> None:
         while progress.epoch < config.train.epochs:
             if not _train_epoch(run, progress, reporter, stop):
                 wait_for_writes(run)
-                log.info("stopped at step %d (epoch %d  step %d/%d); rerun the same command to continue",
+                log.info("stopped at step %d; rerun the same command to continue (from epoch %d  step %d/%d)",
                          progress.step, progress.epoch + 1, progress.batch, run.plan.steps_per_epoch)
                 return
             metrics = {"epoch": progress.epoch + 1,
