@@ -35,6 +35,9 @@ def evaluate_checkpoint(config: Config, checkpoint: str, *, crop_sizes: list[int
     dist = setup_distributed(config.train.device)
     configure_logging(dist)
     try:
+        if predictions and crop_sizes and len(crop_sizes) > 1:
+            raise UserError(f"--predictions takes one crop size (got --crop-size {' '.join(map(str, crop_sizes))}); "
+                            "run once per crop for the predictions of each")
         for path in (output, predictions):
             if path:
                 _check_output(Path(path))
@@ -45,12 +48,21 @@ def evaluate_checkpoint(config: Config, checkpoint: str, *, crop_sizes: list[int
 
 
 def _check_output(path: Path) -> None:
+    """Before the evaluation pass: a result that cannot be written must not cost a whole pass first."""
     if path.is_dir():
         raise UserError(f"{path} is a directory; give a file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create the folder of {path}: {exc.strerror or exc}") from None
+    existed = path.exists()
+    try:  # opened, not asked about (os.access says yes to root wherever a write still fails)
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+    if not existed:
+        path.unlink(missing_ok=True)
 
 
 def _measure(config: Config, dist: DistInfo, checkpoint: str, crop_sizes: list[int], output: str | None,

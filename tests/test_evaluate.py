@@ -83,6 +83,8 @@ def test_checkpoint_that_does_not_fit_is_an_error(odd_root, weights, tmp_path):
     (["--batch-size", "0"], "--batch-size must be from 1 to 65536, got 0"),
     (["--batch-size", "-1"], "--batch-size must be from 1 to 65536, got -1"),
     (["--crop-size", "100000"], "--crop-size takes sizes from 8 to 4096"),
+    (["--crop-size", "32", "40", "--predictions", "p.csv"], "--predictions takes one crop size"),
+    (["--predictions", "/proc/p.csv"], "cannot write /proc/p.csv"),
 ])
 def test_absurd_arguments_are_one_line(odd_root, weights, tmp_path, args, needle):
     result = evaluate(odd_root, weights, tmp_path / "x.json", *args, check=False)

@@ -46,6 +46,9 @@ class DatasetIndex:
 def _class_folders(folder: Path) -> list[str]:
     if not folder.is_dir():
         raise DatasetError(f"dataset folder not found: {folder} (data.root must hold train/ and val/)")
+    hidden = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith("."))
+    if hidden:
+        log.warning("not a class: hidden folder(s) %s in %s", ", ".join(hidden), folder)
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
