@@ -84,5 +84,6 @@ def test_the_same_data_in_another_folder_resumes(data, tmp_path):
     shutil.move(data, moved)
     result = resumed(moved, tmp_path / "run")
     assert f"data.root {data} -> {moved}" in result.stdout
+    assert "train.epochs 1 -> 2: the schedule now ends at step 12 (was 6); lr at the next step" in result.stdout
     assert [r["epoch"] for r in metrics(tmp_path / "run")] == [1, 2]
     assert "resumed_with_changes" not in json.dumps(metrics(tmp_path / "run"))
