@@ -8,9 +8,9 @@
                     [--rounds 4] [--settle 1.0]
       the training pipeline alone (decode, augment, batches as tensors); --compare runs the other backend too,
       rounds interleaved, each timed after `settle` untimed seconds (steady state, no queued batches).
-  benchmark.py trainer [--model resnest14] [--batch-size 32] [--image-size 64] [--compare]
-      train.py's loop on the synthetic backend (second epoch of two); --compare interleaves a bare PyTorch
-      loop of the same steps (timed likewise after one epoch's worth of warm-up steps).
+  benchmark.py trainer [--model resnest14] [--batch-size 32] [--image-size 64] [--compare] [--profile]
+                       [--compare-accumulation K]
+      train.py's loop on the synthetic backend against a bare loop of the same work (benchmark_trainer.py).
   benchmark.py attention: the split-attention combine step alone, three formulations, fwd+bwd (ms).
   benchmark.py scan / checkpoint: the dataset index scan and checkpoint saves (benchmark_io.py).
 Ratios are measured in one run, rounds interleaved, because the machines are shared and noisy.
@@ -22,7 +22,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import benchmark_io  # noqa: E402  (scripts/ is on sys.path when this file runs)
+import benchmark_trainer  # noqa: E402
 
 from resnest_train.models import create_model  # noqa: E402
 from resnest_train.models.zoo import TIMM_NAMES  # noqa: E402
@@ -201,73 +201,6 @@ def bench_data(args) -> dict:
     return result
 
 
-def _trainer_run(args, out: Path, accumulation: int = 1) -> float:
-    from resnest_train.config import load_config
-    from resnest_train.runner import train
-    root = Path(__file__).resolve().parents[1]
-    config = load_config(root / "configs" / "demo.yaml", [
-        f"train.global_batch={args.batch_size * accumulation}",
-        f"output_dir={out}", "data.backend=synthetic", f"data.synthetic_size={args.batch_size * args.steps}",
-        f"model.name={args.model}", f"train.batch_size={args.batch_size}", f"data.crop_size={args.image_size}",
-        f"data.val_crop_size={args.image_size}", "train.epochs=2", "checkpoint.keep_last=0",
-        "train.log_interval=1000000", "model.num_classes=1000", "checkpoint.resume=null"])
-    train(config)
-    # The second epoch: steady state, past the first steps' allocations (the bare loop skips them too).
-    return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["images_per_sec"]
-
-
-def _bare_run(args) -> float:
-    """The same steps with no trainer around them: model, Nesterov SGD, mixup + smoothed loss, lr set per step."""
-    from timm.data import Mixup
-    from timm.loss import SoftTargetCrossEntropy
-    torch.manual_seed(0)
-    model = create_model(args.model, num_classes=1000, dropblock_prob=0.0).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    mixup = Mixup(mixup_alpha=0.2, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=1000)
-    criterion = SoftTargetCrossEntropy()
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
-    targets = torch.randint(0, 1000, (args.batch_size,))
-    for step in range(2 * args.steps):
-        if step == args.steps:  # time the second "epoch", as for the trainer
-            started = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = 0.1 * step / args.steps
-        mixed, soft = mixup(images, targets)
-        loss = criterion(model(mixed), soft)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return args.batch_size * args.steps / (time.perf_counter() - started)
-
-
-def bench_trainer(args) -> dict:
-    from resnest_train import process
-    torch.set_num_threads(args.threads)
-    # Both sides with the same denormal setting: the trainer's (process.cpu_speed_settings), or the one asked.
-    if args.flush_denormal is not None:
-        process.FLUSH_DENORMAL = args.flush_denormal == "on"
-    torch.set_flush_denormal(process.FLUSH_DENORMAL)
-    trainer, bare, accumulated = [], [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for round_ in range(args.rounds):
-            trainer.append(_trainer_run(args, Path(tmp) / f"run{round_}"))
-            if args.compare:
-                bare.append(_bare_run(args))
-            if args.compare_accumulation:
-                accumulated.append(_trainer_run(args, Path(tmp) / f"acc{round_}", args.compare_accumulation))
-    result = {"model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
-              "flush_denormal": process.FLUSH_DENORMAL, "images_per_sec": statistics.median(trainer)}
-    if args.compare:
-        result["bare_images_per_sec"] = statistics.median(bare)
-        result["ratio_vs_bare"] = result["images_per_sec"] / result["bare_images_per_sec"]
-    if args.compare_accumulation:
-        key = f"accumulation_{args.compare_accumulation}"
-        result[f"{key}_images_per_sec"] = statistics.median(accumulated)
-        result[f"ratio_{key}_vs_1"] = result[f"{key}_images_per_sec"] / result["images_per_sec"]
-        result["rounds"] = {"accumulation_1": trainer, key: accumulated}
-    return result
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -302,17 +235,7 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--device", default="cpu", help="cuda: batches on the GPU (DALI decodes there)")
     data.add_argument("--compare-order", action="store_true",
                       help="also time the backend with AutoAugment on the other side of the crop")
-    trainer = sub.add_parser("trainer")
-    trainer.add_argument("--model", default="resnest14")
-    trainer.add_argument("--batch-size", type=int, default=32)
-    trainer.add_argument("--image-size", type=int, default=64)
-    trainer.add_argument("--steps", type=int, default=20)
-    trainer.add_argument("--rounds", type=int, default=3)
-    trainer.add_argument("--threads", type=int, default=2)
-    trainer.add_argument("--compare", action="store_true")
-    trainer.add_argument("--compare-accumulation", type=int, default=0, metavar="K",
-                         help="also run with K accumulation steps of the same micro-batch (global batch K x it)")
-    trainer.add_argument("--flush-denormal", choices=["on", "off"], help="default: the trainer's setting")
+    benchmark_trainer.add_parsers(sub)
     benchmark_io.add_parsers(sub)
     attention = sub.add_parser("attention")
     attention.add_argument("--batch-size", type=int, default=16)
@@ -323,8 +246,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    result = {"model": bench_model, "data": bench_data, "trainer": bench_trainer, "attention": bench_attention,
-              "scan": benchmark_io.bench_scan, "checkpoint": benchmark_io.bench_checkpoint}[args.what](args)
+    result = {"model": bench_model, "data": bench_data, "trainer": benchmark_trainer.bench_trainer,
+              "attention": bench_attention, "scan": benchmark_io.bench_scan,
+              "checkpoint": benchmark_io.bench_checkpoint}[args.what](args)
     print(json.dumps(result))
     return 0
 
