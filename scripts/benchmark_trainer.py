@@ -18,7 +18,7 @@
       and the bare loop's, recorded in the same seconds.
 
 Why step for step: on a shared machine another process's burst slows whatever runs in those seconds.
-Runs of the two sides in turn put the bursts on one side or the other (0.63x and 1.01x in two runs of
+Runs of the two sides in turn put the bursts on one side or the other (0.63x and 0.98x in two runs of
 the same code); alternating steps of ~0.2 s shares them out, and the per-step medians ignore the rest.
 """
 
