@@ -76,14 +76,6 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     optimizer.zero_grad(set_to_none=True)
 
 
-def train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, criterion: nn.Module,
-               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, precision: Precision) -> torch.Tensor:
-    """Forward, backward and update on one batch (no accumulation); returns the detached loss."""
-    loss = forward_backward(model, images, targets, criterion=criterion, scaler=scaler, precision=precision)
-    optimizer_step(optimizer, scaler)
-    return loss
-
-
 @dataclass
 class Validation:
     top1: float
