@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DATA := data/demo
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test check bench lint clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: venv $(DEMO_DATA)/train
 test: venv
 	$(PY) -m ruff check .
 	$(PY) -m pytest -n 2
+
+# The developer loop: ruff and the tests that neither spawn runs nor start several processes.
+check: venv
+	$(PY) -m ruff check .
+	$(PY) -m pytest -n 2 -q -m "not slow and not dist"
 
 bench: venv
 	$(PY) scripts/benchmark.py model --model resnest50 --compare

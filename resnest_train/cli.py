@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from resnest_train.config import MAX_IMAGE_SIZE, load_config, to_yaml
+from resnest_train.config import MAX_IMAGE_SIZE
+from resnest_train.config_yaml import load_config, to_yaml
 from resnest_train.errors import UserError
 
 

@@ -193,8 +193,5 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
-# The readers live in config_yaml.py; imported last, as they build the classes above.
-from resnest_train.config_yaml import from_dict, load_config, parse_override, to_dict, to_yaml  # noqa: E402
-
 __all__ = ["Config", "ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "ScheduleConfig", "TrainConfig",
-           "CheckpointConfig", "from_dict", "load_config", "parse_override", "to_dict", "to_yaml"]
+           "CheckpointConfig"]

@@ -159,19 +159,29 @@ def announce_failure(dist: DistInfo, reason: str) -> None:
         logging.getLogger("resnest_train").debug("could not announce the failure: %s", exc)
 
 
+FAILURE_READ_WAIT = 5.0  # seconds: the failing rank may close its connections a moment before its reason lands
+
+
 def failure_of_another_rank(dist: DistInfo) -> str | None:
-    """After a collective failed: the reason another rank announced, if any (and say it was read)."""
+    """After a collective failed: the reason another rank announced, if any (and say it was read). The
+    failing rank writes its reason and then closes its connections, but on a loaded machine this rank's
+    collective can fail (connection closed) before the store answers with the reason: look for it for a few
+    seconds before concluding that nobody announced one."""
     if not dist.distributed:
         return None
-    try:
-        store = torch_dist.distributed_c10d._get_default_store()
-        if not store.check([f"{dist.failure_key}/reason"]):
+    deadline = time.monotonic() + FAILURE_READ_WAIT
+    while True:
+        try:
+            store = torch_dist.distributed_c10d._get_default_store()
+            if store.check([f"{dist.failure_key}/reason"]):
+                reason = store.get(f"{dist.failure_key}/reason").decode()
+                store.add(f"{dist.failure_key}/ended", 1)
+                return reason
+        except (RuntimeError, OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
             return None
-        reason = store.get(f"{dist.failure_key}/reason").decode()
-        store.add(f"{dist.failure_key}/ended", 1)
-        return reason
-    except (RuntimeError, OSError, ValueError):
-        return None
+        time.sleep(0.1)
 
 
 def cleanup(dist: DistInfo) -> None:

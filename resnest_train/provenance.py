@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import hashlib
 
-from resnest_train.config import Config, to_dict
+from resnest_train.config import Config
+from resnest_train.config_yaml import to_dict
 
 ARCHITECTURE = ("name", "num_classes")  # model.* keys that make another network
 RECIPE = ("model", "data", "optim", "schedule")

@@ -13,7 +13,8 @@ from pathlib import Path
 from torch import nn
 
 from resnest_train import checkpoint as ckpt
-from resnest_train.config import Config, to_yaml
+from resnest_train.config import Config
+from resnest_train.config_yaml import to_yaml
 from resnest_train.errors import UserError
 from resnest_train.models.pretrained import WeightsMismatchError, check_fit
 from resnest_train.reporting import truncate_metrics

@@ -6,7 +6,7 @@ checkpoint (which is intact). `run` is the runner's `Run`."""
 from __future__ import annotations
 
 from resnest_train.checkpoint_writer import snapshot
-from resnest_train.config import to_dict
+from resnest_train.config_yaml import to_dict
 from resnest_train.distributed import DistInfo, broadcast_object, gather_object
 from resnest_train.errors import UserError
 from resnest_train.resume import Progress

@@ -111,7 +111,9 @@ def build_train_plan(config: Config, world_size: int, num_images: int) -> TrainP
     if steps_per_epoch == 0:
         batch = (f"train.global_batch={layout.global_batch}" if train.global_batch is not None
                  else f"train.batch_size={train.batch_size} x {world_size} processes")
-        raise ConfigError(f"{batch} is larger than the {num_images} training images: no full batch per epoch")
+        fix = ("; train.global_batch=null uses train.batch_size x processes" if train.global_batch is not None
+               else "; a smaller train.batch_size fits")
+        raise ConfigError(f"{batch} is larger than the {num_images} training images: no full batch per epoch{fix}")
     return TrainPlan(layout=layout, peak_lr=config.optim.lr * layout.global_batch / 256,
                      steps_per_epoch=steps_per_epoch, total_steps=train.epochs * steps_per_epoch,
                      warmup_steps=round(config.schedule.warmup_epochs * steps_per_epoch),

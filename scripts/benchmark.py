@@ -144,7 +144,7 @@ def bench_attention(args) -> dict:
 
 
 def _data_loader(backend: str, args, autoaugment_on: str | None = None):
-    from resnest_train.config import from_dict
+    from resnest_train.config_yaml import from_dict
     from resnest_train.data import TrainOrder, build_data_plan, build_train_loader
     from resnest_train.data.index import load_index
     from resnest_train.distributed import DistInfo

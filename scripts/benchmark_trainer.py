@@ -54,7 +54,7 @@ def add_parsers(sub) -> None:
 
 
 def _config(args, out: Path, accumulation: int = 1):
-    from resnest_train.config import load_config
+    from resnest_train.config_yaml import load_config
     root = Path(__file__).resolve().parents[1]
     return load_config(root / "configs" / "demo.yaml", [
         f"train.global_batch={args.batch_size * accumulation}",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnest_train.config import from_dict
+from resnest_train.config_yaml import from_dict
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan, build_data_plan
 from resnest_train.distributed import DistInfo

@@ -52,12 +52,14 @@ def test_every_image_counted_once_on_1_2_3_processes(odd_root, weights, tmp_path
     assert len({(r["top1"], r["top5"]) for r in rows}) == 1
 
 
+@pytest.mark.slow
 def test_crop_sizes_report_their_resize(odd_root, weights, tmp_path):
     report = evaluate(odd_root, weights, tmp_path / "r.json", "--crop-size", "224", "256", "data.backend=torchvision")
     assert [(r["crop_size"], r["resize_size"]) for r in report["results"]] == [(224, 256), (256, 293)]
     assert report["model"] == "resnest14" and report["checkpoint"] == str(weights)
 
 
+@pytest.mark.slow
 def test_backends_agree(image_root, tmp_path):
     torch.manual_seed(0)
     # A model that has learnt something: a short training run on the generated dataset.

@@ -9,7 +9,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from resnest_train.config import load_config
+from resnest_train.config_yaml import load_config
 from resnest_train.wrapping import build_model
 from tests.conftest import ROOT, run_script, train_args
 

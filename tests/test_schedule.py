@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from resnest_train.config import ConfigError, load_config
+from resnest_train.config import ConfigError
+from resnest_train.config_yaml import load_config
 from resnest_train.schedule import build_train_plan, learning_rate, micro_batch_warning
 from tests.conftest import ROOT
 
@@ -73,6 +74,13 @@ def test_null_global_batch_is_the_micro_batch_times_the_processes():
     assert config.train.global_batch is None and plan.global_batch == 4 * 32 and plan.layout.accumulation == 1
     with pytest.raises(ConfigError, match="larger than the 100 training images"):
         build_train_plan(config, 4, 100)
+
+
+def test_a_published_global_batch_on_a_small_dataset_names_the_fix():
+    config = load_config(ROOT / "configs" / "resnest50.yaml")
+    with pytest.raises(ConfigError, match=r"train.global_batch=8192 is larger than the 80 training images: .*"
+                                          r"train.global_batch=null uses train.batch_size x processes"):
+        build_train_plan(config, 1, 80)
 
 
 def test_a_micro_batch_below_16_without_sync_bn_is_warned_about():

@@ -18,6 +18,7 @@ from tests.conftest import ROOT, TORCHRUN, free_port, metrics, run_script, scrip
 from tests.test_data import dirty_root  # noqa: F401  (fixture)
 
 
+@pytest.mark.slow
 def test_tensorboard_lr_follows_warmup_then_cosine(tmp_path):
     run_script(train_args(None, tmp_path, "train.epochs=4", "schedule.warmup_epochs=1", "optim.lr=0.8"))
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "tensors": 0})
@@ -44,6 +45,7 @@ def test_tensorboard_lr_follows_warmup_then_cosine(tmp_path):
     assert (tmp_path / "checkpoints" / "best.pt").is_file()
 
 
+@pytest.mark.slow
 def test_run_folder_config_continues_the_run(tmp_path):
     """config.yaml as written is a valid --config: the run it describes continues (here: is complete)."""
     run_script(train_args(None, tmp_path, "train.epochs=1"))
