@@ -1,11 +1,14 @@
-"""The per-file work of the dataset index (index.py): list a class folder, check each image's header and
-end, fully decode one on demand. Only the standard library and PIL: the scan's pool spawns fresh
-interpreters that import just this module (forking a process that runs gloo or DALI threads can deadlock).
+"""The per-file work of the dataset index (index.py): list a class folder or a webdataset tar shard, check
+each image's header and end, fully decode one on demand. Only the standard library and PIL: the scan's pool
+spawns fresh interpreters that import just this module (forking a process that runs gloo or DALI threads
+can deadlock).
 """
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 from pathlib import Path
 
 from PIL import Image
@@ -13,20 +16,28 @@ from PIL import Image
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
 
 
-def check_image(path: Path | str, size: int | None = None) -> str | None:
-    """Return why `path` is not a usable image, or None. Reads only its first and last bytes."""
+def check_image(path: Path | str, size: int | None = None, start: int = 0, fd: int | None = None) -> str | None:
+    """Return why `path` (or the `size` bytes at `start` of the open file `fd`, an image inside a shard) is
+    not a usable image, or None. Reads only its first and last bytes."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        own = fd is None
+        fd = os.open(path, os.O_RDONLY) if own else fd
         try:
             size = os.fstat(fd).st_size if size is None else size
             if size == 0:
                 return "empty file"
-            head = os.pread(fd, 8, 0)
-            tail = os.pread(fd, 64, max(0, size - 64))
+            head = os.pread(fd, 8, start)
+            tail = os.pread(fd, 64, start + max(0, size - 64))
         finally:
-            os.close(fd)
+            if own:
+                os.close(fd)
     except OSError as exc:
         return f"unreadable ({exc.strerror or exc})"
+    return image_verdict(head, tail)
+
+
+def image_verdict(head: bytes, tail: bytes) -> str | None:
+    """Why an image with these first 8 and last 64 bytes is not usable, or None."""
     if head[:3] == b"\xff\xd8\xff":
         # Some encoders pad after the end-of-image marker, so look for it near the end.
         return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
@@ -67,3 +78,73 @@ def decode_error(path: str) -> str | None:
     except Exception as exc:  # noqa: BLE001 - PIL reports broken data in several exception types
         return f"cannot decode ({exc})"
     return None
+
+
+def _sample_key(name: str) -> tuple[str, str]:
+    """webdataset's split of a member name: the key is the path up to the first dot of the base name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def scan_shard(path: str) -> tuple[int, int, list[tuple[str, int, int, int, str | None]]]:
+    """(size, mtime_ns, samples) of a webdataset tar shard; each sample (image member name, data offset,
+    size, label, reason) in the order of the tar, from its image (.jpg/.jpeg/.png) and its `.cls` member
+    (the class index as text, the public ImageNet-1k webdataset layout). Headers are read and data seeked
+    over: only the `.cls` members and each image's first and last bytes are read."""
+    stat = os.stat(path)
+    images, labels, order = {}, {}, []
+    with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+        for member in iter(tar.next, None):
+            if not member.isfile():
+                continue
+            key, ext = _sample_key(member.name)
+            if "." + ext in IMAGE_EXTENSIONS:
+                if key not in images:
+                    order.append(key)
+                images[key] = (member.name, member.offset_data, member.size)
+            elif ext == "cls":
+                labels[key] = os.pread(raw.fileno(), member.size, member.offset_data)
+        samples = [_shard_sample(raw.fileno(), images[key], labels.get(key)) for key in order]
+    return stat.st_size, stat.st_mtime_ns, samples
+
+
+def _shard_sample(fd: int, image: tuple[str, int, int], label: bytes | None):
+    name, start, size = image
+    try:
+        value = int(label.decode().strip()) if label is not None else -1
+    except ValueError:
+        value = -1
+    reason = check_image(name, size, start, fd)
+    if reason is None and value < 0:
+        reason = "no class index (.cls member missing or not a number)"
+    return name, start, size, value, reason
+
+
+def read_bytes(path: str, start: int = -1, size: int = 0) -> bytes:
+    """An image's encoded bytes: a whole file, or `size` bytes at `start` of a shard."""
+    if start < 0:
+        with open(path, "rb") as file:
+            return file.read()
+    with open(path, "rb") as file:
+        return os.pread(file.fileno(), size, start)
+
+
+def decode_bytes_error(data: bytes) -> str | None:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception as exc:  # noqa: BLE001 - PIL reports broken data in several exception types
+        return f"cannot decode ({exc})"
+    return None
+
+
+def scan_unit(task: tuple[str, bool, dict]) -> tuple[tuple[int, int], list[tuple]]:
+    """One unit of the index (a class folder, or a shard when `shard`), as ((mtime_ns, size), rows of
+    (name, size, mtime_ns, start, label, reason)); a folder reuses `known`'s verdicts of unchanged files."""
+    path, shard, known = task
+    if shard:
+        size, mtime, samples = scan_shard(path)
+        return (mtime, size), [(name, size_, -1, start, label, reason) for name, start, size_, label, reason in samples]
+    stamp = (os.stat(path).st_mtime_ns, 0)
+    return stamp, [(name, size, mtime, -1, -1, reason) for name, size, mtime, reason in scan_folder((path, known))]

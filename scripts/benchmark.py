@@ -13,6 +13,7 @@
       train.py's loop on the synthetic backend against a bare loop of the same work (benchmark_trainer.py).
   benchmark.py attention: the split-attention combine step alone, three formulations, fwd+bwd (ms).
   benchmark.py scan / checkpoint: the dataset index scan and checkpoint saves (benchmark_io.py).
+  benchmark.py scale --out DIR: the data path at ImageNet's 1.33M files (benchmark_scale.py).
 Ratios are measured in one run, rounds interleaved, because the machines are shared and noisy.
 """
 
@@ -30,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import benchmark_io  # noqa: E402  (scripts/ is on sys.path when this file runs)
+import benchmark_scale  # noqa: E402
 import benchmark_trainer  # noqa: E402
 
 from resnest_train.models import create_model  # noqa: E402
@@ -237,6 +239,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="also time the backend with AutoAugment on the other side of the crop")
     benchmark_trainer.add_parsers(sub)
     benchmark_io.add_parsers(sub)
+    benchmark_scale.add_parsers(sub)
     attention = sub.add_parser("attention")
     attention.add_argument("--batch-size", type=int, default=16)
     attention.add_argument("--rounds", type=int, default=10)
@@ -248,7 +251,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     result = {"model": bench_model, "data": bench_data, "trainer": benchmark_trainer.bench_trainer,
               "attention": bench_attention, "scan": benchmark_io.bench_scan,
-              "checkpoint": benchmark_io.bench_checkpoint}[args.what](args)
+              "checkpoint": benchmark_io.bench_checkpoint, "scale": benchmark_scale.bench_scale}[args.what](args)
     print(json.dumps(result))
     return 0
 

@@ -50,8 +50,8 @@ def _drop_caches() -> None:
 _SCAN = """import sys, time
 from resnest_train.data.index import scan_files
 started = time.perf_counter()
-_, table = scan_files(sys.argv[1], processes=int(sys.argv[2]))
-print(len(table), time.perf_counter() - started)
+index, _ = scan_files(sys.argv[1], processes=int(sys.argv[2]))
+print(len(index.train) + len(index.val) + len(index.skipped), time.perf_counter() - started)
 """
 
 

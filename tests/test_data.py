@@ -6,6 +6,8 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from resnest_train.data import resize_size
+from resnest_train.data import index_table, resize_size
 from resnest_train.data.index import DatasetError, load_index, scan
 from resnest_train.data.torchvision import build_torch_train, build_torch_val, val_transform
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from tests.conftest import make_order, make_plan
+from tests.conftest import ROOT, make_order, make_plan
 
 try:
     from resnest_train.data.dali import build_dali_val
@@ -223,8 +225,9 @@ def test_links_and_folders_named_like_images_are_skipped_and_named(image_root, t
     assert reasons == {"gone.jpg": "broken symbolic link", "folder.jpg": "a directory, not an image file"}
 
 
-def test_index_cache_sees_files_overwritten_in_place(image_root, tmp_path):
-    """Overwriting a file keeps its folder's mtime: the cache must look at the file itself."""
+def test_index_cache_sees_files_overwritten_in_place_on_recheck(image_root, tmp_path):
+    """Overwriting a file keeps its folder's mtime: a warm open (stamps of folders only) does not see it,
+    `--recheck` looks at every file, as README says."""
     root = tmp_path / "cached"
     shutil.copytree(image_root, root)
     target = root / "train" / "class_000" / "train_000_00001.jpg"
@@ -233,10 +236,32 @@ def test_index_cache_sees_files_overwritten_in_place(image_root, tmp_path):
     folder_mtime = target.parent.stat().st_mtime_ns
     target.write_bytes(good[: len(good) // 2])  # truncated in place
     os.utime(target.parent, ns=(folder_mtime, folder_mtime))
-    assert [Path(p).name for p, _ in load_index(root).skipped] == [target.name]
+    assert load_index(root).skipped == []  # the warm open trusts the folder's stamp
+    assert [Path(p).name for p, _ in load_index(root, recheck=True).skipped] == [target.name]
     target.write_bytes(good)  # fixed in place
     os.utime(target.parent, ns=(folder_mtime, folder_mtime))
-    assert load_index(root).skipped == [] and len(load_index(root).train) == 48
+    assert load_index(root).skipped != []  # the recheck's verdict is cached ...
+    result = subprocess.run([sys.executable, "-m", "resnest_train.data.index", str(root), "--recheck"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and "48 train and 20 val images, 0 skipped" in result.stdout, result.stderr
+    assert load_index(root).skipped == [] and len(load_index(root).train) == 48  # ... until the next recheck
+
+
+def test_warm_open_reads_no_file_and_rescans_only_changed_folders(image_root, tmp_path, monkeypatch):
+    root = tmp_path / "warm"
+    shutil.copytree(image_root, root)
+    cold = load_index(root)
+    assert (root / ".resnest_index.npz").is_file()
+    listed = []
+    real = index_table.scan_unit
+    monkeypatch.setattr(index_table, "scan_unit", lambda task: listed.append(task[0]) or real(task))
+    warm = load_index(root)
+    assert listed == [] and list(warm.train) == list(cold.train) and list(warm.val) == list(cold.val)
+    (root / "train" / "class_002" / "new.jpg").write_bytes((root / "train" / "class_002" / "train_002_00000.jpg")
+                                                           .read_bytes())
+    grown = load_index(root)
+    assert listed == [str(root / "train" / "class_002")] and len(grown.train) == 49
+    assert grown.train.path(24) == "train/class_002/new.jpg"
 
 
 @pytest.mark.parametrize("layout,message", [

@@ -74,7 +74,7 @@ def test_rerun_after_a_labels_fix_gives_exactly_the_new_layout(tmp_path):
     result = prepare(release, write_text(tmp_path / "val.txt", TRUE_LABELS), out)
     assert listing(out) == expected_links(release, TRUE_LABELS)
     assert "3 classes, 5 train and 6 val images" in result.stdout
-    assert (out / "notes.txt").exists() and (out / ".resnest_index.json").exists()
+    assert (out / "notes.txt").exists() and (out / ".resnest_index.npz").exists()
 
 
 def test_move_rerun_refiles_moved_images_and_never_loses_one(tmp_path):

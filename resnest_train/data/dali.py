@@ -29,6 +29,7 @@ from resnest_train.data.dali_autoaugment import dali_auto_augment
 from resnest_train.data.dali_cpu import HostOps
 from resnest_train.data.index import DatasetError, find_undecodable
 from resnest_train.data.plan import DataPlan
+from resnest_train.data.samples import SampleList
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVAL, PCA_EIGVEC
 
 delete_autograph_files_after_loading()  # the conditional graph's generated sources stay out of the temp folder
@@ -171,7 +172,7 @@ def channels_first(images, plan: DataPlan):
 PREFETCH = 2  # batches DALI runs ahead of the one delivered
 
 
-def decode_failure(exc: RuntimeError, plan: DataPlan, samples: list[tuple[str, int]]) -> Exception:
+def decode_failure(exc: RuntimeError, plan: DataPlan, samples: SampleList) -> Exception:
     """DALI's decoder error does not name the file: decode the batches that can have failed (`samples`:
     the one being delivered and those prefetched after it) to find it, never the whole list."""
     text = str(exc)
@@ -241,15 +242,15 @@ def train_pipeline(plan: DataPlan, files: list[str], sample_ids: list[int], *, b
         exec_dynamic=True, plan=plan, files=files, sample_ids=sample_ids, ops=graph_ops(plan, ops))
 
 
-def val_pipeline(plan: DataPlan, shard: list[tuple[str, int]], *, batch_size: int, ops: str = "auto"):
+def val_pipeline(plan: DataPlan, shard: SampleList, *, batch_size: int, ops: str = "auto"):
     """The validation pipeline of this rank's shard, not yet built."""
-    files, labels = zip(*shard)
+    files, labels = zip(*shard)  # (path, label) pairs: a SampleList reads as one
     return _val_pipeline(batch_size=batch_size, num_threads=max(1, plan.workers), device_id=_device_id(plan),
                          seed=0, exec_dynamic=True, plan=plan, files=list(files), labels=list(labels),
                          ops=graph_ops(plan, ops))
 
 
-def build_dali_val(plan: DataPlan, shard: list[tuple[str, int]], *, batch_size: int, ops: str = "auto"):
+def build_dali_val(plan: DataPlan, shard: SampleList, *, batch_size: int, ops: str = "auto"):
     if not shard:
         return []
     return DaliLoader(val_pipeline(plan, shard, batch_size=batch_size, ops=ops), plan, shard, batch_size=batch_size)

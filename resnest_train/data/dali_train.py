@@ -19,14 +19,15 @@ from nvidia.dali.plugin.pytorch import DALIClassificationIterator
 from resnest_train.data.dali import PREFETCH, channels_first, decode_failure, train_pipeline
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
+from resnest_train.data.samples import SampleList
 from resnest_train.randomness import PIPELINE, derive_seed
 
 
 class DaliTrainLoader:
-    def __init__(self, plan: DataPlan, samples: list[tuple[str, int]], order: TrainOrder, *,
+    def __init__(self, plan: DataPlan, samples: SampleList, order: TrainOrder, *,
                  start: tuple[int, int] = (0, 0), state: dict | None = None, ops: str = "auto"):
         self.plan, self.samples, self.order, self.ops = plan, samples, order, ops
-        self.labels = torch.tensor([label for _, label in samples], dtype=torch.long, device=plan.device)
+        self.labels = torch.from_numpy(samples.labels).long().to(plan.device)
         self.start = start  # (epoch, optimizer steps done in it)
         # DALI's checkpoint of the pipeline `start` lies in, when `state` was saved there ({"start_step",
         # "checkpoint"}; states of an older format or another position are not this pipeline's).
@@ -49,7 +50,7 @@ class DaliTrainLoader:
         self.rank_list = self.order.rank_samples(epoch, step).tolist()
         self.iterator = None  # the previous epoch's pipeline and its threads go
         seed = derive_seed(self.plan.seed, PIPELINE, epoch, self.plan.rank, step) % 2**31
-        pipe = train_pipeline(self.plan, [self.samples[i][0] for i in self.rank_list], self.rank_list,
+        pipe = train_pipeline(self.plan, [self.samples.path(i) for i in self.rank_list], self.rank_list,
                               batch_size=self.order.layout.micro_batch, seed=seed, checkpoint=checkpoint,
                               ops=self.ops)
         pipe.build()
@@ -79,7 +80,7 @@ class DaliTrainLoader:
     def _failure(self, exc: RuntimeError) -> Exception:
         size = self.order.layout.micro_batch
         window = self.rank_list[self.position * size:(self.position + PREFETCH + 2) * size]
-        return decode_failure(exc, self.plan, [self.samples[i] for i in window])
+        return decode_failure(exc, self.plan, self.samples.take(window))
 
     def state(self) -> dict:
         """The position reached, and DALI's checkpoint of this epoch's pipeline (same-layout resume)."""
@@ -88,6 +89,6 @@ class DaliTrainLoader:
         return {"order": 1, "epoch": self.epoch, "step": step, "dali": saved}
 
 
-def build_dali_train(plan: DataPlan, samples: list[tuple[str, int]], order: TrainOrder, *,
+def build_dali_train(plan: DataPlan, samples: SampleList, order: TrainOrder, *,
                      start: tuple[int, int] = (0, 0), state: dict | None = None, ops: str = "auto") -> DaliTrainLoader:
     return DaliTrainLoader(plan, samples, order, start=start, state=state, ops=ops)

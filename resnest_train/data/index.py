@@ -1,33 +1,41 @@
-"""The dataset index: one validated scan of `root/train` and `root/val`, cached and updated file by file.
+"""The dataset index: one validated listing of `root/train` and `root/val`, kept as arrays and reopened in
+seconds.
 
-ImageFolder layout; the class index is the sorted list of train folder names and val must use the same
-classes. Each image is checked cheaply (size, JPEG/PNG header and end marker) because a bad file kills a
-DALI pipeline with an error that does not name it. Bad files (and directories or broken links named like
-images) are skipped and named in one warning; other files are ignored. The scan is I/O bound, so folders
-are listed and files checked by a thread pool. The cache (next to the data, or in ~/.cache when the data
-is read-only) keeps each file's size, mtime and verdict: a rerun re-checks only files that changed, and an
-in-place overwrite (same folder mtime) is seen because the file's own size or mtime changed.
+Two layouts. Folders (ImageFolder): the class index is the sorted list of train folder names and val must
+use the same classes. Shards: `train/*.tar` and `val/*.tar` in webdataset's format, each sample an image
+(`.jpg`/`.jpeg`/`.png`) and a `.cls` member holding its class index (the public ImageNet-1k webdataset
+layout); class names from `root/classes.txt` (line i names class i; `scripts/pack_dataset.py` writes it),
+else the class indices themselves. Samples keep the order of the sorted shards and their members, so a
+folder packed by `pack_dataset.py` has the same training list, position for position.
+
+Each image is checked cheaply (size, JPEG/PNG header and end marker) because a bad file kills a DALI
+pipeline with an error that does not name it. Bad files (and directories or broken links named like
+images) are skipped and named in one warning; other files are ignored. The listing and its verdicts live in
+a cache (index_table.py) that a rerun revalidates by folder and shard stamps.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import functools
 import logging
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from resnest_train.data.index_table import Chunk, Table, read_cache, scan_units
+from resnest_train.data.index_table import write_cache as write_table
+from resnest_train.data.samples import SampleList, pack, unpack
 from resnest_train.errors import UserError
-from resnest_train.filescan import IMAGE_EXTENSIONS, decode_error, scan_folder
+from resnest_train.filescan import IMAGE_EXTENSIONS, decode_bytes_error, read_bytes
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
 SPLITS = ("train", "val")
-SCAN_PROCESSES = 16  # class folders in flight at once: I/O bound on network disks (BENCHMARKS.md, "index scan")
+CLASSES_FILE = "classes.txt"
 
 
 class DatasetError(UserError):
@@ -38,9 +46,13 @@ class DatasetError(UserError):
 class DatasetIndex:
     root: str
     classes: list[str]
-    train: list[tuple[str, int]]  # (path relative to root, label)
-    val: list[tuple[str, int]]
+    train: SampleList  # (path relative to root, label) per sample; `shard.tar:member` inside a shard
+    val: SampleList
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    @property
+    def layout(self) -> str:
+        return self.val.kind
 
 
 def _class_folders(folder: Path) -> list[str]:
@@ -91,100 +103,135 @@ def _check_layout(root: Path, classes: list[str] | None = None, splits: tuple[st
     return classes
 
 
+def _shard_files(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.suffix == ".tar" and p.is_file())
+
+
+def _is_sharded(root: Path, splits: tuple[str, ...]) -> bool:
+    """Shards: the first split holds `.tar` files and no class folders."""
+    folder = root / splits[0]
+    return bool(_shard_files(folder)) and not any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
+
+
+def _shard_classes(root: Path, classes: list[str] | None, table: Table) -> list[str]:
+    """`classes.txt` beside the splits, else a checkpoint's class names, else the class indices found."""
+    path = root / CLASSES_FILE
+    if path.is_file():
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if classes is not None:
+        return list(classes)
+    found = [int(chunk.columns["label"].max()) for chunk in table.chunks if len(chunk.lengths)]
+    log.info("no %s in %s: the classes are named by their index", CLASSES_FILE, root)
+    return [str(i) for i in range(max(found, default=-1) + 1)]
+
+
+def _units(root: Path, splits: tuple[str, ...], classes: list[str], sharded: bool) -> list[str]:
+    if sharded:
+        units = [f"{split}/{name}" for split in splits for name in _shard_files(root / split)]
+        for split in splits:
+            if not any(unit.startswith(f"{split}/") for unit in units):
+                raise DatasetError(f"no shards (*.tar) in {root / split}")
+        return units
+    return [f"{split}/{name}" for split in splits for name in classes if (root / split / name).is_dir()]
+
+
+def scan_files(root: str | Path, cached: Table | None = None, processes: int | None = None, *,
+               classes: list[str] | None = None, splits: tuple[str, ...] = SPLITS,
+               recheck: bool = False) -> tuple[DatasetIndex, Table]:
+    """Index `root`, reusing what `cached` (an earlier scan's table) knows of unchanged folders and shards
+    (`recheck`: of nothing, every file is checked again). Returns the index and the new table.
+    `splits=("val",)`: evaluation's index, val/ alone, labelled by `classes` (a checkpoint's) when given."""
+    root = Path(root)
+    sharded = root.is_dir() and _is_sharded(root, splits)
+    folder_classes = None if sharded else _check_layout(root, classes, splits)
+    units = _units(root, splits, folder_classes or [], sharded)
+    kwargs = {} if processes is None else {"processes": processes}
+    table = scan_units(root, units, sharded, cached, recheck=recheck, **kwargs)
+    classes = _shard_classes(root, classes, table) if sharded else folder_classes
+    index = _build(root, classes, table, sharded, splits)
+    _check_splits(root, index, splits)
+    return index, table
+
+
+def _build(root: Path, classes: list[str], table: Table, sharded: bool, splits: tuple[str, ...]) -> DatasetIndex:
+    label_of = {name: i for i, name in enumerate(classes)}
+    lists, skipped = {}, []
+    for split in SPLITS:
+        parts = [(unit, chunk) for unit, chunk in zip(table.units, table.chunks) if unit.startswith(f"{split}/")]
+        pieces = []
+        for dir_id, (unit, chunk) in enumerate(parts):
+            n = len(chunk.lengths)
+            labels = chunk.columns["label"] if sharded else np.full(n, label_of[unit.split("/", 1)[1]])
+            reasons = chunk.columns["reason"].copy()
+            out_of_range = (reasons < 0) & ((labels < 0) | (labels >= len(classes)))
+            if out_of_range.any():  # a .cls beyond the class list: named, like any other unusable sample
+                chunk = Chunk(chunk.stamp, chunk.blob, chunk.lengths, chunk.columns,
+                              [*chunk.texts, f"class index outside 0..{len(classes) - 1}"])
+                reasons[out_of_range] = len(chunk.texts) - 1
+            if (reasons >= 0).any():
+                names = chunk.names()
+                skipped += [(f"{root / unit}{':' if sharded else '/'}{names[i]}", chunk.texts[reasons[i]])
+                            for i in np.flatnonzero(reasons >= 0).tolist()]
+            pieces.append((dir_id, chunk, labels, reasons < 0))
+        lists[split] = _sample_list("shards" if sharded else "folder", [u for u, _ in parts], pieces)
+    return DatasetIndex(str(root), classes, lists["train"], lists["val"], skipped)
+
+
+def _sample_list(kind: str, dirs: list[str], pieces: list) -> SampleList:
+    """The usable entries of each unit's chunk, concatenated in unit order."""
+    cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
+    keep = [good for _, _, _, good in pieces]
+    lengths = cat([chunk.lengths[good] for (_, chunk, _, _), good in zip(pieces, keep)], np.int64)
+    blob = cat([chunk.blob[np.repeat(good, chunk.lengths)] for (_, chunk, _, _), good in zip(pieces, keep)], np.uint8)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    dir_ids = cat([np.full(int(good.sum()), d) for (d, _, _, _), good in zip(pieces, keep)], np.int32)
+    labels = cat([labels[good] for (_, _, labels, good) in pieces], np.int32)
+    starts = sizes = None
+    if kind == "shards":
+        starts = cat([chunk.columns["start"][good] for (_, chunk, _, good) in pieces], np.int64)
+        sizes = cat([chunk.columns["size"][good] for (_, chunk, _, good) in pieces], np.int64)
+    return SampleList(kind, dirs, dir_ids, blob, offsets, labels, starts, sizes)
+
+
+def _check_splits(root: Path, index: DatasetIndex, splits: tuple[str, ...]) -> None:
+    if "train" in splits:
+        used = set(np.unique(index.train.labels).tolist())
+        empty = [name for label, name in enumerate(index.classes) if label not in used]
+        if empty:
+            where = root / "train" / empty[0] if index.layout == "folder" else f"class {empty[0]} in {root / 'train'}"
+            raise DatasetError(f"class folder {where} has no usable images" if index.layout == "folder"
+                               else f"{where} has no usable images")
+    for split in splits:
+        if not len(getattr(index, split)):
+            raise DatasetError(f"no images in {root / split}")
+
+
 def scan(root: str | Path) -> DatasetIndex:
     """Index `root` from scratch (no cache)."""
     return scan_files(root)[0]
 
 
-def scan_files(root: str | Path, previous: dict | None = None, processes: int = SCAN_PROCESSES, *,
-               classes: list[str] | None = None, splits: tuple[str, ...] = SPLITS) -> tuple[DatasetIndex, dict]:
-    """Index `root`; `previous` maps relative path -> [size, mtime_ns, reason] from an earlier scan, whose
-    verdicts are reused for unchanged files. Returns the index and the new per-file table. Class folders
-    are scanned by a pool of processes (no GIL between them; many requests in flight on network disks).
-    `splits=("val",)`: evaluation's index, val/ alone, labelled by `classes` (a checkpoint's) when given."""
-    root = Path(root)
-    classes = _check_layout(root, classes, splits)
-    folders = [(split, label, name) for split in splits for label, name in enumerate(classes)
-               if (root / split / name).is_dir()]
-    previous = previous or {}
-    known: dict[str, dict] = {}
-    for rel, verdict in previous.items():
-        folder, _, name = rel.rpartition("/")
-        known.setdefault(folder, {})[name] = verdict
-    tasks = [(str(root / split / name), known.get(f"{split}/{name}", {})) for split, _, name in folders]
-    if processes > 1 and len(tasks) > 1:
-        # Fresh interpreters, not forks: a fork of a process running gloo or DALI threads can deadlock.
-        with ProcessPoolExecutor(min(processes, len(tasks)), mp_context=multiprocessing.get_context("spawn")) as pool:
-            listings = list(pool.map(scan_folder, tasks))
-    else:
-        listings = [scan_folder(task) for task in tasks]
-    table, skipped, lists = {}, [], {"train": [], "val": []}
-    for (split, label, name), listing in zip(folders, listings):
-        for entry, size, mtime, reason in listing:
-            rel = f"{split}/{name}/{entry}"
-            table[rel] = [size, mtime, reason]
-            if reason:
-                skipped.append((str(root / rel), reason))
-            else:
-                lists[split].append((rel, label))
-    _check_splits(root, classes, {split: lists[split] for split in splits})
-    return DatasetIndex(str(root), classes, lists["train"], lists["val"], skipped), table
-
-
-def _check_splits(root: Path, classes: list[str], splits: dict) -> None:
-    if "train" in splits:
-        used = {label for _, label in splits["train"]}
-        empty = [name for label, name in enumerate(classes) if label not in used]
-        if empty:
-            raise DatasetError(f"class folder {root / 'train' / empty[0]} has no usable images")
-    for split, samples in splits.items():
-        if not samples:
-            raise DatasetError(f"no images in {root / split}")
-
-
-def _cache_paths(root: Path) -> list[Path]:
-    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
-    return [root / ".resnest_index.json", Path.home() / ".cache" / "resnest_train" / f"index-{key}.json"]
-
-
-def _read_cache(root: Path) -> dict:
-    for path in _cache_paths(root):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if data.get("version") == CACHE_VERSION and isinstance(data.get("files"), dict):
-            return data["files"]
-    return {}
-
-
-def _write_cache(root: Path, table: dict) -> None:
-    text = json.dumps({"version": CACHE_VERSION, "files": table})
-    for path in _cache_paths(root):
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            try:
-                tmp.write_text(text)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-            return
-        except OSError:
-            continue
-
-
 def load_index(root: str | Path, *, write_cache: bool = True, classes: list[str] | None = None,
-               splits: tuple[str, ...] = SPLITS) -> DatasetIndex:
-    """The index of `root`: every file listed, only new or changed files checked again."""
+               splits: tuple[str, ...] = SPLITS, recheck: bool = False) -> DatasetIndex:
+    """The index of `root`: unchanged folders and shards from the cache, the others listed again."""
     root = Path(root)
-    previous = _read_cache(root) if root.is_dir() else {}
-    index, table = scan_files(root, previous, classes=classes, splits=splits)
-    table = {**previous, **table} if splits != SPLITS else table  # keep the other split's verdicts
-    if write_cache and table != previous:
-        _write_cache(root, table)
+    cached = read_cache(root) if root.is_dir() else None
+    index, table = scan_files(root, cached, classes=classes, splits=splits, recheck=recheck)
+    if cached is not None and splits != SPLITS:  # keep the other split's units
+        kept = [(u, c) for u, c in zip(cached.units, cached.chunks) if u not in set(table.units)]
+        table = Table([u for u, _ in kept] + table.units, [c for _, c in kept] + table.chunks)
+    if write_cache and (cached is None or _changed(cached, table)):
+        write_table(root, table)
     return index
 
+
+def _changed(cached: Table, table: Table) -> bool:
+    if cached.units != table.units:
+        return True
+    return any(a is not b for a, b in zip(cached.chunks, table.chunks))
 
 def warn_skipped(index: DatasetIndex) -> None:
     if index.skipped:
@@ -192,11 +239,75 @@ def warn_skipped(index: DatasetIndex) -> None:
         log.warning("skipped %d bad image file(s):\n%s", len(index.skipped), lines)
 
 
-def find_undecodable(root: str | Path, samples: list[tuple[str, int]], workers: int | None = None) -> list[str]:
+def index_to_bytes(index: DatasetIndex) -> bytes:
+    """The index as the one compressed buffer ranks receive."""
+    meta = {"root": index.root, "classes": index.classes, "skipped": index.skipped, "kind": index.val.kind}
+    return pack(meta, {"train": index.train, "val": index.val})
+
+
+def index_from_bytes(data: bytes) -> DatasetIndex:
+    meta, lists = unpack(data, lambda meta: meta["kind"])
+    return DatasetIndex(meta["root"], meta["classes"], lists["train"], lists["val"],
+                        [tuple(pair) for pair in meta["skipped"]])
+
+
+@functools.lru_cache(maxsize=256)
+def _shard_fd(path: str, pid: int) -> int:
+    """An open shard, kept open for the process's life (`pread` has no shared offset, so threads and
+    forked workers can share it): reading from shards opens no file per image."""
+    return os.open(path, os.O_RDONLY)
+
+
+def read_sample(root: str | Path, samples: SampleList, i: int) -> bytes:
+    """Sample `i`'s encoded image: its file, or its byte range in its shard."""
+    folder = os.path.join(root, samples.dirs[samples.dir_ids[i]])
+    if samples.kind == "shards":
+        size = int(samples.sizes[i])
+        data = os.pread(_shard_fd(folder, os.getpid()), size, int(samples.starts[i]))
+        if len(data) != size:
+            raise OSError(f"{folder} ends inside {samples.name(i)} (changed since it was indexed)")
+        return data
+    return read_bytes(os.path.join(folder, samples.name(i)))
+
+
+def _decode_check(root: str | Path, samples: SampleList, i: int) -> str | None:
+    try:
+        return decode_bytes_error(read_sample(root, samples, i))
+    except FileNotFoundError:
+        return "deleted since the dataset was indexed"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+
+
+def find_undecodable(root: str | Path, samples: SampleList, workers: int | None = None) -> list[str]:
     """Fully decode every image and return 'PATH (why)' for those that fail: the slow, thorough check, run
     only after a decoder has failed on a file that passed the cheap header/end check. Threads (PIL decodes
     without the GIL), not forked processes: the caller runs DALI's threads."""
-    paths = [str(Path(root) / path) for path, _ in samples]
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        reasons = list(pool.map(decode_error, paths))
-    return [f"{path} ({reason})" for path, reason in zip(paths, reasons) if reason]
+        reasons = list(pool.map(lambda i: _decode_check(root, samples, i), range(len(samples))))
+    return [f"{Path(root) / samples.path(i)} ({reason})" for i, reason in enumerate(reasons) if reason]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m resnest_train.data.index ROOT [--recheck]`: build or refresh the index cache of ROOT;
+    `--recheck` checks every file again (a file overwritten in place keeps its folder's stamp, so a warm
+    open does not look at it)."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m resnest_train.data.index", description=main.__doc__)
+    parser.add_argument("root")
+    parser.add_argument("--recheck", action="store_true", help="check every file, not only changed folders")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        index = load_index(args.root, recheck=args.recheck)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    warn_skipped(index)
+    print(f"{args.root}: {index.layout}, {len(index.classes)} classes, {len(index.train)} train and "
+          f"{len(index.val)} val images, {len(index.skipped)} skipped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

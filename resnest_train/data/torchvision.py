@@ -13,6 +13,7 @@ the whole process group (systemd, `scancel`, GNU `timeout`, Ctrl-C) must not kil
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import signal
 from pathlib import Path
@@ -23,8 +24,10 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as T
 
 from resnest_train.data.autoaugment import POLICIES, AutoAugment
+from resnest_train.data.index import read_sample
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
+from resnest_train.data.samples import SampleList
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Lighting
 from resnest_train.randomness import seed_sample
 
@@ -40,9 +43,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 class ImageListDataset(Dataset):
-    """(image, label, position) for each (path, label); None where the image cannot be decoded."""
+    """(image, label, position) for each sample (a file or a shard member); None where the image cannot be
+    decoded."""
 
-    def __init__(self, root: str, samples: list[tuple[str, int]], transform):
+    def __init__(self, root: str, samples: SampleList, transform):
         self.root = Path(root)
         self.samples = samples
         self.transform = transform
@@ -51,12 +55,12 @@ class ImageListDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, item: int):
-        path, label = self.samples[item]
+        label = int(self.samples.labels[item])
         try:
-            with Image.open(self.root / path) as image:
+            with Image.open(io.BytesIO(read_sample(self.root, self.samples, item))) as image:
                 return self.transform(to_rgb(image)), label, item
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            log.warning("skipping undecodable image %s: %s", self.root / path, exc)
+            log.warning("skipping undecodable image %s: %s", self.root / self.samples.path(item), exc)
             return None
 
 
@@ -124,7 +128,7 @@ class TrainImageDataset(ImageListDataset):
     """Training images by (epoch, sample): each image's augmentation is seeded from (seed, epoch, sample),
     so it does not depend on the process or worker that reads it (`randomness.py`)."""
 
-    def __init__(self, root: str, samples: list[tuple[str, int]], transform, *, seed: int):
+    def __init__(self, root: str, samples: SampleList, transform, *, seed: int):
         super().__init__(root, samples, transform)
         self.seed = seed
 
@@ -202,7 +206,7 @@ def _data_loader(dataset, plan: DataPlan, *, training: bool, **kwargs) -> DataLo
                       worker_init_fn=ignore_stop_signals, **kwargs)
 
 
-def build_torch_train(plan: DataPlan, samples: list[tuple[str, int]], order: TrainOrder, *,
+def build_torch_train(plan: DataPlan, samples: SampleList, order: TrainOrder, *,
                       start: tuple[int, int] = (0, 0)) -> TorchTrainLoader:
     dataset = TrainImageDataset(plan.root, samples, train_transform(plan), seed=plan.seed)
     loader = _data_loader(dataset, plan, training=True, batch_size=order.layout.micro_batch, sampler=EpochSamples())

@@ -1,0 +1,135 @@
+"""The ImageNet-scale benchmark of scripts/benchmark.py: what the data path costs at 1.33M files.
+
+  benchmark.py scale --out DIR [--train 1281000] [--val 50000] [--classes 1000] [--skip-shards]
+      builds DIR/folder (train/ and val/ class folders of hard links to 64 tiny JPEGs: no disk space, as
+      ImageNet's file count) and DIR/shards (scripts/pack_dataset.py of it), then reports, each step in a
+      fresh process: the index opened cold (no cache) and warm, with peak memory; the bytes each rank
+      receives and the index's memory per rank; the per-epoch set-up of one rank of 8 (its part of the
+      epoch's order); and the files opened per 1,000 training images read, folder vs shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_STEP = """import json, os, resource, sys, time
+sys.path.insert(0, {root!r})
+from resnest_train.data.index import load_index, index_to_bytes, index_from_bytes, read_sample
+def peak_mb():
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return own / 1024
+if __name__ == "__main__":
+    base = peak_mb()  # the interpreter, numpy and torch (imported by the package) before the index
+    started = time.perf_counter()
+    index = load_index(sys.argv[1])
+    out = {{"seconds": time.perf_counter() - started, "peak_rss_mb": peak_mb(), "index_peak_mb": peak_mb() - base,
+           "train": len(index.train), "val": len(index.val)}}
+    if sys.argv[2] == "full":
+        started = time.perf_counter()
+        buffer = index_to_bytes(index)
+        out["pack_seconds"] = time.perf_counter() - started
+        started = time.perf_counter()
+        received = index_from_bytes(buffer)
+        out["unpack_seconds"] = time.perf_counter() - started
+        out["bytes_each_rank_receives"] = len(buffer)
+        out["index_mb_per_rank"] = (received.train.nbytes() + received.val.nbytes()) / 2**20
+        from resnest_train.data.order import TrainOrder
+        from resnest_train.schedule import BatchLayout
+        order = TrainOrder(0, len(index.train), BatchLayout(1024, 128, 8), len(index.train) // 1024, 0)
+        started = time.perf_counter()
+        order.rank_samples(1).view(-1, 128)
+        out["epoch_setup_seconds"] = time.perf_counter() - started
+        opened = [0]
+        real_open = os.open
+        def counting_open(*args, **kwargs):
+            opened[0] += 1
+            return real_open(*args, **kwargs)
+        os.open = counting_open
+        import builtins
+        real_builtin = builtins.open
+        def counting_builtin(*args, **kwargs):
+            opened[0] += 1
+            return real_builtin(*args, **kwargs)
+        builtins.open = counting_builtin
+        for i in order.rank_samples(0)[:1000].tolist():
+            read_sample(index.root, index.train, i)
+        out["opens_per_1000_images"] = opened[0]
+    print(json.dumps(out))
+"""
+
+
+def make_folder(out: Path, train: int, val: int, classes: int) -> None:
+    """Hard links to 64 tiny JPEGs, named like ImageNet's files."""
+    from PIL import Image
+    sources = []
+    for i in range(64):
+        path = out / "sources" / f"{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        Image.new("RGB", (16 + i % 8, 16 + i // 8), (4 * i, 120, 200)).save(buffer, format="JPEG")
+        path.write_bytes(buffer.getvalue())
+        sources.append(str(path))
+    for split, count in (("train", train), ("val", val)):
+        for label in range(classes):
+            name = f"n{label:08d}"
+            folder = out / "folder" / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count // classes + (label < count % classes)):
+                os.link(sources[(label + i) % 64], folder / f"{name}_{i}.JPEG")
+
+
+def _step(root: Path, mode: str) -> dict:
+    script = _STEP.format(root=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", script, str(root), mode], capture_output=True, text=True,
+                            cwd=ROOT)
+    if result.returncode:
+        raise SystemExit(result.stderr[-2000:])
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def _drop_caches(root: Path) -> None:
+    for cache in root.glob(".resnest_index*"):
+        cache.unlink()
+
+
+def bench_scale(args) -> dict:
+    out = Path(args.out)
+    if not (out / "folder").is_dir():
+        started = time.perf_counter()
+        make_folder(out, args.train, args.val, args.classes)
+        print(f"made {args.train + args.val} hard links in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    results = {}
+    layouts = ["folder"] if args.skip_shards else ["folder", "shards"]
+    if "shards" in layouts and not (out / "shards" / "classes.txt").is_file():
+        started = time.perf_counter()
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "pack_dataset.py"), "--root", str(out / "folder"),
+                        "--out", str(out / "shards")], check=True, capture_output=True)
+        results["pack_seconds"] = time.perf_counter() - started
+    for layout in layouts:
+        root = out / layout
+        _drop_caches(root)
+        cold = _step(root, "open")
+        warm = _step(root, "full")
+        results[layout] = {"cold_seconds": cold["seconds"], "cold_peak_rss_mb": cold["peak_rss_mb"],
+                           "cold_index_peak_mb": cold["index_peak_mb"], "warm_seconds": warm["seconds"],
+                           "warm_peak_rss_mb": warm["peak_rss_mb"], "warm_index_peak_mb": warm["index_peak_mb"],
+                           **{k: v for k, v in warm.items() if k not in ("seconds", "peak_rss_mb", "index_peak_mb")}}
+        print(json.dumps({layout: results[layout]}), file=sys.stderr)
+    return results
+
+
+def add_parsers(sub) -> None:
+    scale = sub.add_parser("scale")
+    scale.add_argument("--out", required=True)
+    scale.add_argument("--train", type=int, default=1_281_000)
+    scale.add_argument("--val", type=int, default=50_000)
+    scale.add_argument("--classes", type=int, default=1000)
+    scale.add_argument("--skip-shards", action="store_true")

@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Pack a prepared dataset folder (`train/<class>/*.jpg`, `val/<class>/*.jpg`) into webdataset tar shards.
+
+    pack_dataset.py --root FOLDER --out DIR [--shard-size BYTES]
+
+writes `DIR/train/train-000000.tar ...`, `DIR/val/val-000000.tar ...` and `DIR/classes.txt` (line i names
+class i). Each sample is two members, `<class>/<file stem>.<ext>` (the image's bytes as they are) and
+`<class>/<file stem>.cls` (its class index as text): the layout of the public ImageNet-1k webdataset copy,
+which the framework reads as well. Samples follow the folder's training list (classes sorted, files sorted
+in each), so the shards hold the same list position for position: a run on them reads the same images in
+the same micro-batches as a run on the folder. Bad files are skipped and named, as the trainer's index
+does. The output is deterministic (members sorted as above, mtime 0, no owner names); a shard is closed
+once it holds `--shard-size` bytes (default 256 MB, where webdataset's guidance for streaming lies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from resnest_train.data.index import CLASSES_FILE, DatasetError, load_index, read_sample, warn_skipped  # noqa: E402
+
+DEFAULT_SHARD_SIZE = 256 * 2**20
+
+
+def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    return info, io.BytesIO(data)
+
+
+def _sample_members(samples, i: int, data: bytes) -> list[tuple[tarfile.TarInfo, io.BytesIO]]:
+    """`train/<class>/<stem>.<ext>` -> members `<class>/<stem>.<ext>` and `<class>/<stem>.cls`."""
+    _, class_name, file_name = samples.path(i).split("/", 2)
+    stem, ext = os.path.splitext(file_name)
+    key = f"{class_name}/{stem.replace('.', '_')}"  # webdataset's key ends at the first dot of the name
+    return [_member(f"{key}{ext.lower()}", data), _member(f"{key}.cls", f"{int(samples.labels[i])}\n".encode())]
+
+
+def pack_split(root: Path, samples, out: Path, split: str, shard_size: int) -> list[Path]:
+    """Write `samples` into `out/split/split-NNNNNN.tar`, each closed past `shard_size` bytes; returns them."""
+    folder = out / split
+    folder.mkdir(parents=True, exist_ok=True)
+    written, tar, size = [], None, 0
+    for i in range(len(samples)):
+        if tar is None or size >= shard_size:
+            if tar is not None:
+                tar.close()
+            written.append(folder / f"{split}-{len(written):06d}.tar")
+            tar, size = tarfile.open(written[-1], "w", format=tarfile.GNU_FORMAT), 0
+        data = read_sample(root, samples, i)
+        for info, payload in _sample_members(samples, i, data):
+            tar.addfile(info, payload)
+        size += len(data) + 1024
+    if tar is not None:
+        tar.close()
+    for stale in sorted(set(folder.glob(f"{split}-*.tar")) - set(written)):  # an earlier, larger packing
+        stale.unlink()
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", required=True, help="a prepared folder holding train/ and val/ class folders")
+    parser.add_argument("--out", required=True, help="where train/, val/ and classes.txt are written")
+    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="bytes per shard (about)")
+    args = parser.parse_args(argv)
+    root, out = Path(args.root), Path(args.out)
+    if args.shard_size < 1:
+        print(f"error: --shard-size must be positive, got {args.shard_size}", file=sys.stderr)
+        return 2
+    try:
+        if out.resolve() == root.resolve():
+            raise DatasetError(f"--out {out} is the folder being packed; name another")
+        index = load_index(root)
+        if index.layout != "folder":
+            raise DatasetError(f"{root} already holds shards")
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    warn_skipped(index)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CLASSES_FILE).write_text("".join(f"{name}\n" for name in index.classes))
+    for split in ("train", "val"):
+        shards = pack_split(root, getattr(index, split), out, split, args.shard_size)
+        print(f"{out / split}: {len(getattr(index, split))} images in {len(shards)} shard(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

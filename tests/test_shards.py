@@ -1,0 +1,140 @@
+"""webdataset tar shards (index.py, filescan.py, scripts/pack_dataset.py): the same data as a folder and as
+shards is the same training list, position for position, read with no per-image file open; a run on either
+reads the same micro-batches and ends with bit-identical weights; evaluation on val shards counts every
+image once; the public ImageNet-1k webdataset layout (`.jpeg` + `.cls`, no class names) trains and
+evaluates."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnest_train.data.index import load_index, read_sample
+from tests.conftest import ROOT, run_script, script_env, train_args
+
+PACK = str(ROOT / "scripts" / "pack_dataset.py")
+
+
+def pack(root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, PACK, "--root", str(root), "--out", str(out), *extra],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def shards(image_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    result = pack(image_root, out, "--shard-size", "20000")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_packed_shards_hold_the_folders_list_position_for_position(image_root, shards, tmp_path):
+    folder, packed = load_index(image_root), load_index(shards)
+    assert packed.layout == "shards" and packed.classes == folder.classes
+    assert len(list((shards / "train").glob("*.tar"))) > 1  # several shards, in order
+    for split in ("train", "val"):
+        a, b = getattr(folder, split), getattr(packed, split)
+        assert b.labels.tolist() == a.labels.tolist()
+        assert all(read_sample(image_root, a, i) == read_sample(shards, b, i) for i in range(len(a)))
+    assert packed.train.path(0) == "train/train-000000.tar:class_000/train_000_00000.jpg"
+    again = tmp_path / "again"
+    assert pack(image_root, again, "--shard-size", "20000").returncode == 0  # deterministic
+    for path in sorted(shards.rglob("*.tar")):
+        assert (again / path.relative_to(shards)).read_bytes() == path.read_bytes()
+
+
+def test_shards_open_warm_with_no_file_opened(shards, monkeypatch):
+    load_index(shards)
+    opened = []
+    real_open = tarfile.open
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    index = load_index(shards)
+    assert opened == [] and len(index.train) == 48
+
+
+def test_a_bad_image_inside_a_shard_is_named_shard_and_member(image_root, tmp_path):
+    out = tmp_path / "bad"
+    assert pack(image_root, out).returncode == 0
+    shard = out / "train" / "train-000000.tar"
+    with tarfile.open(shard) as tar:
+        member = tar.getmember("class_001/train_001_00003.jpg")
+    data = bytearray(shard.read_bytes())
+    data[member.offset_data + member.size - 2:member.offset_data + member.size] = b"\0\0"  # no end marker
+    shard.write_bytes(bytes(data))
+    index = load_index(out)
+    assert index.skipped == [(f"{shard}:class_001/train_001_00003.jpg", "truncated JPEG (no end-of-image marker)")]
+    assert len(index.train) == 47
+
+
+def test_dali_on_shards_is_one_error_line(shards, tmp_path):
+    result = run_script(train_args(shards, tmp_path, "data.backend=dali"), expect=2)
+    assert result.stderr.startswith("error: data.backend=dali reads folders") and "Traceback" not in result.stderr
+
+
+def sample_rows(folder: Path) -> list:
+    return sorted(json.loads(line)["samples"] for path in folder.glob("rank*.jsonl")
+                  for line in path.read_text().splitlines())
+
+
+def train_on(root: Path, out: Path) -> tuple[dict, list]:
+    record = out / "samples"
+    record.mkdir(parents=True)
+    run_script(train_args(root, out, "data.backend=torchvision", "train.epochs=2", "train.deterministic=true"),
+               env=script_env(RESNEST_TRAIN_SAMPLE_LOG=str(record)))
+    state = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
+    return state, sample_rows(record)
+
+
+def evaluate_on(root: Path, checkpoint: Path, out: Path, *extra: str) -> dict:
+    run_script([str(ROOT / "evaluate.py"), "--config", str(ROOT / "configs" / "demo.yaml"), "--checkpoint",
+                str(checkpoint), "--output", str(out), f"data.root={root}", "model.num_classes=4",
+                "data.backend=torchvision", "data.workers=1", "--crop-size", "32", *extra])
+    return json.loads(out.read_text())["results"][0]
+
+
+@pytest.mark.slow
+def test_folder_and_shards_train_the_same_weights_and_evaluate_the_same(image_root, shards, tmp_path):
+    folder_weights, folder_rows = train_on(image_root, tmp_path / "folder")
+    shard_weights, shard_rows = train_on(shards, tmp_path / "shards")
+    assert folder_rows == shard_rows and len(folder_rows) == 2 * 48 // 8  # the same micro-batches
+    assert [k for k in folder_weights if not torch.equal(folder_weights[k], shard_weights[k])] == []
+    checkpoint = tmp_path / "folder" / "checkpoints" / "last.pt"
+    on_folder = evaluate_on(image_root, checkpoint, tmp_path / "f.json")
+    on_shards = evaluate_on(shards, checkpoint, tmp_path / "s.json")
+    assert on_shards["num_images"] == on_folder["num_images"] == 20 and on_shards["top1"] == on_folder["top1"]
+
+
+def write_public_layout(image_root: Path, out: Path) -> None:
+    """The public ImageNet-1k webdataset copy's layout: flat keys, `.jpeg` images, `.cls` indices, no class
+    names file."""
+    index = load_index(image_root)
+    for split in ("train", "val"):
+        samples = getattr(index, split)
+        (out / split).mkdir(parents=True)
+        with tarfile.open(out / split / f"imagenet1k-{split}-0000.tar", "w") as tar:
+            for i in range(len(samples)):
+                for name, data in ((f"n{i:05d}_{split}.jpeg", read_sample(image_root, samples, i)),
+                                   (f"n{i:05d}_{split}.cls", str(int(samples.labels[i])).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.slow
+def test_public_webdataset_layout_trains_and_evaluates(image_root, tmp_path):
+    root = tmp_path / "wds"
+    write_public_layout(image_root, root)
+    index = load_index(root)
+    assert index.classes == ["0", "1", "2", "3"] and len(index.train) == 48 and len(index.val) == 20
+    out = tmp_path / "run"
+    result = run_script(train_args(root, out, "data.backend=torchvision", "train.epochs=1"))
+    assert "Traceback" not in result.stderr
+    report = evaluate_on(root, out / "checkpoints" / "last.pt", tmp_path / "e.json")
+    assert report["num_images"] == 20
