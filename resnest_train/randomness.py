@@ -5,7 +5,8 @@ So the data order, each image's augmentation (torchvision and synthetic backends
 DropBlock / dropout masks of a micro-batch are the same whether 1 or 64 processes train, and a resumed run
 draws what the uninterrupted one drew without carrying RNG state. Seeds are derived with numpy's
 `SeedSequence` (a hash designed to give independent streams for distinct keys, NEP 19), one stream tag per
-kind of draw. DALI draws augmentation inside its graph from a pipeline seed (per process and epoch here).
+kind of draw. Each training image's augmentation is drawn from (seed, epoch, image) by `data/draws.py` and
+handed to the backend that decodes it (DALI or torchvision).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import random
 import numpy as np
 import torch
 
-ORDER, SAMPLE, MICRO_BATCH, PIPELINE, SYNTHETIC = 1, 2, 3, 4, 5  # stream tags: one per kind of draw
+ORDER, SAMPLE, MICRO_BATCH, PIPELINE, SYNTHETIC, AUGMENT = 1, 2, 3, 4, 5, 6  # stream tags: one per kind of draw
 
 
 def derive_seed(seed: int, stream: int, *keys: int) -> int:

@@ -164,11 +164,14 @@ class SampleRecord:
         folder = os.environ.get("RESNEST_TRAIN_SAMPLE_LOG")
         return cls(Path(folder) / f"rank{rank}.jsonl" if folder else None)
 
-    def write(self, progress, micro_batch: int, samples: torch.Tensor) -> None:
+    def write(self, progress, micro_batch: int, samples: torch.Tensor, draws=None) -> None:
+        """`draws`: the micro-batch's augmentation draws (draws.py), recorded per sample when given."""
         if self.path is None:
             return
         row = {"epoch": progress.epoch, "step": progress.step, "micro_batch": micro_batch,
                "samples": samples.tolist()}
+        if draws is not None:
+            row["draws"] = [draws.row(i) for i in range(len(samples))] if hasattr(draws, "row") else list(draws)
         with open(self.path, "a") as handle:
             handle.write(json.dumps(row) + "\n")
 

@@ -268,7 +268,8 @@ def _train_epoch(run: Run, progress: Progress, reporter: RunReporter, stop) -> b
         if not losses:
             lr = _set_lr(run, progress.step)
             _ramp_dropblock(run, progress.step)
-        record.write(progress, run.order.micro_batch_index(len(losses)), run.train_loader.last_samples)
+        record.write(progress, run.order.micro_batch_index(len(losses)), run.train_loader.last_samples,
+                     getattr(run.train_loader, "last_draws", None))
         losses.append(_micro_step(run, progress.step, len(losses), images, targets, reporter))
         if len(losses) < accumulation:
             reporter.micro_step_done()

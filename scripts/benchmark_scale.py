@@ -5,7 +5,8 @@
       ImageNet's file count) and DIR/shards (scripts/pack_dataset.py of it), then reports, each step in a
       fresh process: the index opened cold (no cache) and warm, with peak memory; the bytes each rank
       receives and the index's memory per rank; the per-epoch set-up of one rank of 8 (its part of the
-      epoch's order); and the files opened per 1,000 training images read, folder vs shards.
+      epoch's order); the files opened per 1,000 training images read, folder vs shards; and the seconds
+      from `torchrun` (2 processes, torchvision backend, a tiny model) to the first optimizer step.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,6 +51,22 @@ if __name__ == "__main__":
         started = time.perf_counter()
         order.rank_samples(1).view(-1, 128)
         out["epoch_setup_seconds"] = time.perf_counter() - started
+        import torch
+        from resnest_train.data.dali_train import build_dali_train
+        from resnest_train.data.plan import DataPlan
+        plan = DataPlan(backend="dali", root=index.root, rank=0, world_size=8, device=torch.device("cpu"),
+                        decoder="cpu", channels_last=False, workers=2, seed=0, num_classes=1000, synthetic_size=0,
+                        crop_size=32, rrc_scale=(0.08, 1.0), hflip=True, autoaugment="imagenet",
+                        autoaugment_on="crop", color_jitter=0.4, lighting=0.1, interpolation="bilinear",
+                        val_crop_size=32, val_resize_size=37)
+        started = time.perf_counter()
+        loader = build_dali_train(plan, index.train, order)
+        loader.set_epoch(0)
+        next(iter(loader))
+        out["dali_build_seconds"] = time.perf_counter() - started
+        started = time.perf_counter()
+        loader.set_epoch(1)
+        out["dali_epoch_setup_seconds"] = time.perf_counter() - started
         opened = [0]
         real_open = os.open
         def counting_open(*args, **kwargs):
@@ -100,6 +120,28 @@ def _drop_caches(root: Path) -> None:
         cache.unlink()
 
 
+def launch_to_first_step(root: Path, backend: str, processes: int = 2) -> float:
+    """Seconds from `torchrun` to the first optimizer step's log line of a tiny model on `root` (the index
+    warm: what a requeue or an elastic restart pays), then the run is stopped."""
+    out = Path(tempfile.mkdtemp(prefix="scale-run-"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"), f"output_dir={out}",
+               f"data.root={root}", f"data.backend={backend}", "model.num_classes=1000", "data.crop_size=32",
+               "data.val_crop_size=32", "data.workers=1", "train.batch_size=8", "train.log_interval=1"]
+    started = time.perf_counter()
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    try:
+        for line in job.stdout:
+            if " step 1/" in line:
+                return time.perf_counter() - started
+        raise SystemExit(f"the run ended before its first step (exit {job.wait()})")
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def bench_scale(args) -> dict:
     out = Path(args.out)
     if not (out / "folder").is_dir():
@@ -122,6 +164,8 @@ def bench_scale(args) -> dict:
                            "cold_index_peak_mb": cold["index_peak_mb"], "warm_seconds": warm["seconds"],
                            "warm_peak_rss_mb": warm["peak_rss_mb"], "warm_index_peak_mb": warm["index_peak_mb"],
                            **{k: v for k, v in warm.items() if k not in ("seconds", "peak_rss_mb", "index_peak_mb")}}
+        if not args.skip_launch:
+            results[layout]["launch_to_first_step_seconds"] = launch_to_first_step(root, "torchvision")
         print(json.dumps({layout: results[layout]}), file=sys.stderr)
     return results
 
@@ -133,3 +177,4 @@ def add_parsers(sub) -> None:
     scale.add_argument("--val", type=int, default=50_000)
     scale.add_argument("--classes", type=int, default=1000)
     scale.add_argument("--skip-shards", action="store_true")
+    scale.add_argument("--skip-launch", action="store_true", help="no torchrun launch-to-first-step timing")

@@ -20,11 +20,17 @@ pytest.importorskip("nvidia.dali")
 
 from nvidia.dali.ops import _registry  # noqa: E402
 
-from resnest_train.data import dali  # noqa: E402
+from resnest_train.data import dali, dali_train  # noqa: E402
+from resnest_train.data.reader import MicroBatchFeed  # noqa: E402
+from resnest_train.data.samples import SampleList  # noqa: E402
 from tests.conftest import make_plan  # noqa: E402
 
-SAMPLES = [("a/0.jpg", 0), ("b/1.jpg", 1)]
-FILES, IDS = ["a/0.jpg", "b/1.jpg"], [0, 1]
+SAMPLE_LIST = SampleList.from_pairs("folder", ["a", "b"], [(0, "0.jpg", 0), (1, "1.jpg", 1)])
+
+
+def train_pipeline(plan):
+    """The training graph a run builds for `plan`, fed by the framework (not run: no data behind it)."""
+    return dali_train.train_pipeline(plan, MicroBatchFeed(plan, SAMPLE_LIST), batch_size=2)
 REGISTRY = {"cpu": set(_registry.cpu_ops()), "gpu": set(_registry.gpu_ops()), "mixed": set(_registry.mixed_ops())}
 
 
@@ -34,7 +40,8 @@ def graph_problems(pipe) -> list[str]:
     pipe._build_graph()
     problems = set()
     for op in pipe._ops:
-        device, name, schema, spec = op._op.device, op._op.schema_name, op._op.schema, op.spec
+        device, schema, spec = op._op.device, op._op.schema, op.spec
+        name = getattr(op._op, "schema_name", None) or schema.Name()  # fn.external_source has no schema_name
         if name not in REGISTRY[device]:
             problems.add(f"{name} has no {device} implementation")
         for i in range(spec.NumInput()):
@@ -70,7 +77,7 @@ def _variant_id(variant: dict) -> str:
 def test_gpu_training_graph_runs_every_op_where_dali_has_it(tmp_path, variant):
     layout = variant.pop("channels_last")
     plan = gpu_plan(tmp_path, channels_last=layout, color_jitter=0.4, lighting=0.1, hflip=True, **variant)
-    pipe = dali.train_pipeline(plan, FILES, IDS, batch_size=2, seed=1)
+    pipe = train_pipeline(plan)
     assert pipe.device_id == 0
     assert graph_problems(pipe) == []
 
@@ -79,25 +86,25 @@ def test_gpu_training_graph_runs_every_op_where_dali_has_it(tmp_path, variant):
 @pytest.mark.parametrize("decoder", ["gpu", "cpu"])
 def test_gpu_validation_graph_runs_every_op_where_dali_has_it(tmp_path, decoder, channels_last):
     plan = gpu_plan(tmp_path, decoder=decoder, channels_last=channels_last, interpolation="bicubic")
-    assert graph_problems(dali.val_pipeline(plan, SAMPLES, batch_size=2)) == []
+    assert graph_problems(dali.val_pipeline(plan, dali.ListFeed(plan, SAMPLE_LIST, 2), batch_size=2)) == []
 
 
 @pytest.mark.parametrize("autoaugment_on", ["image", "crop"])
 def test_cpu_decoding_for_a_gpu_trainer_hands_the_batch_over(tmp_path, autoaugment_on):
     """`data.dali_device=cpu` on a GPU node: host ops on the CPU, then `.gpu()` for both outputs."""
     plan = gpu_plan(tmp_path, decoder="cpu", autoaugment="imagenet", autoaugment_on=autoaugment_on)
-    pipe = dali.train_pipeline(plan, FILES, IDS, batch_size=2, seed=1)
+    pipe = train_pipeline(plan)
     assert graph_problems(pipe) == []
     assert [out.device for out in pipe._graph_out] == ["gpu", "gpu"]
     assert {op._op.device for op in pipe._ops} == {"cpu"}  # all image work on the host
 
 
 def test_the_gpu_graph_decodes_with_nvjpeg_and_the_cpu_graph_does_not(tmp_path):
-    gpu = dali.train_pipeline(gpu_plan(tmp_path), FILES, IDS, batch_size=2, seed=1)
-    cpu = dali.train_pipeline(make_plan(tmp_path), FILES, IDS, batch_size=2, seed=1)
+    gpu = train_pipeline(gpu_plan(tmp_path))
+    cpu = train_pipeline(make_plan(tmp_path))
     for pipe in (gpu, cpu):
         pipe._build_graph()
-    decoders = lambda pipe: {op._op.device for op in pipe._ops if "decoders" in op._op.schema_name}  # noqa: E731
+    decoders = lambda pipe: {op._op.device for op in pipe._ops if "decoders" in getattr(op._op, "schema_name", "")}  # noqa: E731
     assert decoders(gpu) == {"mixed"} and decoders(cpu) == {"cpu"}
     assert cpu.device_id is None
 
@@ -113,5 +120,5 @@ def test_the_check_catches_a_cpu_only_op_on_the_gpu(tmp_path, monkeypatch):
                                        factor)
 
     monkeypatch.setattr(dali_autoaugment.AUGMENTATIONS["contrast"], "_op", contrast_with_ones_like)
-    pipe = dali.train_pipeline(gpu_plan(tmp_path, autoaugment="imagenet"), FILES, IDS, batch_size=2, seed=1)
+    pipe = train_pipeline(gpu_plan(tmp_path, autoaugment="imagenet"))
     assert "OnesLike has no gpu implementation" in graph_problems(pipe)

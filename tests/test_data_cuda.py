@@ -47,11 +47,15 @@ def graph(dali, plan, *, train: bool):
     """(ops as (schema name, device), output devices) of the train or val pipeline's graph for `plan`. The
     graph is built by DALI's Python side only (`_build_graph`, DALI 2.4); `build()` would need CUDA."""
     if train:
-        pipe = dali.train_pipeline(plan, ["a.jpg"], [0], batch_size=2, seed=1)
+        from resnest_train.data import dali_train
+        from resnest_train.data.reader import MicroBatchFeed
+        from resnest_train.data.samples import SampleList
+        samples = SampleList.from_pairs("folder", ["."], [(0, "a.jpg", 0)])
+        pipe = dali_train.train_pipeline(plan, MicroBatchFeed(plan, samples), batch_size=2)
     else:
-        pipe = dali.val_pipeline(plan, [("a.jpg", 0)], batch_size=2)
+        pipe = dali.val_pipeline(plan, lambda: None, batch_size=2)
     pipe._build_graph()
-    ops = [(op._op.schema_name, op._op.device) for op in pipe._ops]
+    ops = [(getattr(op._op, "schema_name", None) or op._op.schema.Name(), op._op.device) for op in pipe._ops]
     return ops, [node.device for node in pipe._graph_out]
 
 

@@ -95,34 +95,58 @@ def epoch_use(rows: list[dict], epoch: int) -> Counter:
     return Counter(sample for row in rows if row["epoch"] == epoch for sample in row["samples"])
 
 
+def draws_by_sample(rows: list[dict]) -> dict:
+    """(epoch, sample) -> the augmentation draws the loader recorded for it."""
+    return {(row["epoch"], sample): draws for row in rows for sample, draws in zip(row["samples"], row["draws"])}
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(root, tmp_path_factory) -> dict:
-    """The torchvision runs on 1, 2 and 4 processes (accumulation 4, 2, 1), each with its sample record."""
+def uninterrupted(root, tmp_path_factory):
+    """`run(backend, processes)`: the run on 1, 2 or 4 processes (accumulation 4, 2, 1), each with its
+    sample record, made once per module."""
     runs = {}
-    for processes in (1, 2, 4):
-        out = tmp_path_factory.mktemp(f"p{processes}")
-        record = out / "samples"
-        record.mkdir()
-        run_script(args(root, out, "torchvision"), launcher=launcher(processes),
-                   env=script_env(RESNEST_TRAIN_SAMPLE_LOG=str(record)))
-        runs[processes] = out
-    return runs
+
+    def run(backend: str, processes: int) -> Path:
+        if (backend, processes) not in runs:
+            out = tmp_path_factory.mktemp(f"{backend}{processes}")
+            record = out / "samples"
+            record.mkdir()
+            run_script(args(root, out, backend), launcher=launcher(processes),
+                       env=script_env(RESNEST_TRAIN_SAMPLE_LOG=str(record)))
+            runs[backend, processes] = out
+        return runs[backend, processes]
+    return run
 
 
-def test_weights_do_not_depend_on_the_process_count(uninterrupted):
-    logs = {p: (out / "config.yaml").read_text() for p, out in uninterrupted.items()}
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_weights_do_not_depend_on_the_process_count(uninterrupted, backend):
+    outs = {processes: uninterrupted(backend, processes) for processes in (1, 2, 4)}
+    logs = {p: (out / "config.yaml").read_text() for p, out in outs.items()}
     for processes, accumulation in ((1, 4), (2, 2), (4, 1)):
         assert f"world_size {processes}, global_batch 32, micro_batch 8, accumulation {accumulation}" in logs[processes]
-    for out in uninterrupted.values():
+    for out in outs.values():
         assert_loss_falls(out)
-    reference = trainable(uninterrupted[1])
+    reference = trainable(outs[1])
     for processes in (2, 4):
-        assert_close(reference, trainable(uninterrupted[processes]))
-    # every process count read the same micro-batches of every step
-    micro_batches = {p: sorted((r["epoch"], r["step"], r["micro_batch"], tuple(r["samples"]))
-                               for r in recorded(out / "samples")) for p, out in uninterrupted.items()}
+        assert_close(reference, trainable(outs[processes]))
+    # every process count read the same micro-batches of every step, each image with the same draws
+    rows = {p: recorded(out / "samples") for p, out in outs.items()}
+    micro_batches = {p: sorted((r["epoch"], r["step"], r["micro_batch"], tuple(r["samples"])) for r in rows[p])
+                     for p in outs}
     assert micro_batches[1] == micro_batches[2] == micro_batches[4]
     assert len(micro_batches[1]) == 2 * STEPS * GLOBAL // 8
+    assert draws_by_sample(rows[1]) == draws_by_sample(rows[2]) == draws_by_sample(rows[4])
+    assert len(draws_by_sample(rows[1])) == 2 * STEPS * GLOBAL
+
+
+def test_both_backends_draw_the_same_augmentation(uninterrupted):
+    """The same sample gets the same crop window, flip, jitter, lighting and AutoAugment draws on DALI and
+    torchvision (draws.py; the image size each read from the image)."""
+    dali, torchvision = (draws_by_sample(recorded(uninterrupted(b, 1) / "samples")) for b in ("dali", "torchvision"))
+    assert dali.keys() == torchvision.keys() and len(dali) == 2 * STEPS * GLOBAL
+    for key in dali:
+        assert dali[key]["crop"] == torchvision[key]["crop"] and dali[key]["flip"] == torchvision[key]["flip"]
+        assert dali[key] == pytest.approx(torchvision[key])  # float32 in DALI's record, float64 in the other
 
 
 def stop_mid_epoch(command: list[str], env: dict) -> None:
@@ -144,6 +168,7 @@ def stop_mid_epoch(command: list[str], env: dict) -> None:
 
 @pytest.mark.parametrize("backend", ["torchvision", "dali"])
 def test_stopped_on_two_processes_continued_on_one(root, tmp_path, uninterrupted, backend):
+    two = uninterrupted(backend, 2)
     record = tmp_path / "samples"
     record.mkdir()
     env = script_env(RESNEST_TRAIN_SAMPLE_LOG=str(record))
@@ -157,6 +182,7 @@ def test_stopped_on_two_processes_continued_on_one(root, tmp_path, uninterrupted
     for epoch in (0, 1):  # each image of the epoch's 11 steps once, and the images the 2-process run used
         use = epoch_use(rows, epoch)
         assert set(use.values()) == {1} and len(use) == STEPS * GLOBAL
-        assert use == epoch_use(recorded(uninterrupted[2] / "samples"), epoch)
-    if backend == "torchvision":
-        assert_close(trainable(uninterrupted[2]), trainable(tmp_path))
+        assert use == epoch_use(recorded(two / "samples"), epoch)
+    # each sample augmented as in the uninterrupted run: no DALI checkpoint, the draws are the framework's
+    assert draws_by_sample(rows) == draws_by_sample(recorded(two / "samples"))
+    assert_close(trainable(two), trainable(tmp_path))

@@ -41,12 +41,13 @@ class Loader(Protocol):
       (`plan.memory_format`), targets int64; one pass yields the rest of the current epoch (all of it, or
       what remains after the position the loader was built from), then stops, ready for the next epoch;
     - training: the micro-batches of the framework's data order (`order.py`) this process reads, and
-      `last_samples`, the training-list positions of the micro-batch last yielded;
+      `last_samples`, the training-list positions of the micro-batch last yielded (`last_draws`: their
+      augmentation draws, where the backend augments);
     - `len()` is the number of (micro-)batches in a whole epoch, equal on every rank (DDP needs the same
       number of steps everywhere);
     - `set_epoch(epoch)` is called before each epoch;
-    - `state()` is a plain dict with the position reached (and the RNG where the backend owns one); a
-      loader built with `state=` continues exactly from there;
+    - `state()` is a plain dict with the position reached (`reader.EpochReader` owns it for every training
+      backend); a loader built from that position continues exactly from there;
     - `delivered`: after a validation pass, the positions in the shard of the images it yielded, in order
       (an undecodable image is dropped and named, never replaced).
     """
@@ -86,10 +87,7 @@ def load_dataset_index(plan: DataPlan, dist: DistInfo, *, classes: list[str] | N
     return index if dist.is_main else index_from_bytes(buffer)
 
 
-def _dali(index: DatasetIndex | None = None):
-    if index is not None and index.layout == "shards":
-        raise DatasetError(f"data.backend=dali reads folders of images; {index.root} holds webdataset shards: "
-                           "use data.backend=torchvision")
+def _dali():
     try:
         from resnest_train.data import dali
     except ImportError as exc:
@@ -110,7 +108,7 @@ def build_train_loader(plan: DataPlan, index: DatasetIndex | None, order: TrainO
         from resnest_train.data.synthetic import build_synthetic_train
         return build_synthetic_train(plan, order, start=start)
     if plan.backend == "dali":
-        _dali(index)
+        _dali()
         from resnest_train.data.dali_train import build_dali_train
         return build_dali_train(plan, index.train, order, start=start, state=state)
     from resnest_train.data.torchvision import build_torch_train
@@ -124,6 +122,6 @@ def build_val_loader(plan: DataPlan, index: DatasetIndex | None, *, batch_size: 
         return build_synthetic_val(plan, batch_size=batch_size)
     shard = plan.shard(index.val)
     if plan.backend == "dali":
-        return _dali(index).build_dali_val(plan, shard, batch_size=batch_size)
+        return _dali().build_dali_val(plan, shard, batch_size=batch_size)
     from resnest_train.data.torchvision import build_torch_val
     return build_torch_val(plan, shard, batch_size=batch_size)

@@ -30,7 +30,7 @@ Deviations, each forced or chosen so that every backend computes the same image:
   (N - count of the top value) // 255: a mean 1.9 and 3.9 grey levels apart on two photographs, and DALI has
   no histogram op to compute PIL's on the GPU.
 The PIL ops are the torchvision backend's transform (`AutoAugment`, torch's RNG, which DataLoader seeds per
-worker) and the DALI CPU graph's host op (`dali_cpu.HostAutoAugment`, DALI's draws, checkpointed).
+worker) and the DALI CPU graph's host op (`dali_cpu.HostAutoAugment`, with the framework's draws: draws.py).
 """
 
 from __future__ import annotations

@@ -1,19 +1,20 @@
 """NVIDIA DALI pipelines for training and validation: one graph each, its image ops chosen once.
 
-Training (`dali_train.py` builds one pipeline per epoch): file reader over this process's part of the
-epoch in the framework's data order (`order.py`) -> decode (`mixed` = nvJPEG on the GPU, or `cpu`) with a
-random crop -> resize -> AutoAugment -> color jitter -> PCA lighting -> flip + normalize; with
-`data.autoaugment_on: image` the whole decoded image is augmented before the random crop, as the released
-recipe did. Every process reads the same number of micro-batches by construction of the order.
+Training (`dali_train.py`): one pipeline per run fed by the framework (`reader.py`) with the encoded images
+of this process's micro-batches and their augmentation draws -> decode (`mixed` = nvJPEG on the GPU, or
+`cpu`) of the drawn window -> resize -> AutoAugment -> color jitter -> PCA lighting -> flip + normalize;
+with `data.autoaugment_on: image` the whole decoded image is augmented before the crop, as the released
+recipe did. This module holds what both graphs share.
 
 The image ops are `DaliOps` (DALI's own: the GPU graph) or `dali_cpu.HostOps` (the CPU path's host ops),
 picked once by `graph_ops`; the graph itself has no device branches. A CPU pipeline feeding a GPU trainer
 is built with the GPU's `device_id` and ends with `.gpu()` (NVIDIA's ImageNet reference trainer does so).
 
-Validation: each rank reads its own shard of the val list (`DataPlan.shard`), so there is no padding at all
-and every image is counted exactly once; resize the shorter side as torchvision sizes it, center crop
-where torchvision's CenterCrop puts it, normalize. EXIF orientation is ignored on both backends, as the
-reference evaluation (PIL/torchvision) ignores it (README, "Data").
+Validation: the framework feeds each rank its own shard of the val list (`DataPlan.shard`; files or
+shard members), so there is no padding at all and every image is counted exactly once; resize the shorter
+side as torchvision sizes it, center crop where torchvision's CenterCrop puts it, normalize. EXIF
+orientation is ignored on both backends, as the reference evaluation (PIL/torchvision) ignores it (README,
+"Data").
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dali_math
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
-from nvidia.dali.plugin.pytorch import DALIClassificationIterator
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from resnest_train.data.autograph_files import delete_autograph_files_after_loading
 from resnest_train.data.dali_autoaugment import dali_auto_augment
 from resnest_train.data.dali_cpu import HostOps
-from resnest_train.data.index import DatasetError, find_undecodable
+from resnest_train.data.index import DatasetError, find_undecodable, read_sample
 from resnest_train.data.plan import DataPlan
 from resnest_train.data.samples import SampleList
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVAL, PCA_EIGVEC
@@ -54,8 +55,8 @@ class DaliOps:
     def color_twist(self, images, *, brightness, contrast, saturation):
         return fn.color_twist(images, brightness=brightness, contrast=contrast, saturation=saturation)
 
-    def autoaugment(self, images):
-        return dali_auto_augment(images, policy_name=self.policy)
+    def autoaugment(self, images, sub_policy, run, negate):
+        return dali_auto_augment(images, sub_policy, run, negate, policy_name=self.policy)
 
 
 def graph_ops(plan: DataPlan, ops: str = "auto"):
@@ -89,13 +90,13 @@ def _center(images, crop: int):
     return anchor(shape[1] - crop), anchor(shape[0] - crop)
 
 
-def _lighting_mean(std: float):
+def lighting_mean(alpha):
     """AlexNet PCA lighting folded into the normalisation: adding eigvec @ (alpha * eigval) to every pixel
-    (0-255 scale, alpha ~ N(0, std) per image) equals subtracting it from the mean, so it costs no pass
-    over the image (BENCHMARKS.md, "data pipeline")."""
-    alpha = fn.random.normal(shape=[1, 3], stddev=std)
+    (0-255 scale; `alpha`, 3 per image, drawn by the framework: draws.py) equals subtracting it from the
+    mean, so it costs no pass over the image (BENCHMARKS.md, "data pipeline")."""
     # (1, 3) point through M = 255 * eigvec * eigval -> the (1, 3) RGB shift
-    shift = fn.coord_transform(alpha, M=(255.0 * np.array(PCA_EIGVEC) * np.array(PCA_EIGVAL)).ravel().tolist())
+    shift = fn.coord_transform(fn.reshape(alpha, shape=[1, 3]),
+                               M=(255.0 * np.array(PCA_EIGVEC) * np.array(PCA_EIGVAL)).ravel().tolist())
     return [m * 255 for m in IMAGENET_MEAN] - fn.reshape(shift, shape=[3])
 
 
@@ -105,28 +106,15 @@ def _normalize(images, plan: DataPlan, **kwargs):
                                     std=[s * 255 for s in IMAGENET_STD], **kwargs)
 
 
-def _decode(jpegs, plan: DataPlan, **crop):
-    kind = "mixed" if plan.decoder == "gpu" else "cpu"
+def _decode_common(plan: DataPlan) -> dict:
     # EXIF orientation ignored and the GPU decoder's chroma upsampling set to the CPU one's: both decoders
     # then give torchvision's pixels (DALI's defaults differ from it on both counts).
-    common = dict(device=kind, output_type=types.RGB, adjust_orientation=False, jpeg_fancy_upsampling=True)
-    if crop:
-        return fn.decoders.image_random_crop(jpegs, **common, **crop, num_attempts=10)
-    return fn.decoders.image(jpegs, **common)
+    return dict(device="mixed" if plan.decoder == "gpu" else "cpu", output_type=types.RGB, adjust_orientation=False,
+                jpeg_fancy_upsampling=True)
 
 
-def _random_crop(jpegs, plan: DataPlan, ops):
-    """Random-resized crop, AutoAugment before it (`image`) or after it (`crop`)."""
-    area = dict(random_area=list(plan.rrc_scale), random_aspect_ratio=[3 / 4, 4 / 3])
-    if plan.autoaugment == "none" or plan.autoaugment_on == "crop":
-        images = ops.resize(_decode(jpegs, plan, **area), plan.crop_size)
-        if plan.autoaugment == "none":
-            return images
-        return ops.autoaugment(images)
-    images = ops.autoaugment(_decode(jpegs, plan))
-    anchor, shape = fn.random_crop_generator(images.shape(), **area)
-    images = fn.slice(images, start=anchor, shape=shape, axes=[0, 1])
-    return ops.resize(images, plan.crop_size)
+def _decode(jpegs, plan: DataPlan):
+    return fn.decoders.image(jpegs, **_decode_common(plan))
 
 
 def _to_device(plan: DataPlan, *outputs):
@@ -136,26 +124,9 @@ def _to_device(plan: DataPlan, *outputs):
     return outputs
 
 
-@pipeline_def(enable_conditionals=True)
-def _train_pipeline(*, plan: DataPlan, files: list[str], sample_ids: list[int], ops):
-    # This process's part of the epoch, in the framework's order: no sharding or shuffling of its own. The
-    # "labels" are the samples' positions in the training list; the loader maps them to classes.
-    jpegs, ids = fn.readers.file(file_root=plan.root, files=files, labels=sample_ids, random_shuffle=False,
-                                 pad_last_batch=True, name="reader")
-    images = _random_crop(jpegs, plan, ops)
-    if plan.color_jitter > 0:
-        low, high = 1 - plan.color_jitter, 1 + plan.color_jitter
-        images = ops.color_twist(images, **{k: fn.random.uniform(range=[low, high])
-                                            for k in ("brightness", "contrast", "saturation")})
-    mirror = fn.random.coin_flip(probability=0.5) if plan.hflip else 0
-    mean = _lighting_mean(plan.lighting) if plan.lighting > 0 else [m * 255 for m in IMAGENET_MEAN]
-    return _to_device(plan, _normalize(images, plan, mirror=mirror, mean=mean), ids)
-
-
 @pipeline_def
-def _val_pipeline(*, plan: DataPlan, files: list[str], labels: list[int], ops):
-    jpegs, targets = fn.readers.file(file_root=plan.root, files=files, labels=labels, random_shuffle=False,
-                                     pad_last_batch=True, name="reader")
+def _val_pipeline(*, plan: DataPlan, feed, ops):
+    jpegs, targets = fn.external_source(source=feed, num_outputs=2, batch=True)
     images = ops.resize_shorter(_decode(jpegs, plan), plan.val_resize_size)
     crop = plan.val_crop_size
     pos_x, pos_y = _center(images, crop)
@@ -183,24 +154,47 @@ def decode_failure(exc: RuntimeError, plan: DataPlan, samples: SampleList) -> Ex
     return DatasetError(f"cannot decode {named}; remove or replace it and rerun the same command")
 
 
+class ListFeed:
+    """`fn.external_source` of a validation pipeline: this rank's shard in order, `batch_size` encoded images
+    (files or shard members) and their labels per call, the last batch smaller; StopIteration ends a pass
+    and the next call starts the next one."""
+
+    def __init__(self, plan: DataPlan, samples: SampleList, batch_size: int):
+        self.plan, self.samples, self.batch_size, self.cursor = plan, samples, batch_size, 0
+        self.error: Exception | None = None
+
+    def __call__(self):
+        if self.cursor >= len(self.samples):
+            self.cursor = 0
+            raise StopIteration
+        positions = range(self.cursor, min(self.cursor + self.batch_size, len(self.samples)))
+        self.cursor = positions[-1] + 1
+        try:
+            encoded = [np.frombuffer(read_sample(self.plan.root, self.samples, i), dtype=np.uint8) for i in positions]
+        except OSError as exc:  # DALI would report it without the file: keep it for the loader
+            self.error = exc
+            raise
+        return encoded, np.array([self.samples.labels[i] for i in positions], dtype=np.int64).reshape(-1, 1)
+
+
 class DaliLoader:
     """The validation `Loader` over a DALI pipeline of this rank's shard, read once in order."""
 
-    def __init__(self, pipeline, plan: DataPlan, samples: list[tuple[str, int]], *, batch_size: int):
-        self.pipeline = pipeline
+    def __init__(self, plan: DataPlan, samples: SampleList, *, batch_size: int, ops: str = "auto"):
         self.plan, self.samples, self.batch_size = plan, samples, batch_size  # to name a failing image
+        self.feed = ListFeed(plan, samples, batch_size)
+        self.pipeline = val_pipeline(plan, self.feed, batch_size=batch_size, ops=ops)
         self.delivered = list(range(len(samples)))  # validation yields every sample, in order
         self.position = 0
         self.pipeline.build()
         try:  # the iterator runs the first batch already
-            self.iterator = DALIClassificationIterator(
-                pipeline, reader_name="reader", last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
-        except RuntimeError as exc:
+            self.iterator = DALIGenericIterator(self.pipeline, ["data", "label"], size=-1, auto_reset=True,
+                                                last_batch_policy=LastBatchPolicy.PARTIAL)
+        except (RuntimeError, OSError) as exc:
             raise self._failure(exc) from None
-        self._len = len(self.iterator)
 
     def __len__(self) -> int:
-        return self._len
+        return -(-len(self.samples) // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Nothing to do: validation reads its shard in order."""
@@ -213,13 +207,18 @@ class DaliLoader:
                 batch = next(batches)
             except StopIteration:  # the iterator has reset itself for the next pass (auto_reset)
                 return
-            except RuntimeError as exc:
+            except (RuntimeError, OSError) as exc:
                 raise self._failure(exc) from None
             self.position += 1
             yield channels_first(batch[0]["data"], self.plan), batch[0]["label"].reshape(-1).long()
 
-    def _failure(self, exc: RuntimeError) -> Exception:
-        window = self.samples[self.position * self.batch_size:(self.position + PREFETCH + 2) * self.batch_size]
+    def _failure(self, exc: Exception) -> Exception:
+        start = self.position * self.batch_size
+        window = self.samples.take(range(start, min(len(self.samples), start + (PREFETCH + 2) * self.batch_size)))
+        if self.feed.error is not None:
+            bad = find_undecodable(self.plan.root, window)
+            return DatasetError(f"cannot decode {', '.join(bad) or self.feed.error}; remove or replace it and "
+                                "rerun the same command")
         return decode_failure(exc, self.plan, window)
 
     def state(self) -> dict:
@@ -230,27 +229,14 @@ def _device_id(plan: DataPlan) -> int | None:
     return plan.device.index if plan.device.type == "cuda" else None
 
 
-def train_pipeline(plan: DataPlan, files: list[str], sample_ids: list[int], *, batch_size: int, seed: int,
-                   checkpoint: str | None = None, ops: str = "auto"):
-    """A training pipeline over `files` as a run builds it, not yet built (tests inspect its graph:
-    tests/test_dali_graph.py). `ops`: see `graph_ops`; tests build the GPU graph's ops on the CPU with
-    `ops="dali"`."""
-    return _train_pipeline(
-        batch_size=batch_size, num_threads=max(1, plan.workers), device_id=_device_id(plan), seed=seed,
-        prefetch_queue_depth=PREFETCH, enable_checkpointing=True, checkpoint=checkpoint,
-        # The dynamic executor hands batches to torch through DLPack without a copy (BENCHMARKS.md).
-        exec_dynamic=True, plan=plan, files=files, sample_ids=sample_ids, ops=graph_ops(plan, ops))
-
-
-def val_pipeline(plan: DataPlan, shard: SampleList, *, batch_size: int, ops: str = "auto"):
-    """The validation pipeline of this rank's shard, not yet built."""
-    files, labels = zip(*shard)  # (path, label) pairs: a SampleList reads as one
+def val_pipeline(plan: DataPlan, feed, *, batch_size: int, ops: str = "auto"):
+    """The validation pipeline over `feed` (a `ListFeed`), not yet built."""
     return _val_pipeline(batch_size=batch_size, num_threads=max(1, plan.workers), device_id=_device_id(plan),
-                         seed=0, exec_dynamic=True, plan=plan, files=list(files), labels=list(labels),
+                         seed=0, prefetch_queue_depth=PREFETCH, exec_dynamic=True, plan=plan, feed=feed,
                          ops=graph_ops(plan, ops))
 
 
 def build_dali_val(plan: DataPlan, shard: SampleList, *, batch_size: int, ops: str = "auto"):
-    if not shard:
+    if not len(shard):
         return []
-    return DaliLoader(val_pipeline(plan, shard, batch_size=batch_size, ops=ops), plan, shard, batch_size=batch_size)
+    return DaliLoader(plan, shard, batch_size=batch_size, ops=ops)

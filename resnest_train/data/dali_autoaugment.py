@@ -21,7 +21,8 @@ import numpy as np
 from nvidia.dali import fn, types
 from nvidia.dali import math as dali_math
 from nvidia.dali.auto_aug import augmentations, auto_augment
-from nvidia.dali.auto_aug.core import Policy, augmentation
+from nvidia.dali.auto_aug.core import Policy, augmentation, signed_bin
+from nvidia.dali.auto_aug.core._utils import pretty_select
 
 from resnest_train.data.autoaugment import FILL, NUM_LEVELS, POLICIES, SIGNED_OPS, magnitude, posterize_mask
 
@@ -139,7 +140,22 @@ def dali_policy(policy_name: str = "imagenet") -> Policy:
         return Policy(policy_name, num_magnitude_bins=NUM_LEVELS, sub_policies=sub_policies)
 
 
-def dali_auto_augment(images, *, policy_name: str = "imagenet", seed: int | None = None):
-    """AutoAugment on a batch of HWC uint8 images inside a pipeline built with `enable_conditionals=True`
-    (no op of the tables depends on the image size, so full images and crops take the same call)."""
-    return auto_augment.apply_auto_augment(dali_policy(policy_name), images, seed)
+def dali_auto_augment(images, sub_policy, run, negate, *, policy_name: str = "imagenet"):
+    """AutoAugment on a batch of HWC uint8 images inside a pipeline built with `enable_conditionals=True`,
+    with the framework's draws (draws.py) per image: the sub-policy index, a uniform per stage (the stage
+    runs when it is below the stage's probability) and a sign per stage. DALI's `apply_auto_augment` with
+    those in place of its own `fn.random` draws (no op of the tables depends on the image size, so full
+    images and crops take the same call)."""
+    policy = dali_policy(policy_name)
+    stages = max(len(sub) for sub in policy.sub_policies)
+    probabilities = auto_augment._sub_policy_to_probability_map(policy)[sub_policy]
+    magnitude_bins = signed_bin(auto_augment._sub_policy_to_magnitude_bin_map(policy)[sub_policy], negate)
+    aug_ids, augmentations = auto_augment._sub_policy_to_augmentation_map(policy)
+    aug_ids = aug_ids[sub_policy]
+    for stage in range(stages):
+        if run[stage] < probabilities[stage]:
+            images = pretty_select(augmentations[stage], aug_ids[stage],
+                                   dict(data=images, magnitude_bin=magnitude_bins[stage],
+                                        num_magnitude_bins=policy.num_magnitude_bins),
+                                   auto_aug_name="apply_auto_augment", ref_suite_name="get_image_net_policy")
+    return images

@@ -3,8 +3,8 @@
 Where DALI's CPU kernels are several times slower than torch's, numpy's or PIL's (the crop's resize, the
 validation resize, saturation, the AutoAugment ops; per-op costs in BENCHMARKS.md), a CPU pipeline runs
 those steps as `fn.python_function`s over the batch, in a small thread pool shared by the host ops (torch,
-numpy and PIL release the GIL inside their kernels). Every random factor is still drawn by DALI's RNG in the
-graph, so pipeline checkpoints stay exact. `HostOps` has the same methods as `dali.DaliOps` (DALI's own
+numpy and PIL release the GIL inside their kernels). Every random factor is drawn by the framework
+(draws.py) and reaches these ops as per-sample inputs. `HostOps` has the same methods as `dali.DaliOps` (DALI's own
 ops, the GPU graph's), so the pipeline functions are one graph with no CPU/GPU branches.
 """
 
@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.nn.functional as F
-from nvidia.dali import fn, types
+from nvidia.dali import fn
 from nvidia.dali.pipeline import do_not_convert
 from PIL import Image
 
@@ -125,12 +125,10 @@ class HostOps:
         return fn.python_function(images, saturation, function=self._saturate, batch_processing=True,
                                   output_layouts="HWC")
 
-    def autoaugment(self, images):
+    def autoaugment(self, images, sub_policy, run, negate):
+        """With the framework's draws per image (draws.py)."""
         if self._autoaugment is None:
             self._autoaugment = HostAutoAugment(self.threads, self.policy)
         augment = self._autoaugment
-        sub_policy = fn.random.uniform(values=list(range(len(augment.sub_policies))), dtype=types.INT32)
-        run = fn.random.uniform(range=[0, 1], shape=(augment.stages,))
-        negate = fn.random.coin_flip(shape=(augment.stages,))
         return fn.python_function(images, sub_policy, run, negate, function=_host(augment.__call__),
                                   batch_processing=True, output_layouts="HWC")

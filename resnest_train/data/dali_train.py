@@ -1,94 +1,120 @@
-"""The DALI training `Loader`: one pipeline per epoch over this process's part of the framework's data
-order (`order.py`), so DALI reads exactly the micro-batches the other backends read.
+"""The DALI training `Loader`: one pipeline for the whole run, fed by the framework (`reader.py`).
 
-The reader's labels are the samples' positions in the training list; the loader maps them to classes on
-the device, and knows which samples each micro-batch held. A pipeline's augmentation seed comes from
-(seed, epoch, process, first step), and DALI's own checkpoint (reader position and every random op's
-state) continues a pipeline exactly: a run resumed with the same layout (processes, micro-batch, global
-batch) rebuilds the pipeline it was in and restores it, bit-exact; with another layout the rest of the
-epoch is dealt anew and augmentation draws differ (same samples, same micro-batches). A rebuild costs
-about 0.04 s on CPU, nothing next to an epoch.
+`fn.external_source` takes each micro-batch of the framework's data order (`order.py`) as encoded bytes
+(from folders or shards alike), with each sample's training-list position and augmentation draws
+(`draws.py`); the graph decodes only the drawn crop window where the crop comes first (`image_slice`:
+region-of-interest decoding, as NVIDIA's reference trainer decodes with a random crop), resizes, runs
+AutoAugment with the drawn sub-policy, stage uniforms and signs, jitters colour with the drawn factors,
+flips, and folds the drawn lighting into the normalisation. DALI draws nothing itself, so the same image
+is augmented the same way on any process count and after any resume, and a resume needs no DALI checkpoint:
+the reader starts at the step. The pipeline is built once; an epoch points the feed at its micro-batches
+and resets the iterator (BENCHMARKS.md, "ImageNet scale": no per-epoch rebuild).
 """
 
 from __future__ import annotations
 
 import torch
+from nvidia.dali import fn, pipeline_def
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
-from nvidia.dali.plugin.pytorch import DALIClassificationIterator
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from resnest_train.data.dali import PREFETCH, channels_first, decode_failure, train_pipeline
+from resnest_train.data.dali import (
+    IMAGENET_MEAN,
+    PREFETCH,
+    _decode_common,
+    _device_id,
+    _normalize,
+    _to_device,
+    channels_first,
+    decode_failure,
+    graph_ops,
+    lighting_mean,
+)
+from resnest_train.data.index import DatasetError, find_undecodable
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
+from resnest_train.data.reader import EpochReader, MicroBatchFeed, ReaderLoader
 from resnest_train.data.samples import SampleList
-from resnest_train.randomness import PIPELINE, derive_seed
 
 
-class DaliTrainLoader:
+def _crop(jpegs, start, shape, plan: DataPlan, ops, augment):
+    """The drawn window, resized to the crop size; AutoAugment on the crop or, before it, on the image."""
+    if plan.autoaugment == "none" or plan.autoaugment_on == "crop":
+        images = fn.decoders.image_slice(jpegs, start=start, shape=shape, axis_names="HW", **_decode_common(plan))
+        images = ops.resize(images, plan.crop_size)
+        return augment(images) if plan.autoaugment != "none" else images
+    images = augment(fn.decoders.image(jpegs, **_decode_common(plan)))
+    return ops.resize(fn.slice(images, start=start, shape=shape, axis_names="HW"), plan.crop_size)
+
+
+@pipeline_def(enable_conditionals=True)
+def _train_pipeline(*, plan: DataPlan, feed, ops):
+    fed = dict(zip(feed.names, fn.external_source(source=feed, num_outputs=len(feed.names), batch=True)))
+    augment = (lambda images: ops.autoaugment(images, fed["sub_policy"], fed["run"], fed["negate"]))
+    images = _crop(fed["encoded"], fed["start"], fed["shape"], plan, ops, augment)
+    if plan.color_jitter > 0:
+        jitter = fed["jitter"]
+        images = ops.color_twist(images, brightness=jitter[0], contrast=jitter[1], saturation=jitter[2])
+    mean = lighting_mean(fed["lighting"]) if plan.lighting > 0 else [m * 255 for m in IMAGENET_MEAN]
+    return _to_device(plan, _normalize(images, plan, mirror=fed["flip"], mean=mean), fed["sample"])
+
+
+def train_pipeline(plan: DataPlan, feed, *, batch_size: int, ops: str = "auto"):
+    """The training pipeline a run builds, not yet built (tests inspect its graph: tests/test_dali_graph.py).
+    `ops`: see `graph_ops`; tests build the GPU graph's ops on the CPU with `ops="dali"`."""
+    return _train_pipeline(
+        batch_size=batch_size, num_threads=max(1, plan.workers), device_id=_device_id(plan), seed=0,
+        prefetch_queue_depth=PREFETCH,
+        # The dynamic executor hands batches to torch through DLPack without a copy (BENCHMARKS.md).
+        exec_dynamic=True, plan=plan, feed=feed, ops=graph_ops(plan, ops))
+
+
+class DaliTrainLoader(ReaderLoader):
     def __init__(self, plan: DataPlan, samples: SampleList, order: TrainOrder, *,
-                 start: tuple[int, int] = (0, 0), state: dict | None = None, ops: str = "auto"):
-        self.plan, self.samples, self.order, self.ops = plan, samples, order, ops
+                 start: tuple[int, int] = (0, 0), ops: str = "auto"):
+        self.plan, self.samples, self.reader = plan, samples, EpochReader(order, start)
         self.labels = torch.from_numpy(samples.labels).long().to(plan.device)
-        self.start = start  # (epoch, optimizer steps done in it)
-        # DALI's checkpoint of the pipeline `start` lies in, when `state` was saved there ({"start_step",
-        # "checkpoint"}; states of an older format or another position are not this pipeline's).
-        saved_at = (state or {}).get("order") == 1 and ((state or {}).get("epoch"), (state or {}).get("step"))
-        self.saved = state.get("dali") if saved_at == start else None
-        self.epoch, self.start_step, self.position = self.start[0], self.start[1], 0
+        self.feed = MicroBatchFeed(plan, samples)
+        self.pipe = train_pipeline(plan, self.feed, batch_size=order.layout.micro_batch, ops=ops)
+        self.pipe.build()
         self.iterator = None
-        self.last_samples = torch.empty(0, dtype=torch.long)
-
-    def __len__(self) -> int:
-        return self.order.micro_batches_per_epoch
+        self.last_draws = None
 
     def set_epoch(self, epoch: int) -> None:
-        step = self.start[1] if epoch == self.start[0] else 0
-        checkpoint = None
-        if self.saved and (epoch, step) == self.start:
-            step, checkpoint = self.saved["start_step"], self.saved["checkpoint"]
-        self.saved = None
-        self.epoch, self.start_step = epoch, step
-        self.rank_list = self.order.rank_samples(epoch, step).tolist()
-        self.iterator = None  # the previous epoch's pipeline and its threads go
-        seed = derive_seed(self.plan.seed, PIPELINE, epoch, self.plan.rank, step) % 2**31
-        pipe = train_pipeline(self.plan, [self.samples.path(i) for i in self.rank_list], self.rank_list,
-                              batch_size=self.order.layout.micro_batch, seed=seed, checkpoint=checkpoint,
-                              ops=self.ops)
-        pipe.build()
-        self.position = 0
-        try:  # the iterator runs the first batch already
-            self.iterator = DALIClassificationIterator(pipe, reader_name="reader",
-                                                       last_batch_policy=LastBatchPolicy.DROP)
-        except RuntimeError as exc:
+        self.feed.point_at(epoch, self.reader.set_epoch(epoch))
+        try:  # the iterator runs the first batches already
+            if self.iterator is None:
+                self.iterator = DALIGenericIterator(self.pipe, ["data", "sample"], size=-1, auto_reset=False,
+                                                    last_batch_policy=LastBatchPolicy.PARTIAL)
+            else:
+                self.iterator.reset()
+        except (RuntimeError, OSError, ValueError) as exc:  # DALI's, or the feed's own
             raise self._failure(exc) from None
-        if checkpoint is not None:  # the restored reader continues after the micro-batches read before
-            self.position = (self.start[1] - step) * self.order.layout.accumulation
 
     def __iter__(self):
-        total = len(self.rank_list) // self.order.layout.micro_batch
-        while self.position < total:
+        while self.reader.position < len(self.reader.rows):
             try:
                 batch = next(self.iterator)
             except StopIteration:
                 return
-            except RuntimeError as exc:
+            except (RuntimeError, OSError, ValueError) as exc:
                 raise self._failure(exc) from None
-            self.position += 1
-            ids = batch[0]["label"].reshape(-1).long()
-            self.last_samples = ids
+            ids = batch[0]["sample"].reshape(-1).long()
+            self.last_draws = self.feed.delivered(ids.tolist())
+            self.reader.delivered(ids.cpu())
             yield channels_first(batch[0]["data"], self.plan), self.labels[ids.to(self.labels.device)]
 
-    def _failure(self, exc: RuntimeError) -> Exception:
-        size = self.order.layout.micro_batch
-        window = self.rank_list[self.position * size:(self.position + PREFETCH + 2) * size]
-        return decode_failure(exc, self.plan, self.samples.take(window))
-
-    def state(self) -> dict:
-        """The position reached, and DALI's checkpoint of this epoch's pipeline (same-layout resume)."""
-        step = self.start_step + self.position // self.order.layout.accumulation
-        saved = {"start_step": self.start_step, "checkpoint": self.iterator.checkpoints()[0]} if self.iterator else None
-        return {"order": 1, "epoch": self.epoch, "step": step, "dali": saved}
+    def _failure(self, exc: Exception) -> Exception:
+        if self.feed.error is not None:  # the feed could not read (or parse) an image of its last micro-batch
+            failing = self.samples.take(self.reader.rows[self.feed.cursor - 1])
+            bad = find_undecodable(self.plan.root, failing)
+            return DatasetError(f"cannot decode {', '.join(bad) or self.feed.error}; remove or replace it and "
+                                "rerun the same command")
+        rows = self.reader.rows[self.reader.position:self.reader.position + PREFETCH + 2]
+        return decode_failure(exc, self.plan, self.samples.take(rows.reshape(-1)))
 
 
 def build_dali_train(plan: DataPlan, samples: SampleList, order: TrainOrder, *,
                      start: tuple[int, int] = (0, 0), state: dict | None = None, ops: str = "auto") -> DaliTrainLoader:
-    return DaliTrainLoader(plan, samples, order, start=start, state=state, ops=ops)
+    """`state` (what `state()` returned, for the checkpoint) is not needed: the reader starts at `start`."""
+    return DaliTrainLoader(plan, samples, order, start=start, ops=ops)

@@ -1,8 +1,8 @@
 """The synthetic backend: random tensors of the right shape and labels, to measure the trainer without any
 decoding cost. Training sample i is pool image i mod P with its own random label: a small pool of random
-images made on the training device once, gathered per micro-batch in the framework's data order
-(`order.py`), so the synthetic backend reads the same samples as the others, and a gather is a fresh tensor
-(in-place work downstream, mixup, never changes what later batches hold)."""
+images made on the training device once, gathered per micro-batch of the reader (`reader.py`), so the
+synthetic backend reads the same samples as the others, and a gather is a fresh tensor (in-place work
+downstream, mixup, never changes what later batches hold)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
+from resnest_train.data.reader import EpochReader, ReaderLoader
 from resnest_train.randomness import SYNTHETIC, derive_seed
 
 POOL = 64  # distinct images: enough that mixup's pairs differ, small enough to make at once on any device
@@ -22,42 +23,29 @@ def _random_images(plan: DataPlan, count: int, size: int, seed: int) -> tuple[to
     return images.to(plan.device).contiguous(memory_format=plan.memory_format), labels.to(plan.device)
 
 
-class SyntheticTrainLoader:
-    """The `Loader` over `order`: micro-batches of pool images, labelled per sample."""
+class SyntheticTrainLoader(ReaderLoader):
+    """The `Loader` over the reader's micro-batches: pool images, labelled per sample."""
 
     def __init__(self, plan: DataPlan, order: TrainOrder, *, start: tuple[int, int] = (0, 0)):
-        self.order = order
+        self.reader = EpochReader(order, start)
         self.pool, _ = _random_images(plan, min(POOL, order.num_samples), plan.crop_size,
                                       derive_seed(plan.seed, SYNTHETIC, 0))
         generator = torch.Generator().manual_seed(derive_seed(plan.seed, SYNTHETIC, 1))
         self.labels = torch.randint(0, plan.num_classes, (order.num_samples,), generator=generator).to(plan.device)
-        self.start = start  # (epoch, optimizer steps done in it)
-        self.epoch, self.start_step, self.position = self.start[0], self.start[1], 0
         self.memory_format = plan.memory_format
         self.samples = torch.empty(0, dtype=torch.long)
-        self.last_samples = self.samples
-
-    def __len__(self) -> int:
-        return self.order.micro_batches_per_epoch
 
     def set_epoch(self, epoch: int) -> None:
-        start_step = self.start[1] if epoch == self.start[0] else 0
-        self.epoch, self.start_step, self.position = epoch, start_step, 0
-        self.samples = self.order.rank_samples(epoch, start_step).view(-1, self.order.layout.micro_batch)
+        self.samples = torch.from_numpy(self.reader.set_epoch(epoch))
 
     def __iter__(self):
         pool_index = (self.samples % self.pool.shape[0]).to(self.pool.device)
         sample_index = self.samples.to(self.labels.device)
-        while self.position < self.samples.shape[0]:
-            row = self.position
-            self.position += 1
-            self.last_samples = self.samples[row]
+        while self.reader.position < self.samples.shape[0]:
+            row = self.reader.position
+            self.reader.delivered(self.samples[row])
             images = self.pool[pool_index[row]].contiguous(memory_format=self.memory_format)
             yield images, self.labels[sample_index[row]]
-
-    def state(self) -> dict:
-        return {"order": 1, "epoch": self.epoch,
-                "step": self.start_step + self.position // self.order.layout.accumulation}
 
 
 class SyntheticLoader:

@@ -1,11 +1,11 @@
 """The torchvision backend: the DALI pipeline's semantics with torchvision transforms and a DataLoader.
 
-Used where DALI is unavailable, and as the reference the DALI path is compared with. Training reads this
-process's micro-batches of the framework's data order (`order.py`), each image augmented from a seed of its
-own (seed, epoch, sample); validation reads this rank's shard of the list with no padding. An image that
-cannot be decoded (broken inside despite a valid header and end, over PIL's decompression-bomb limit,
-deleted since the scan) is dropped from its batch and named in the log, never replaced by another image:
-evaluation counts each decodable image exactly once.
+Used where DALI is unavailable, and as the reference the DALI path is compared with. Training decodes the
+micro-batches the reader gives it (`reader.py`), each image augmented with the framework's draws for it
+(`draws.py`: the same draws the DALI graph receives); validation reads this rank's shard of the list with no
+padding. An image that cannot be decoded (broken inside despite a valid header and end, over PIL's
+decompression-bomb limit, deleted since the scan) is dropped from its batch and named in the log, never
+replaced by another image: evaluation counts each decodable image exactly once.
 Workers ignore the stop signals, which the main process turns into a checkpoint (runner.py): a signal to
 the whole process group (systemd, `scancel`, GNU `timeout`, Ctrl-C) must not kill them first.
 """
@@ -22,14 +22,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as T
+from torchvision.transforms import functional as F
 
-from resnest_train.data.autoaugment import POLICIES, AutoAugment
+from resnest_train.data.autoaugment import POLICIES, apply_sub_policy, resolve
+from resnest_train.data.draws import draw_batch
 from resnest_train.data.index import read_sample
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
+from resnest_train.data.reader import EpochReader, ReaderLoader
 from resnest_train.data.samples import SampleList
-from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Lighting
-from resnest_train.randomness import seed_sample
+from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVAL, PCA_EIGVEC
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,11 @@ def collate_decodable(batch: list, keep_even: bool = False):
     good = [sample for sample in batch if sample is not None]
     if keep_even and len(good) < len(batch) and len(batch) % 2 == 0 and len(good) % 2:
         good = good[:-1]
-    return default_collate(good) if good else None
+    if not good:
+        return None
+    if len(good[0]) == 4:  # training: each sample's draws stay a list of dicts (the per-sample record)
+        return (*default_collate([sample[:3] for sample in good]), [sample[3] for sample in good])
+    return default_collate(good)
 
 
 WORKER_GRACE_SECONDS = 60
@@ -88,20 +94,37 @@ def ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, _stop_later)
 
 
-def train_transform(plan: DataPlan) -> T.Compose:
-    interpolation = T.InterpolationMode(plan.interpolation)
-    crop = [T.RandomResizedCrop(plan.crop_size, scale=tuple(plan.rrc_scale), interpolation=interpolation)]
-    augment = [AutoAugment(POLICIES[plan.autoaugment])] if plan.autoaugment != "none" else []
-    steps = augment + crop if plan.autoaugment_on == "image" else crop + augment
-    if plan.hflip:
-        steps.append(T.RandomHorizontalFlip())
-    if plan.color_jitter > 0:
-        steps.append(T.ColorJitter(plan.color_jitter, plan.color_jitter, plan.color_jitter))
-    steps.append(T.ToTensor())
-    if plan.lighting > 0:
-        steps.append(Lighting(plan.lighting))
-    steps.append(T.Normalize(IMAGENET_MEAN, IMAGENET_STD))
-    return T.Compose(steps)
+class TrainAugment:
+    """The training augmentation with the framework's draws for one image (draws.py): AutoAugment (on the
+    image or on the crop), the random-resized crop's window, flip, colour jitter (brightness, contrast,
+    saturation, in that order, as the DALI graph applies them), PCA lighting, normalisation."""
+
+    def __init__(self, plan: DataPlan):
+        self.plan = plan
+        self.sub_policies = resolve(POLICIES[plan.autoaugment]) if plan.autoaugment != "none" else []
+        self.interpolation = T.InterpolationMode(plan.interpolation)
+        self.lighting = torch.tensor(PCA_EIGVEC) * torch.tensor(PCA_EIGVAL)  # (3, 3): eigvec * eigval
+
+    def __call__(self, image: Image.Image, draws: dict) -> torch.Tensor:
+        plan = self.plan
+        augment = (lambda im: apply_sub_policy(im, self.sub_policies[draws["sub_policy"]], draws["run"],
+                                               draws["negate"]))
+        if self.sub_policies and plan.autoaugment_on == "image":
+            image = augment(image)
+        top, left, height, width = draws["crop"]
+        image = F.resized_crop(image, top, left, height, width, [plan.crop_size, plan.crop_size],
+                               interpolation=self.interpolation, antialias=True)
+        if self.sub_policies and plan.autoaugment_on == "crop":
+            image = augment(image)
+        if draws["flip"]:
+            image = F.hflip(image)
+        if plan.color_jitter > 0:
+            brightness, contrast, saturation = draws["jitter"]
+            image = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(image, brightness), contrast), saturation)
+        tensor = F.to_tensor(image)
+        if plan.lighting > 0:
+            tensor = tensor + (self.lighting @ torch.tensor(draws["lighting"]))[:, None, None]
+        return F.normalize(tensor, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def val_transform(crop_size: int, resize_size: int, interpolation: str) -> T.Compose:
@@ -125,50 +148,46 @@ class EpochSamples:
 
 
 class TrainImageDataset(ImageListDataset):
-    """Training images by (epoch, sample): each image's augmentation is seeded from (seed, epoch, sample),
-    so it does not depend on the process or worker that reads it (`randomness.py`)."""
+    """Training images by (epoch, sample), augmented with the framework's draws for that sample, so the
+    result does not depend on the process or worker that reads it (draws.py). Returns (image, label,
+    position, draws)."""
 
-    def __init__(self, root: str, samples: SampleList, transform, *, seed: int):
-        super().__init__(root, samples, transform)
-        self.seed = seed
+    def __init__(self, root: str, samples: SampleList, plan: DataPlan):
+        super().__init__(root, samples, TrainAugment(plan))
+        self.plan = plan
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, item = key
-        seed_sample(self.seed, epoch, item)
-        return super().__getitem__(item)
+        try:
+            with Image.open(io.BytesIO(read_sample(self.root, self.samples, item))) as image:
+                rgb = to_rgb(image)
+            draws = draw_batch(self.plan, epoch, [item], [(rgb.height, rgb.width)]).row(0)
+            return self.transform(rgb, draws), int(self.samples.labels[item]), item, draws
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            log.warning("skipping undecodable image %s: %s", self.root / self.samples.path(item), exc)
+            return None
 
 
-class TorchTrainLoader:
-    """The training `Loader` over a DataLoader: this process's micro-batches of the framework's order."""
+class TorchTrainLoader(ReaderLoader):
+    """The training `Loader` over a DataLoader: decodes the micro-batches the reader gives it."""
 
     def __init__(self, loader: DataLoader, plan: DataPlan, order: TrainOrder, *, start: tuple[int, int] = (0, 0)):
-        self.loader, self.plan, self.order = loader, plan, order
-        self.start = start  # (epoch, optimizer steps done in it)
-        self.epoch, self.start_step, self.position = self.start[0], self.start[1], 0
-        self.last_samples = torch.empty(0, dtype=torch.long)
-
-    def __len__(self) -> int:
-        return self.order.micro_batches_per_epoch
+        self.loader, self.plan, self.reader = loader, plan, EpochReader(order, start)
+        self.last_draws = None
 
     def set_epoch(self, epoch: int) -> None:
-        self.start_step = self.start[1] if epoch == self.start[0] else 0
-        self.epoch, self.position = epoch, 0
-        samples = self.order.rank_samples(epoch, self.start_step).tolist()
-        self.loader.sampler.pairs = [(epoch, item) for item in samples]
+        rows = self.reader.set_epoch(epoch)
+        self.loader.sampler.pairs = [(epoch, item) for item in rows.reshape(-1).tolist()]
 
     def __iter__(self):
         for batch in self.loader:
-            self.position += 1
             if batch is None:  # every image of the micro-batch failed to decode (named in the log)
+                self.reader.delivered(None)
                 continue
-            images, targets, positions = batch
-            self.last_samples = positions
+            images, targets, positions, self.last_draws = batch
+            self.reader.delivered(positions)
             images = images.to(self.plan.device, non_blocking=True).contiguous(memory_format=self.plan.memory_format)
             yield images, targets.to(self.plan.device, non_blocking=True)
-
-    def state(self) -> dict:
-        return {"order": 1, "epoch": self.epoch,
-                "step": self.start_step + self.position // self.order.layout.accumulation}
 
 
 class TorchLoader:
@@ -208,7 +227,7 @@ def _data_loader(dataset, plan: DataPlan, *, training: bool, **kwargs) -> DataLo
 
 def build_torch_train(plan: DataPlan, samples: SampleList, order: TrainOrder, *,
                       start: tuple[int, int] = (0, 0)) -> TorchTrainLoader:
-    dataset = TrainImageDataset(plan.root, samples, train_transform(plan), seed=plan.seed)
+    dataset = TrainImageDataset(plan.root, samples, plan)
     loader = _data_loader(dataset, plan, training=True, batch_size=order.layout.micro_batch, sampler=EpochSamples())
     return TorchTrainLoader(loader, plan, order, start=start)
 

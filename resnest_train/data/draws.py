@@ -1,0 +1,98 @@
+"""Every training sample's augmentation draws, made by the framework from (seed, epoch, sample) alone.
+
+The random-resized-crop window, the flip, the colour-jitter factors, the PCA-lighting coefficients and the
+AutoAugment sub-policy, stage uniforms and signs of one image are drawn here, in Python, from a generator
+seeded by (`train.seed`, epoch, training-list position) (`randomness.py`), and handed to whichever backend
+decodes the image: DALI receives them as per-sample arguments, the torchvision transforms apply them. The
+same image therefore gets the same augmentation on any number of processes, after any resume, on either
+backend. The crop follows torchvision's `RandomResizedCrop.get_params` (ten tries of a scale and a
+log-uniform aspect ratio, then a centre crop of the clamped ratio) on the image's size, read from its
+header before it is decoded; AutoAugment's draws are those `autoaugment.AutoAugment.draw` documents.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from resnest_train.data.autoaugment import POLICIES
+from resnest_train.data.plan import DataPlan
+from resnest_train.randomness import AUGMENT, derive_seed
+
+RATIO = (3 / 4, 4 / 3)  # random-resized crop's aspect ratios (torchvision's default, the recipe's)
+
+
+@dataclass
+class Draws:
+    """One micro-batch's draws, one row per sample (arrays DALI takes as per-sample arguments)."""
+
+    crop: np.ndarray  # (B, 4) int32: top, left, height, width in the image's pixels
+    flip: np.ndarray  # (B,) int32: 1 flips horizontally
+    jitter: np.ndarray  # (B, 3) float32: brightness, contrast, saturation factors
+    lighting: np.ndarray  # (B, 3) float32: AlexNet PCA lighting's alpha
+    sub_policy: np.ndarray  # (B,) int32: AutoAugment's sub-policy
+    run: np.ndarray  # (B, stages) float32: a stage runs when its uniform is below its probability
+    negate: np.ndarray  # (B, stages) int32: 1 negates a signed op's magnitude
+
+    def row(self, i: int) -> dict:
+        """Sample i's draws as plain values (the per-sample record, and the torchvision transforms)."""
+        return {"crop": self.crop[i].tolist(), "flip": int(self.flip[i]), "jitter": self.jitter[i].tolist(),
+                "lighting": self.lighting[i].tolist(), "sub_policy": int(self.sub_policy[i]),
+                "run": self.run[i].tolist(), "negate": self.negate[i].tolist()}
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from an encoded image's header (PIL reads the header only)."""
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+    return height, width
+
+
+def crop_window(rng: np.random.Generator, height: int, width: int, scale: tuple[float, float]) -> list[int]:
+    """torchvision's RandomResizedCrop.get_params with numpy's generator: [top, left, height, width]."""
+    area = height * width
+    log_ratio = (math.log(RATIO[0]), math.log(RATIO[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return [int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w]
+    ratio = width / height  # fallback: the whole image's centre at the nearest allowed ratio
+    if ratio < RATIO[0]:
+        w, h = width, int(round(width / RATIO[0]))
+    elif ratio > RATIO[1]:
+        h, w = height, int(round(height * RATIO[1]))
+    else:
+        w, h = width, height
+    return [(height - h) // 2, (width - w) // 2, h, w]
+
+
+def stages(plan: DataPlan) -> int:
+    return max(len(sub) for sub in POLICIES[plan.autoaugment]) if plan.autoaugment != "none" else 2
+
+
+def draw_sample(plan: DataPlan, epoch: int, sample: int, height: int, width: int) -> tuple:
+    """One sample's draws, in a fixed sequence from its own generator (the order of draws is the format)."""
+    rng = np.random.Generator(np.random.Philox(derive_seed(plan.seed, AUGMENT, epoch, sample)))
+    crop = crop_window(rng, height, width, plan.rrc_scale)
+    flip = int(rng.random() < 0.5) if plan.hflip else 0
+    low, high = 1 - plan.color_jitter, 1 + plan.color_jitter
+    jitter = rng.uniform(low, high, 3) if plan.color_jitter > 0 else np.ones(3)
+    lighting = rng.normal(0.0, plan.lighting, 3) if plan.lighting > 0 else np.zeros(3)
+    count = len(POLICIES[plan.autoaugment]) if plan.autoaugment != "none" else 1
+    n = stages(plan)
+    return crop, flip, jitter, lighting, int(rng.integers(count)), rng.random(n), rng.integers(0, 2, n)
+
+
+def draw_batch(plan: DataPlan, epoch: int, samples: list[int], sizes: list[tuple[int, int]]) -> Draws:
+    rows = [draw_sample(plan, epoch, sample, h, w) for sample, (h, w) in zip(samples, sizes)]
+    column = (lambda k, dtype: np.array([row[k] for row in rows], dtype=dtype))
+    return Draws(crop=column(0, np.int32), flip=column(1, np.int32), jitter=column(2, np.float32),
+                 lighting=column(3, np.float32), sub_policy=column(4, np.int32), run=column(5, np.float32),
+                 negate=column(6, np.int32))

@@ -1,0 +1,120 @@
+"""The framework reads; backends decode. `EpochReader` owns the epoch's position for every training backend,
+`MicroBatchFeed` hands DALI the encoded images of each micro-batch with their draws.
+
+`EpochReader`: this process's micro-batches of the epoch from the step it starts at (`order.py`), how many
+were delivered to the loop, the samples of the last one, and the `state()` a checkpoint stores (epoch and
+optimizer step: a resumed reader starts at that step, whatever the backend). The DALI, torchvision and
+synthetic training loaders hold one and only decode the micro-batches it gives them (`ReaderLoader`).
+
+`MicroBatchFeed` is what DALI's `fn.external_source` calls: the next micro-batch's encoded bytes (a file's,
+or a shard member's), its training-list positions and its augmentation draws (`draws.py`); it raises
+StopIteration at the end of the epoch, and is pointed at the next epoch before the pipeline is reset, so one
+pipeline serves the whole run.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from resnest_train.data.draws import Draws, draw_batch, image_size
+from resnest_train.data.index import read_sample
+from resnest_train.data.order import TrainOrder
+from resnest_train.data.plan import DataPlan
+from resnest_train.data.samples import SampleList
+
+
+class EpochReader:
+    """This process's position in the framework's data order."""
+
+    def __init__(self, order: TrainOrder, start: tuple[int, int] = (0, 0)):
+        self.order, self.start = order, start  # start: (epoch, optimizer steps done in it)
+        self.epoch, self.start_step, self.position = start[0], start[1], 0
+        self.rows = np.zeros((0, order.layout.micro_batch), dtype=np.int64)
+        self.last_samples = torch.empty(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.order.micro_batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> np.ndarray:
+        """The micro-batches (rows of training-list positions) this process reads in `epoch`, from the step
+        the run starts at when it is the first epoch."""
+        self.start_step = self.start[1] if epoch == self.start[0] else 0
+        self.epoch, self.position = epoch, 0
+        samples = self.order.rank_samples(epoch, self.start_step)
+        self.rows = samples.view(-1, self.order.layout.micro_batch).numpy()
+        return self.rows
+
+    def delivered(self, samples: torch.Tensor | None) -> None:
+        """A micro-batch went to the loop (None: one with no decodable image, counted all the same)."""
+        self.position += 1
+        if samples is not None:
+            self.last_samples = samples
+
+    def state(self) -> dict:
+        step = self.start_step + self.position // self.order.layout.accumulation
+        return {"order": 1, "epoch": self.epoch, "step": step}
+
+
+class ReaderLoader:
+    """What the training loaders share: the reader's length, epoch, position and state."""
+
+    reader: EpochReader
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    @property
+    def last_samples(self) -> torch.Tensor:
+        return self.reader.last_samples
+
+    def state(self) -> dict:
+        return self.reader.state()
+
+
+class MicroBatchFeed:
+    """`fn.external_source(source=feed, num_outputs=len(feed.names), batch=True)`: one micro-batch per call."""
+
+    def __init__(self, plan: DataPlan, samples: SampleList, threads: int = 4):
+        self.plan, self.samples = plan, samples
+        # the outputs the graph uses: the draws of disabled augmentations are not sent
+        self.names = ("encoded", "sample", "start", "shape", "flip") + ("jitter",) * (plan.color_jitter > 0) \
+            + ("lighting",) * (plan.lighting > 0) + ("sub_policy", "run", "negate") * (plan.autoaugment != "none")
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="feed")  # reads and header parses overlap
+        self.epoch, self.rows, self.cursor = 0, np.zeros((0, 0), dtype=np.int64), 0
+        self.issued: dict[tuple, Draws] = {}  # draws of the micro-batches DALI has not delivered yet
+        self.error: Exception | None = None
+
+    def point_at(self, epoch: int, rows: np.ndarray) -> None:
+        self.epoch, self.rows, self.cursor = epoch, rows, 0
+        self.issued.clear()
+
+    def _read(self, position: int) -> bytes:
+        return read_sample(self.plan.root, self.samples, position)
+
+    def __call__(self):
+        if self.cursor >= len(self.rows):
+            raise StopIteration
+        positions = self.rows[self.cursor].tolist()
+        self.cursor += 1
+        try:
+            encoded = list(self.pool.map(self._read, positions))
+            draws = draw_batch(self.plan, self.epoch, positions, list(self.pool.map(image_size, encoded)))
+        except (OSError, ValueError) as exc:  # DALI would report it without the file: keep it for the loader
+            self.error = exc
+            raise
+        self.issued[tuple(positions)] = draws
+        return self.outputs(encoded, positions, draws)
+
+    def outputs(self, encoded: list[bytes], positions: list[int], draws: Draws) -> tuple:
+        values = {"encoded": [np.frombuffer(data, dtype=np.uint8) for data in encoded],
+                  "sample": np.array(positions, dtype=np.int64).reshape(-1, 1), "start": draws.crop[:, :2].copy(),
+                  "shape": draws.crop[:, 2:].copy(), "flip": draws.flip, "jitter": draws.jitter,
+                  "lighting": draws.lighting, "sub_policy": draws.sub_policy, "run": draws.run, "negate": draws.negate}
+        return tuple(values[name] for name in self.names)
+
+    def delivered(self, positions: list[int]) -> Draws | None:
+        """The draws of the micro-batch `positions`, now delivered to the loop."""
+        return self.issued.pop(tuple(positions), None)
