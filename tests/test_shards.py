@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from resnest_train import filescan
 from resnest_train.data.index import load_index, read_sample
 from tests.conftest import ROOT, run_script, script_env, train_args
 
@@ -137,3 +138,22 @@ def test_public_webdataset_layout_trains_and_evaluates(image_root, tmp_path):
     assert "Traceback" not in result.stderr
     report = evaluate_on(root, out / "checkpoints" / "last.pt", tmp_path / "e.json", "dali")
     assert report["num_images"] == 20
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_members_are_listed_as_tarfile_lists_them(tmp_path, tar_format):
+    """The scan's own header parser (plain headers) and tarfile (anything else) agree, long names and
+    folders included."""
+    path = tmp_path / "t.tar"
+    names = ["a.jpg", "b/c.cls", "d" * 90 + "/" + "e" * 60 + ".jpg"]  # > 100 characters: a prefix or a long name
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = 700 * i + 3
+            tar.addfile(info, io.BytesIO(bytes(info.size)))
+    with open(path, "rb") as raw:
+        ours = filescan._tar_members(raw)
+        assert ours == filescan._tarfile_members(raw) and [name for name, _, _ in ours] == names
