@@ -155,8 +155,10 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
 
 def _summary(config: Config, dist: DistInfo, data: DataPlan, index, plan: TrainPlan,
              resumed: resume.ResumeSummary | None, progress: Progress) -> list[str]:
+    layout = "webdataset shards" if index is not None and index.layout == "shards" else "class folders"
     images = (f"{len(index.classes)} classes, {len(index.train)} training / {len(index.val)} validation images in "
-              f"{data.root}" if index is not None else f"synthetic: {plan.steps_per_epoch * plan.global_batch} images")
+              f"{data.root} ({layout})" if index is not None
+              else f"synthetic: {plan.steps_per_epoch * plan.global_batch} images")
     decoder = f" (decoding on the {data.decoder.upper()})" if data.backend == "dali" else ""
     start = (f"resumed at epoch {progress.epoch + 1}, step {progress.batch}/{plan.steps_per_epoch} (global step "
              f"{progress.step}) of a run on {resumed.world_size} processes" if resumed else "a fresh run")

@@ -135,7 +135,7 @@ def test_public_webdataset_layout_trains_and_evaluates(image_root, tmp_path):
     assert index.classes == ["0", "1", "2", "3"] and len(index.train) == 48 and len(index.val) == 20
     out = tmp_path / "run"
     result = run_script(train_args(root, out, "train.epochs=1"))  # the demo config's DALI pipeline
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and f"in {root} (webdataset shards)" in result.stdout
     report = evaluate_on(root, out / "checkpoints" / "last.pt", tmp_path / "e.json", "dali")
     assert report["num_images"] == 20
 

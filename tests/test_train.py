@@ -8,13 +8,15 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import ROOT, TORCHRUN, free_port, metrics, run_script, script_env, train_args
+from resnest_train.data.index import load_index
+from tests.conftest import ROOT, TORCHRUN, free_port, make_order, metrics, run_script, script_env, train_args
 from tests.test_data import dirty_root  # noqa: F401  (fixture)
 
 
@@ -159,3 +161,34 @@ def test_train_device_cuda_without_cuda_is_one_error(tmp_path):
     result = run_script(train_args(None, tmp_path, "train.device=cuda"), expect=2)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: train.device=cuda but CUDA is not usable")
+
+
+def break_micro_batch(image_root, tmp_path, *, global_batch: int) -> tuple[Path, list[str]]:
+    """A copy of the dataset where every image of epoch 0's step 0, micro-batch 1 (micro-batches of 8) is
+    broken inside (valid header and end marker: the index keeps them)."""
+    root = tmp_path / "data"
+    shutil.copytree(image_root, root)
+    train = load_index(root).train
+    order = make_order(len(train), 8, global_batch=global_batch)
+    broken = [str(root / train[p][0]) for p in order.rank_samples(0)[8:16].tolist()]
+    for path in broken:
+        data = bytearray(Path(path).read_bytes())
+        data[300:-2] = bytes(len(data) - 302)
+        Path(path).write_bytes(bytes(data))
+    return root, broken
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_an_undecodable_micro_batch_keeps_every_step(image_root, tmp_path, processes):
+    """Every image of one micro-batch undecodable (torchvision): each is replaced by the next decodable
+    image of the training list, so every rank trains all its micro-batches, the run ends at its last step,
+    and every file is named in the log."""
+    root, broken = break_micro_batch(image_root, tmp_path, global_batch=16)
+    launcher = None if processes == 1 else [*TORCHRUN, "--standalone", f"--nproc-per-node={processes}"]
+    extra = ["data.backend=torchvision", "train.epochs=2", "train.global_batch=16"]
+    result = run_script(train_args(root, tmp_path / "run", *extra), launcher=launcher)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == 2 * 48 // 16 and [row["epoch"] for row in metrics(tmp_path / "run")] == [1, 2]
+    named = result.stdout + result.stderr
+    assert all(f"undecodable training image {path}" in named for path in broken)

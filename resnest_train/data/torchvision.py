@@ -4,8 +4,9 @@ Used where DALI is unavailable, and as the reference the DALI path is compared w
 micro-batches the reader gives it (`reader.py`), each image augmented with the framework's draws for it
 (`draws.py`: the same draws the DALI graph receives); validation reads this rank's shard of the list with no
 padding. An image that cannot be decoded (broken inside despite a valid header and end, over PIL's
-decompression-bomb limit, deleted since the scan) is dropped from its batch and named in the log, never
-replaced by another image: evaluation counts each decodable image exactly once.
+decompression-bomb limit, deleted since the scan) is named in the log; in training it is replaced by the
+next decodable image of the training list (micro-batches keep their size, every rank their count), in
+validation it is dropped, never replaced: evaluation counts each decodable image exactly once.
 Workers ignore the stop signals, which the main process turns into a checkpoint (runner.py): a signal to
 the whole process group (systemd, `scancel`, GNU `timeout`, Ctrl-C) must not kill them first.
 """
@@ -26,7 +27,7 @@ from torchvision.transforms import functional as F
 
 from resnest_train.data.autoaugment import POLICIES, apply_sub_policy, resolve
 from resnest_train.data.draws import draw_batch
-from resnest_train.data.index import read_sample
+from resnest_train.data.index import DatasetError, read_sample
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
 from resnest_train.data.reader import EpochReader, ReaderLoader
@@ -147,25 +148,46 @@ class EpochSamples:
         return iter(self.pairs)
 
 
+FALLBACK_TRIES = 64  # training-list positions tried after an undecodable image before giving up
+
+
 class TrainImageDataset(ImageListDataset):
     """Training images by (epoch, sample), augmented with the framework's draws for that sample, so the
     result does not depend on the process or worker that reads it (draws.py). Returns (image, label,
-    position, draws)."""
+    position, draws).
+
+    An image that cannot be decoded is replaced, never dropped: a micro-batch always holds its
+    `train.batch_size` images, so no rank trains fewer micro-batches than the others and gradient
+    accumulation stays whole. The replacement is the next decodable image of the training list (position
+    p + 1, p + 2, ...), augmented with sample p's draws: the same on any process count and after any resume.
+    The draws record it (`replaced_by`) and the log names the file."""
 
     def __init__(self, root: str, samples: SampleList, plan: DataPlan):
         super().__init__(root, samples, TrainAugment(plan))
         self.plan = plan
 
+    def _decode(self, item: int) -> Image.Image:
+        with Image.open(io.BytesIO(read_sample(self.root, self.samples, item))) as image:
+            return to_rgb(image)
+
     def __getitem__(self, key: tuple[int, int]):
         epoch, item = key
-        try:
-            with Image.open(io.BytesIO(read_sample(self.root, self.samples, item))) as image:
-                rgb = to_rgb(image)
-            draws = draw_batch(self.plan, epoch, [item], [(rgb.height, rgb.width)]).row(0)
-            return self.transform(rgb, draws), int(self.samples.labels[item]), item, draws
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            log.warning("skipping undecodable image %s: %s", self.root / self.samples.path(item), exc)
-            return None
+        for tried in range(FALLBACK_TRIES):
+            source = (item + tried) % len(self.samples)
+            try:
+                rgb = self._decode(source)
+                break
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                log.warning("undecodable training image %s (%s): replaced by the next image of the training "
+                            "list", self.root / self.samples.path(source), exc)
+        else:
+            raise OSError(f"{FALLBACK_TRIES} consecutive training images from {self.samples.path(item)} cannot "
+                          "be decoded")
+        draws = draw_batch(self.plan, epoch, [item], [(rgb.height, rgb.width)]).row(0)
+        image = self.transform(rgb, draws)
+        if source != item:
+            draws["replaced_by"] = source
+        return image, int(self.samples.labels[source]), item, draws
 
 
 class TorchTrainLoader(ReaderLoader):
@@ -180,10 +202,14 @@ class TorchTrainLoader(ReaderLoader):
         self.loader.sampler.pairs = [(epoch, item) for item in rows.reshape(-1).tolist()]
 
     def __iter__(self):
-        for batch in self.loader:
-            if batch is None:  # every image of the micro-batch failed to decode (named in the log)
-                self.reader.delivered(None)
-                continue
+        batches = iter(self.loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except OSError as exc:  # a run of undecodable images longer than the fallback (TrainImageDataset)
+                raise DatasetError(str(exc).strip().splitlines()[-1]) from None
             images, targets, positions, self.last_draws = batch
             self.reader.delivered(positions)
             images = images.to(self.plan.device, non_blocking=True).contiguous(memory_format=self.plan.memory_format)
