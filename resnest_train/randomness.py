@@ -37,11 +37,6 @@ def _seed_global(value: int) -> None:
     torch.manual_seed(value)  # every device's default generator too (DropBlock and dropout masks on CUDA)
 
 
-def seed_sample(seed: int, epoch: int, sample: int) -> None:
-    """Before augmenting one training image: torchvision's transforms draw from the global generators."""
-    _seed_global(derive_seed(seed, SAMPLE, epoch, sample))
-
-
 def seed_micro_batch(seed: int, step: int, micro_batch: int) -> None:
     """Before mixup and the forward pass of micro-batch `micro_batch` of optimizer step `step`: timm's
     Mixup draws lambda with numpy, DropBlock and dropout draw their masks with torch."""

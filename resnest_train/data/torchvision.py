@@ -13,7 +13,6 @@ the whole process group (systemd, `scancel`, GNU `timeout`, Ctrl-C) must not kil
 
 from __future__ import annotations
 
-import functools
 import io
 import logging
 import signal
@@ -32,7 +31,7 @@ from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
 from resnest_train.data.reader import EpochReader, ReaderLoader
 from resnest_train.data.samples import SampleList
-from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVAL, PCA_EIGVEC
+from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, lighting_shift
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +66,9 @@ class ImageListDataset(Dataset):
             return None
 
 
-def collate_decodable(batch: list, keep_even: bool = False):
-    """Drop the images that failed; in training keep the batch even when it was (batch mixup pairs images)."""
+def collate_decodable(batch: list):
+    """Drop the images that failed (validation only: training replaces them)."""
     good = [sample for sample in batch if sample is not None]
-    if keep_even and len(good) < len(batch) and len(batch) % 2 == 0 and len(good) % 2:
-        good = good[:-1]
     if not good:
         return None
     if len(good[0]) == 4:  # training: each sample's draws stay a list of dicts (the per-sample record)
@@ -104,7 +101,6 @@ class TrainAugment:
         self.plan = plan
         self.sub_policies = resolve(POLICIES[plan.autoaugment]) if plan.autoaugment != "none" else []
         self.interpolation = T.InterpolationMode(plan.interpolation)
-        self.lighting = torch.tensor(PCA_EIGVEC) * torch.tensor(PCA_EIGVAL)  # (3, 3): eigvec * eigval
 
     def __call__(self, image: Image.Image, draws: dict) -> torch.Tensor:
         plan = self.plan
@@ -124,7 +120,7 @@ class TrainAugment:
             image = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(image, brightness), contrast), saturation)
         tensor = F.to_tensor(image)
         if plan.lighting > 0:
-            tensor = tensor + (self.lighting @ torch.tensor(draws["lighting"]))[:, None, None]
+            tensor = tensor + lighting_shift(draws["lighting"])[:, None, None]
         return F.normalize(tensor, IMAGENET_MEAN, IMAGENET_STD)
 
 
@@ -244,22 +240,22 @@ class TorchLoader:
         return {}
 
 
-def _data_loader(dataset, plan: DataPlan, *, training: bool, **kwargs) -> DataLoader:
+def _data_loader(dataset, plan: DataPlan, **kwargs) -> DataLoader:
     return DataLoader(dataset, num_workers=plan.workers, pin_memory=plan.device.type == "cuda",
                       persistent_workers=plan.workers > 0,
-                      collate_fn=functools.partial(collate_decodable, keep_even=training),
+                      collate_fn=collate_decodable,
                       worker_init_fn=ignore_stop_signals, **kwargs)
 
 
 def build_torch_train(plan: DataPlan, samples: SampleList, order: TrainOrder, *,
                       start: tuple[int, int] = (0, 0)) -> TorchTrainLoader:
     dataset = TrainImageDataset(plan.root, samples, plan)
-    loader = _data_loader(dataset, plan, training=True, batch_size=order.layout.micro_batch, sampler=EpochSamples())
+    loader = _data_loader(dataset, plan, batch_size=order.layout.micro_batch, sampler=EpochSamples())
     return TorchTrainLoader(loader, plan, order, start=start)
 
 
 def build_torch_val(plan: DataPlan, shard: list[tuple[str, int]], *, batch_size: int) -> TorchLoader:
     transform = val_transform(plan.val_crop_size, plan.val_resize_size, plan.interpolation)
-    loader = _data_loader(ImageListDataset(plan.root, shard, transform), plan, training=False,
+    loader = _data_loader(ImageListDataset(plan.root, shard, transform), plan,
                           batch_size=batch_size, shuffle=False)
     return TorchLoader(loader, plan)

@@ -1,4 +1,4 @@
-"""Constants and the one transform torchvision lacks (PCA lighting), shared by both pipelines."""
+"""Constants and the one operation torchvision lacks (PCA lighting's shift), shared by both pipelines."""
 
 from __future__ import annotations
 
@@ -13,15 +13,7 @@ PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
               (-0.5836, -0.6948, 0.4203))
 
 
-class Lighting:
-    """Add eigvec @ (alpha * eigval), alpha ~ N(0, std), to a (3, H, W) float image in [0, 1]."""
-
-    def __init__(self, std: float):
-        self.std = std
-        self.eigval = torch.tensor(PCA_EIGVAL)
-        self.eigvec = torch.tensor(PCA_EIGVEC)
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        alpha = torch.randn(3) * self.std
-        shift = self.eigvec @ (alpha * self.eigval)
-        return image + shift[:, None, None]
+def lighting_shift(alpha) -> torch.Tensor:
+    """AlexNet PCA lighting's RGB shift for an image in [0, 1]: eigvec @ (alpha * eigval), with `alpha` (3
+    per image) drawn by the framework (draws.py)."""
+    return torch.tensor(PCA_EIGVEC) @ (torch.tensor(alpha, dtype=torch.float32) * torch.tensor(PCA_EIGVAL))
