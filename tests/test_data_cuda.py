@@ -110,7 +110,7 @@ def test_dali_hwc_batches_reach_the_model_as_a_channels_last_view(dali, tmp_path
 @pytest.mark.parametrize("device, pinned", [(CUDA, True), (torch.device("cpu"), False)])
 def test_torchvision_pins_host_memory_when_training_on_the_gpu(tmp_path, device, pinned):
     plan = dataclasses.replace(make_plan(tmp_path), device=device)
-    assert _data_loader([], plan, training=True, batch_size=2).pin_memory == pinned
+    assert _data_loader([], plan, batch_size=2).pin_memory == pinned
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
