@@ -18,9 +18,10 @@ import torch
 
 from resnest_train import checkpoint as ckpt
 from resnest_train import provenance
+from resnest_train.agreement import rank0_acts
 from resnest_train.distributed import DistInfo, broadcast_object, scatter_object
 from resnest_train.errors import UserError
-from resnest_train.schedule import BatchLayout
+from resnest_train.schedule import BatchLayout, TrainPlan, learning_rate
 
 log = logging.getLogger("resnest_train")
 
@@ -53,15 +54,11 @@ class ResumeSummary:
     steps_per_epoch: int | None = None
 
 
-def share_decision(state: dict | None, error: str | None, dist: DistInfo) -> ResumeSummary | None:
-    """Rank 0's resume summary (or its error, raised on every rank) on all ranks."""
-    summary = None
-    if state is not None:
-        summary = ResumeSummary(**{key: state.get(key) for key in SUMMARY if key in state})
-    summary, error = broadcast_object((summary, error), dist)
-    if error:
-        raise UserError(error)
-    return summary
+def summarize(state: dict | None) -> ResumeSummary | None:
+    """The part of rank 0's resume state every rank receives (through `agreement.rank0_acts`)."""
+    if state is None:
+        return None
+    return ResumeSummary(**{key: state.get(key) for key in SUMMARY if key in state})
 
 
 def check_layout(summary: ResumeSummary, layout: BatchLayout) -> None:
@@ -94,22 +91,23 @@ def check_provenance(state: dict | None, current: dict, *, output_dir: str, allo
     """Rank 0 compares what the checkpoint was trained on with this run (provenance.py); another model,
     other class names or another training set is an error on every rank unless `allow`. Returns the
     changes allowed (to be recorded)."""
-    error, changes = None, []
-    if dist.is_main and state is not None and "provenance" in state:
+    def compare() -> list[str]:
+        if state is None or "provenance" not in state:
+            return []
         saved = state["provenance"]
         changes = provenance.blocking_changes(saved, current)
         if changes and not allow:
-            error = (f"the checkpoint in {output_dir} was trained on something else: {'; '.join(changes)}; "
-                     "resume it with its own model and data, use another output_dir, or set "
-                     "checkpoint.allow_changes=true to continue it with the change")
+            raise ckpt.CheckpointError(
+                f"the checkpoint in {output_dir} was trained on something else: {'; '.join(changes)}; resume it "
+                "with its own model and data, use another output_dir, or set checkpoint.allow_changes=true to "
+                "continue it with the change")
         for change in provenance.other_changes(saved, current):
             log.info("changed since the checkpoint: %s", change)
-        if changes and allow:
+        if changes:
             log.warning("continuing with changes (checkpoint.allow_changes=true): %s", "; ".join(changes))
-    error, changes = broadcast_object((error, changes), dist)
-    if error:
-        raise ckpt.CheckpointError(error)
-    return changes
+        return changes
+
+    return rank0_acts(compare, dist)
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict | None, dist: DistInfo) -> None:
@@ -123,3 +121,15 @@ def check_agreement(step: int, dist: DistInfo) -> None:
     torch.distributed.all_gather_object(steps, step)
     if len(set(steps)) > 1:
         raise UserError(f"ranks restored different steps {steps}; the checkpoint state did not reach every rank")
+
+
+def say_epochs_change(state: dict, plan: TrainPlan, progress: Progress) -> None:
+    """A changed train.epochs stretches or shortens the cosine: say what it does to the next step's lr."""
+    epochs = state["config"]["train"]["epochs"]
+    if epochs * plan.steps_per_epoch == plan.total_steps:
+        return
+    before = learning_rate(progress.step, total_steps=epochs * plan.steps_per_epoch, warmup_steps=plan.warmup_steps,
+                           peak_lr=plan.peak_lr, min_lr=plan.min_lr)
+    log.warning("train.epochs %d -> %d: the schedule now ends at step %d (was %d); lr at the next step %g -> %g",
+                epochs, plan.total_steps // plan.steps_per_epoch, plan.total_steps, epochs * plan.steps_per_epoch,
+                before, plan.lr(progress.step))

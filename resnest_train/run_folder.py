@@ -1,7 +1,7 @@
 """Rank 0's work on the run folder before training: check it can be written, lock it, clean what a killed
 save left, find the state to resume, put the starting weights (checkpoint or pretrained) into the model,
-and write the resolved config. Errors come back as a string, so that rank 0 can hand them to every rank
-(resume.share_decision) instead of leaving the others waiting."""
+and write the resolved config. Rank 0 alone does this work; `agreement.rank0_acts` hands its outcome (the
+resume summary, or any error) to every rank."""
 
 from __future__ import annotations
 
@@ -66,20 +66,18 @@ def _load_start(config: Config, model: nn.Module, state: dict | None) -> None:
     model.load_state_dict(state["model"])
 
 
-def prepare_run_folder(config: Config, model: nn.Module, stack: contextlib.ExitStack) -> tuple[dict | None, str | None]:
-    """(resume state or None, error or None); the lock stays held until `stack` closes."""
-    try:
-        folder = Path(config.output_dir)
-        check_writable(folder)
-        stack.enter_context(ckpt.RunLock(folder))
-        ckpt.remove_stale_temporaries(folder)
-        state = ckpt.find_resume_state(config.checkpoint.resume, folder, overwrite=config.checkpoint.overwrite)
-        if state is None and config.checkpoint.overwrite:
-            _replace_old_run(folder)
-        _load_start(config, model, state)
-        return state, None
-    except UserError as exc:
-        return None, str(exc)
+def prepare_run_folder(config: Config, model: nn.Module, stack: contextlib.ExitStack) -> dict | None:
+    """The resume state (None: a fresh run); the lock stays held until `stack` closes. Rank 0 alone calls it,
+    through `agreement.rank0_acts`, which hands any error to every rank."""
+    folder = Path(config.output_dir)
+    check_writable(folder)
+    stack.enter_context(ckpt.RunLock(folder))
+    ckpt.remove_stale_temporaries(folder)
+    state = ckpt.find_resume_state(config.checkpoint.resume, folder, overwrite=config.checkpoint.overwrite)
+    if state is None and config.checkpoint.overwrite:
+        _replace_old_run(folder)
+    _load_start(config, model, state)
+    return state
 
 
 def write_resolved_config(config: Config, derived: dict, epoch: int, changes: list[str] = ()) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from resnest_train import checkpoint as ckpt
 from resnest_train import resume
+from resnest_train.agreement import describe, rank0_acts
 from resnest_train.checkpoint_writer import CheckpointWriter
 from resnest_train.config import Config
 from resnest_train.data import (
@@ -45,11 +46,11 @@ from resnest_train.optim import build_optimizer
 from resnest_train.process import cpu_speed_settings, seed_everything, stop_signals
 from resnest_train.provenance import provenance
 from resnest_train.randomness import seed_micro_batch
-from resnest_train.reporting import RunReporter, SampleRecord, configure_logging
+from resnest_train.reporting import RunReporter, SampleRecord, configure_logging, start_summary
 from resnest_train.resume import Progress
 from resnest_train.run_folder import prepare_run_folder, write_resolved_config
 from resnest_train.saving import save, wait_for_writes
-from resnest_train.schedule import TrainPlan, build_train_plan, learning_rate, micro_batch_warning
+from resnest_train.schedule import TrainPlan, build_train_plan, micro_batch_warning
 from resnest_train.wrapping import build_model, place, train_mode, unwrap, wrap_for_training
 
 log = logging.getLogger("resnest_train")
@@ -93,11 +94,15 @@ def train(config: Config) -> Path:
     except UserError as exc:  # possibly this rank's alone (its decoder failed): the others must not hang
         announce_failure(dist, str(exc))
         raise
-    except RuntimeError:  # a collective failed: because another rank stopped on an error of its own?
-        reason = failure_of_another_rank(dist)
-        if reason is None:
-            raise
-        raise UserError(reason) from None
+    except Exception as exc:
+        # A collective failed because another rank stopped on an error of its own: say that rank's reason.
+        reason = failure_of_another_rank(dist) if isinstance(exc, RuntimeError) else None
+        if reason is not None:
+            raise UserError(reason) from None
+        announce_failure(dist, describe(exc))  # the other ranks stop with this rank's line
+        if isinstance(exc, OSError):  # this rank's filesystem failed (a full disk, a read-only folder)
+            raise UserError(describe(exc)) from None
+        raise  # a bug of ours keeps its traceback
     finally:
         cleanup(dist)
 
@@ -107,8 +112,14 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
     seed_everything(train_cfg.seed + dist.rank, train_cfg.deterministic)
     cpu_speed_settings(dist.device)
     model = build_model(config.model, pretrained=False)
-    state, error = prepare_run_folder(config, model, stack) if dist.is_main else (None, None)
-    summary = resume.share_decision(state, error, dist)
+    prepared = {}
+
+    def decide() -> resume.ResumeSummary | None:  # rank 0's state stays on rank 0; the others get its summary
+        prepared["state"] = prepare_run_folder(config, model, stack)
+        return resume.summarize(prepared["state"])
+
+    summary = rank0_acts(decide, dist)
+    state = prepared.get("state")
     if summary is not None and summary.epoch >= train_cfg.epochs:
         log.info("run in %s is already complete (%d epochs); nothing to do", config.output_dir, summary.epoch)
         return None
@@ -143,30 +154,17 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
         if dist.is_main else None
     run = Run(config, dist, plan, data, model, optimizer, scaler, build_criterion(train_cfg),
               build_mixup(train_cfg, config.model.num_classes), precision, order, train_loader, val_loader, writer,
-              trained_on, changes, _summary(config, dist, data, index, plan, summary, progress))
+              trained_on, changes, start_summary(config, dist, data, index, plan, summary, progress))
     if summary is not None:
         _restore(run, state, summary, rank_state, progress)
-    if dist.is_main:
+
+    def record_start() -> None:
         write_resolved_config(config, plan.derived(), progress.epoch, changes)
         if state is not None:
-            _say_epochs_change(state, plan, progress)
+            resume.say_epochs_change(state, plan, progress)
+
+    rank0_acts(record_start, dist)
     return run, progress
-
-
-def _summary(config: Config, dist: DistInfo, data: DataPlan, index, plan: TrainPlan,
-             resumed: resume.ResumeSummary | None, progress: Progress) -> list[str]:
-    layout = "webdataset shards" if index is not None and index.layout == "shards" else "class folders"
-    images = (f"{len(index.classes)} classes, {len(index.train)} training / {len(index.val)} validation images in "
-              f"{data.root} ({layout})" if index is not None
-              else f"synthetic: {plan.steps_per_epoch * plan.global_batch} images")
-    decoder = f" (decoding on the {data.decoder.upper()})" if data.backend == "dali" else ""
-    start = (f"resumed at epoch {progress.epoch + 1}, step {progress.batch}/{plan.steps_per_epoch} (global step "
-             f"{progress.step}) of a run on {resumed.world_size} processes" if resumed else "a fresh run")
-    return [f"backend {data.backend}{decoder}, device {dist.device}, {dist.world_size} processes", images,
-            f"global batch {plan.global_batch} = {dist.world_size} processes x micro-batch {plan.layout.micro_batch} "
-            f"x {plan.layout.accumulation} accumulation steps",
-            f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} in all ({plan.warmup_steps} warmup), peak "
-            f"lr {plan.peak_lr:g}", start]
 
 
 def _check_classes(index, config: Config) -> None:
@@ -191,18 +189,6 @@ def _start(summary: resume.ResumeSummary | None, plan: TrainPlan) -> Progress:
         progress.batch = min(progress.batch, plan.steps_per_epoch)
         progress.step = progress.epoch * plan.steps_per_epoch + progress.batch
     return progress
-
-
-def _say_epochs_change(state: dict, plan: TrainPlan, progress: Progress) -> None:
-    """A changed train.epochs stretches or shortens the cosine: say what it does to the next step's lr."""
-    epochs = state["config"]["train"]["epochs"]
-    if epochs * plan.steps_per_epoch == plan.total_steps:
-        return
-    before = learning_rate(progress.step, total_steps=epochs * plan.steps_per_epoch, warmup_steps=plan.warmup_steps,
-                           peak_lr=plan.peak_lr, min_lr=plan.min_lr)
-    log.warning("train.epochs %d -> %d: the schedule now ends at step %d (was %d); lr at the next step %g -> %g",
-                epochs, plan.total_steps // plan.steps_per_epoch, plan.total_steps, epochs * plan.steps_per_epoch,
-                before, plan.lr(progress.step))
 
 
 def _restore(run: Run, state: dict | None, summary: resume.ResumeSummary, rank_state: dict,

@@ -5,10 +5,10 @@ checkpoint (which is intact). `run` is the runner's `Run`."""
 
 from __future__ import annotations
 
+from resnest_train.agreement import rank0_acts
 from resnest_train.checkpoint_writer import snapshot
 from resnest_train.config_yaml import to_dict
-from resnest_train.distributed import DistInfo, broadcast_object, gather_object
-from resnest_train.errors import UserError
+from resnest_train.distributed import gather_object
 from resnest_train.resume import Progress
 from resnest_train.wrapping import unwrap
 
@@ -17,33 +17,19 @@ def save(run, progress: Progress, *, is_best: bool = False) -> None:
     """Every rank contributes its data position (randomness is seeded per step and sample, so no generator
     state is needed); rank 0 copies the state to host memory and writes it in the background."""
     ranks = gather_object({"data": run.train_loader.state()}, run.dist)
-    error = None
-    if run.dist.is_main:
+
+    def write() -> None:
         state = {"model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
                  "scaler": run.scaler.state_dict(), "epoch": progress.epoch, "batch": progress.batch,
                  "step": progress.step, "best_top1": progress.best_top1, "config": to_dict(run.config),
                  "world_size": run.dist.world_size, "global_batch": run.plan.global_batch,
                  "micro_batch": run.plan.layout.micro_batch, "steps_per_epoch": run.plan.steps_per_epoch,
                  "provenance": run.provenance, "ranks": ranks}
-        try:
-            run.writer.submit(snapshot(state), is_best=is_best)  # first waits for the write in flight
-        except UserError as exc:
-            error = str(exc)
-    share_error(error, run.dist)
+        run.writer.submit(snapshot(state), is_best=is_best)  # first waits for the write in flight
+
+    rank0_acts(write, run.dist)  # no rank waits for a save that failed
 
 
 def wait_for_writes(run) -> None:
     """Before a stop or the end of the run: the write in flight is on disk, or its error on every rank."""
-    error = None
-    if run.dist.is_main:
-        try:
-            run.writer.wait()
-        except UserError as exc:
-            error = str(exc)
-    share_error(error, run.dist)
-
-
-def share_error(error: str | None, dist: DistInfo) -> None:
-    error = broadcast_object(error, dist)  # no rank waits for a save that failed
-    if error:
-        raise UserError(error)
+    rank0_acts(run.writer.wait if run.dist.is_main else lambda: None, run.dist)

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from resnest_train.agreement import rank0_acts
 from resnest_train.data.index import (
     SPLITS,
     DatasetError,
@@ -24,7 +25,7 @@ from resnest_train.data.index import (
 )
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan, build_data_plan, resize_size
-from resnest_train.distributed import DistInfo, broadcast_object
+from resnest_train.distributed import DistInfo
 
 __all__ = ["Loader", "DataPlan", "DatasetError", "DatasetIndex", "TrainOrder", "build_data_plan",
            "build_train_loader", "build_val_loader", "load_dataset_index", "num_train_images", "resize_size"]
@@ -72,19 +73,15 @@ def load_dataset_index(plan: DataPlan, dist: DistInfo, *, classes: list[str] | N
     it names them."""
     if plan.backend == "synthetic":
         return None
-    buffer, error = None, None
-    if dist.is_main:
-        try:
-            index = load_index(plan.root, classes=classes, splits=splits)
-            warn_skipped(index)
-            buffer = index_to_bytes(index)
-        except DatasetError as exc:
-            error = str(exc)
-    if dist.distributed:
-        buffer, error = broadcast_object((buffer, error), dist, timeout=INDEX_TIMEOUT)
-    if error:
-        raise DatasetError(error)
-    return index if dist.is_main else index_from_bytes(buffer)
+    loaded = {}
+
+    def load() -> bytes | None:
+        loaded["index"] = load_index(plan.root, classes=classes, splits=splits)
+        warn_skipped(loaded["index"])
+        return index_to_bytes(loaded["index"]) if dist.distributed else None
+
+    buffer = rank0_acts(load, dist, timeout=INDEX_TIMEOUT)
+    return loaded["index"] if dist.is_main else index_from_bytes(buffer)
 
 
 def _dali():

@@ -1,0 +1,79 @@
+"""Rank 0 acts, every rank learns the outcome: the one primitive for work only rank 0 does (the run folder,
+the resume decision, the dataset index, a checkpoint write) while the other ranks wait for it.
+
+`rank0_acts(act, dist)` runs `act()` on rank 0 alone and hands every rank its result, or, when it raised
+anything at all (the project's UserError, an OSError of the filesystem, a bug), the same UserError on
+every rank, so that each prints the same `error:` line and exits 2 instead of waiting in a collective
+that rank 0 never reaches. `describe` is the one wording of an exception as that line.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from resnest_train.distributed import DistInfo, broadcast_object
+from resnest_train.errors import UserError
+
+log = logging.getLogger("resnest_train")
+T = TypeVar("T")
+
+
+def free_space(path: str | Path | None) -> str:
+    """'N MB free' on the filesystem of `path` (its nearest existing folder), or '' when unknown."""
+    if path is None:
+        return ""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f} MB free"
+    except OSError:
+        return ""
+
+
+def describe(exc: BaseException, *, needed_bytes: int | None = None) -> str:
+    """The `error:` line of an exception: a UserError's own words; an OSError as what failed on which path
+    (a full disk said as such, with the space needed and free); anything else by its type and first line."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        path = exc.filename if exc.filename is not None else ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            needed = f", {needed_bytes / 2**20:.0f} MB needed" if needed_bytes else ""
+            free = free_space(path)
+            return f"disk full at {path}{needed}{', ' + free if free else ''}"
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        return f"{path}: {reason}" if path else reason
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def rank0_acts(act: Callable[[], T], dist: DistInfo, *, timeout: datetime.timedelta | None = None) -> T:
+    """`act()` on rank 0, its result on every rank; whatever `act` raised, the same UserError on every
+    rank. `timeout`: how long the others may wait for rank 0 (a first dataset scan outlasts the process
+    group's timeout). The result must be picklable; what only rank 0 needs stays in `act`'s closure."""
+    result, error = None, None
+    if dist.is_main:
+        try:
+            result = act()
+        except Exception as exc:  # noqa: BLE001 - every outcome reaches every rank, as one line
+            if not isinstance(exc, UserError):
+                log.debug("rank 0 failed", exc_info=exc)  # a bug's traceback stays in the debug log
+            error = exc if isinstance(exc, UserError) and _picklable(exc) else UserError(describe(exc))
+    if dist.distributed:
+        result, error = broadcast_object((result, error), dist, timeout=timeout)
+    if error is not None:
+        raise error
+    return result
+
+
+def _picklable(exc: UserError) -> bool:
+    """A UserError travels as itself (its subclass kept) when it rebuilds from its one message."""
+    return len(exc.args) == 1 and isinstance(exc.args[0], str)
+
