@@ -13,6 +13,8 @@ data-pipeline state. Resuming reads only the chosen file (memory-mapped).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from resnest_train.agreement import describe
 from resnest_train.errors import UserError
 
 log = logging.getLogger("resnest_train")
@@ -49,38 +52,79 @@ def _fsync_dir(folder: Path) -> None:
         os.close(dir_fd)
 
 
+def state_bytes(obj) -> int:
+    """The bytes of the tensors in a nested state: about the size of its checkpoint file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(value) for value in obj)
+    return 0
+
+
+def _write_failure(exc: BaseException, path: Path, needed: int, had_previous: bool) -> CheckpointError:
+    """The one line of a failed write: what failed, a full disk said as such (torch's zip writer reports
+    ENOSPC as "[enforce fail at inline_container.cc] unexpected pos": judged by the space left), and the
+    previous checkpoint named only where one exists."""
+    if isinstance(exc, RuntimeError) and ("unexpected pos" in str(exc) or "file write failed" in str(exc)):
+        free = shutil.disk_usage(_existing(path.parent)).free
+        if free < needed + 2**20:
+            exc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path.parent))
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = describe(OSError(exc.errno, exc.strerror, str(path.parent)), needed_bytes=needed)
+        reason = f"cannot write checkpoint {path}: {reason}"
+    elif isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+        reason = f"cannot write checkpoint {path}: {exc.strerror or exc}{where}"
+    else:
+        reason = f"cannot write checkpoint {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    kept = "the previous checkpoint is intact" if had_previous else "no earlier checkpoint of this run exists"
+    return CheckpointError(f"{reason} ({kept})")
+
+
+def _existing(folder: Path) -> Path:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
 def atomic_save(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """`path` holds `obj` completely or keeps what it held: every failure (any OSError, torch's writer
+    error, Ctrl-C) removes the temporary file; an OSError or writer error becomes one CheckpointError."""
     tmp = path.with_name(f".{path.name}.tmp")
+    had_previous = path.is_file()
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as handle:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # make the rename itself durable
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, (OSError, RuntimeError)):  # torch's zip writer reports ENOSPC as RuntimeError
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
-            raise CheckpointError(f"cannot write checkpoint {path}: {reason} "
-                                  "(the previous checkpoint is intact)") from None
+        with contextlib.suppress(OSError):  # a folder gone read-only refuses the clean-up too
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, (OSError, RuntimeError)):
+            raise _write_failure(exc, path, state_bytes(obj), had_previous) from None
         raise
-    _fsync_dir(path.parent)  # make the rename itself durable
 
 
 def _link(source: Path, target: Path) -> None:
     """`target` becomes another name of `source` (atomically: a temporary name, then os.replace)."""
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.unlink(missing_ok=True)
     try:
+        tmp.unlink(missing_ok=True)
         try:
             os.link(source, tmp)
         except OSError:
             shutil.copyfile(source, tmp)
         os.replace(tmp, target)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write checkpoint {target}: {exc.strerror or exc}") from None
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint {target}: {exc.strerror or exc} ({source} is complete)") \
+            from None
 
 
 def save_checkpoint(state: dict, output_dir: str | Path, *, keep_last: int, is_best: bool) -> Path:
@@ -90,11 +134,18 @@ def save_checkpoint(state: dict, output_dir: str | Path, *, keep_last: int, is_b
     atomic_save(state, last)
     if keep_last > 0:
         _link(last, folder / f"step-{state['step']:09d}.pt")
-        for old in step_checkpoints(folder)[:-keep_last]:
-            old.unlink(missing_ok=True)
+        try:
+            for old in step_checkpoints(folder)[:-keep_last]:
+                old.unlink(missing_ok=True)
+        except OSError as exc:
+            raise CheckpointError(f"cannot remove an old checkpoint in {folder}: {exc.strerror or exc} ({last} "
+                                  "is complete)") from None
     if is_best:
         _link(last, folder / "best.pt")
-    _fsync_dir(folder)
+    try:
+        _fsync_dir(folder)
+    except OSError as exc:
+        raise CheckpointError(f"cannot sync {folder}: {exc.strerror or exc}") from None
     return last
 
 

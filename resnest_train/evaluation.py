@@ -9,6 +9,7 @@ the first crop's pass, not by a second one.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -83,7 +84,8 @@ def _measure(config: Config, dist: DistInfo, checkpoint: str, crop_sizes: list[i
                                        config.data.val_resize_ratio)
         loader = build_val_loader(crop_plan, index, batch_size=batch_size)
         started = time.perf_counter()
-        result = validate(model, loader, dist, precision, predictions=bool(predictions) and number == 0)
+        with contextlib.closing(loader):  # an error must not leave the workers to their shutdown grace
+            result = validate(model, loader, dist, precision, predictions=bool(predictions) and number == 0)
         seconds = time.perf_counter() - started
         results.append({"crop_size": crop, "resize_size": crop_plan.val_resize_size, "top1": result.top1,
                         "top5": result.top5, "num_images": result.num_images,

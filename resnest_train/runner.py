@@ -142,6 +142,8 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
     train_loader = build_train_loader(data, index, order, start=(progress.epoch, progress.batch),
                                       state=rank_state.get("data"))
     val_loader = build_val_loader(data, index, batch_size=train_cfg.batch_size)
+    stack.callback(val_loader.close)  # whatever ends the run, workers never outlive it
+    stack.callback(train_loader.close)
     # DDP's constructor broadcasts rank 0's parameters and buffers: the weights rank 0 loaded reach all.
     model = wrap_for_training(place(model, dist, channels_last=train_cfg.channels_last), dist,
                               sync_bn=config.model.sync_bn, compile_model=train_cfg.compile,

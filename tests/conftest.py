@@ -11,6 +11,9 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -120,3 +123,63 @@ def image_root(tmp_path_factory) -> Path:
                     "--classes", "4", "--train-per-class", "12", "--val-per-class", "5", "--size", "40"],
                    check=True, capture_output=True)
     return out
+
+
+@dataclass
+class RankResult:
+    returncode: int
+    stderr: str
+    errors: list[str]  # its `error:` lines
+    first_error: float | None  # time.monotonic() when its first `error:` line came
+    ended: float  # time.monotonic() when it exited
+
+
+def _read_lines(stream, lines: list[tuple[float, str]]) -> None:
+    for line in stream:
+        lines.append((time.monotonic(), line))
+
+
+def launch_ranks(args: list[str], *, world_size: int = 2, timeout: float = 180, **env: str) -> list[RankResult]:
+    """`python ARGS` as ranks 0..world_size-1 of one gloo group, started directly (no launcher that would
+    kill the others when one fails): what each rank printed and when it said `error:` and ended."""
+    port = str(free_port())
+    processes, readers, lines = [], [], []
+    for rank in range(world_size):
+        process = subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE,
+                                   env=script_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env))
+        lines.append([])
+        readers.append(threading.Thread(target=_read_lines, args=(process.stderr, lines[-1]), daemon=True))
+        readers[-1].start()
+        processes.append(process)
+    results = []
+    for process, reader, said in zip(processes, readers, lines):
+        try:
+            process.wait(timeout=timeout)
+        finally:
+            for other in processes:
+                if other.poll() is None and process.returncode is None:
+                    other.kill()
+        ended = time.monotonic()
+        reader.join(timeout=10)
+        errors = [(when, line.rstrip("\n")) for when, line in said if line.startswith("error: ")]
+        results.append(RankResult(process.returncode, "".join(line for _, line in said), [e for _, e in errors],
+                                  errors[0][0] if errors else None, ended))
+    return results
+
+
+def assert_one_error_everywhere(results: list[RankResult], start: str, *, within: float = 15.0) -> str:
+    """Every rank exits 2 with the same single `error:` line (starting `start`), no traceback, and within
+    `within` seconds of the first error line any rank printed. Returns the line."""
+    for rank, result in enumerate(results):
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (rank, result.stderr[-3000:])
+        assert len(result.errors) == 1, (rank, result.errors)
+    lines = {result.errors[0] for result in results}
+    assert len(lines) == 1, lines
+    line = lines.pop()
+    assert line.startswith(f"error: {start}"), line
+    first = min(result.first_error for result in results)
+    slowest = max(result.ended for result in results) - first
+    assert slowest < within, f"the last rank exited {slowest:.1f} s after the first error line"
+    return line

@@ -114,3 +114,46 @@ def test_run_lock_names_its_holder_and_is_taken_over_after_death(tmp_path):
     holder.join()
     with ckpt.RunLock(tmp_path):
         assert f"pid {os.getpid()}" in (tmp_path / ".lock").read_text()
+
+
+def test_full_disk_is_called_a_full_disk_with_the_space_needed(tmp_path, monkeypatch):
+    """torch's zip writer reports ENOSPC as "unexpected pos": judged by the space left, said as a full disk;
+    no previous checkpoint is claimed where none exists."""
+    def full_disk(obj, handle):
+        handle.write(b"partial bytes")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda _path: shutil_usage(free=3 * 2**20))
+    big = {**state(1), "model": {"w": torch.zeros(10 * 2**20 // 4)}}  # 10 MB of tensors
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.save_checkpoint(big, tmp_path, keep_last=2, is_best=False)
+    message = str(error.value)
+    assert "disk full at" in message and "10 MB needed" in message and "3 MB free" in message, message
+    assert "no earlier checkpoint of this run exists" in message and "intact" not in message
+    assert files(ckpt.checkpoint_dir(tmp_path)) == []
+
+
+def shutil_usage(free: int):
+    import shutil
+    return shutil._ntuple_diskusage(total=2**40, used=2**40 - free, free=free)
+
+
+@pytest.mark.parametrize("break_it", ["folder_is_a_file", "dir_fsync_eio", "read_only"])
+def test_every_os_error_of_a_save_is_one_checkpoint_error(tmp_path, monkeypatch, break_it):
+    """The checkpoints folder replaced by a file, an EIO from the directory fsync, a folder remounted read-only
+    (where the clean-up's own unlink fails again): one CheckpointError naming the file, never an OSError."""
+    if break_it == "folder_is_a_file":
+        ckpt.checkpoint_dir(tmp_path).write_text("not a folder")
+    elif break_it == "dir_fsync_eio":
+        def eio(folder):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(folder))
+        monkeypatch.setattr(ckpt, "_fsync_dir", eio)
+    else:
+        ckpt.save_checkpoint(state(1), tmp_path, keep_last=2, is_best=False)
+
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        monkeypatch.setattr(ckpt.os, "replace", read_only)
+        monkeypatch.setattr(ckpt.Path, "unlink", read_only)
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot (write checkpoint|sync) .*checkpoints"):
+        ckpt.save_checkpoint(state(2), tmp_path, keep_last=2, is_best=False)

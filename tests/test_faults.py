@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, metrics, run_script, script_env, train_args
+from tests.conftest import ROOT, assert_one_error_everywhere, launch_ranks, metrics, run_script, script_env, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -160,3 +160,18 @@ def test_read_only_output_dir_is_named_before_the_dataset_is_read():
         result = run_script(train_args(Path(tmp) / "no-such-data", read_only / "run"), launcher=launcher,
                             env=script_env(HOME=str(home)), expect=2)
         one_line_error(result, "output_dir", str(read_only / "run"))
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_a_checkpoint_write_that_fails_is_one_line_on_every_rank_within_seconds(image_root, tmp_path, backend):
+    """The checkpoints folder replaced by a file (an OSError the save did not handle: tracebacks on every rank,
+    the other rank learning of it from gloo's 'Connection closed by peer'; torchvision runs then stalled
+    ~62 s in their DataLoader workers' shutdown)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("not a folder")
+    results = launch_ranks(train_args(image_root, out, f"data.backend={backend}", "train.epochs=1",
+                                      "checkpoint.interval_steps=2"))
+    line = assert_one_error_everywhere(results, f"cannot write checkpoint {out}/checkpoints/last.pt: ")
+    assert "no earlier checkpoint of this run exists" in line

@@ -49,6 +49,8 @@ class Loader(Protocol):
     - `set_epoch(epoch)` is called before each epoch;
     - `state()` is a plain dict with the position reached (`reader.EpochReader` owns it for every training
       backend); a loader built from that position continues exactly from there;
+    - `close()` releases the backend's workers at the end of the run or on an error (a DataLoader's
+      processes would otherwise outlive the error by their shutdown grace);
     - `delivered`: after a validation pass, the positions in the shard of the images it yielded, in order
       (an undecodable image is dropped and named, never replaced).
     """
@@ -58,6 +60,8 @@ class Loader(Protocol):
     def __len__(self) -> int: ...
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def close(self) -> None: ...
 
     def set_epoch(self, epoch: int) -> None: ...
 

@@ -224,6 +224,9 @@ class DaliLoader:
     def state(self) -> dict:
         return {}
 
+    def close(self) -> None:
+        """Nothing to release: the pipeline's threads end with it."""
+
 
 def _device_id(plan: DataPlan) -> int | None:
     return plan.device.index if plan.device.type == "cuda" else None

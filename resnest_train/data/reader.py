@@ -73,6 +73,9 @@ class ReaderLoader:
     def state(self) -> dict:
         return self.reader.state()
 
+    def close(self) -> None:
+        """Release the backend's workers (a DataLoader's processes); the loader is not used after."""
+
 
 class MicroBatchFeed:
     """`fn.external_source(source=feed, num_outputs=len(feed.names), batch=True)`: one micro-batch per call."""

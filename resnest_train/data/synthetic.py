@@ -71,6 +71,9 @@ class SyntheticLoader:
     def state(self) -> dict:
         return {}
 
+    def close(self) -> None:
+        """Nothing to release: the pipeline's threads end with it."""
+
 
 def build_synthetic_train(plan: DataPlan, order: TrainOrder, *,
                           start: tuple[int, int] = (0, 0)) -> SyntheticTrainLoader:
