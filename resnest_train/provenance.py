@@ -19,6 +19,9 @@ from resnest_train.config_yaml import to_dict
 
 ARCHITECTURE = ("name", "num_classes")  # model.* keys that make another network
 RECIPE = ("model", "data", "optim", "schedule")
+# train.* keys of the recipe (the rest, device, logging, compile, are how a run goes, not what it trains):
+# the seed deals the data order, so a mid-epoch resume with another seed would re-deal the epoch.
+TRAIN_RECIPE = ("epochs", "label_smoothing", "mixup_alpha", "amp", "seed", "deterministic")
 
 
 def fingerprint(train: list[tuple[str, int]] | None, synthetic_size: int) -> dict:
@@ -35,7 +38,7 @@ def provenance(config: Config, classes: list[str] | None, train: list[tuple[str,
                global_batch: int) -> dict:
     values = to_dict(config)
     recipe = {section: values[section] for section in RECIPE}
-    recipe["train"] = {"global_batch": global_batch, "epochs": config.train.epochs}
+    recipe["train"] = {"global_batch": global_batch, **{key: values["train"][key] for key in TRAIN_RECIPE}}
     return {"classes": list(classes) if classes is not None else None,
             "train_set": fingerprint(train, config.data.synthetic_size), "recipe": recipe}
 
@@ -47,8 +50,9 @@ def _first_difference(old: list[str], new: list[str]) -> str:
     return f"{len(old)} -> {len(new)} classes"
 
 
-def blocking_changes(saved: dict, current: dict) -> list[str]:
-    """What makes the checkpoint's run another run: architecture, class names, training set."""
+def blocking_changes(saved: dict, current: dict, *, mid_epoch: bool = False) -> list[str]:
+    """What makes the checkpoint's run another run: architecture, class names, training set, and, in the
+    middle of an epoch, the seed that dealt the epoch's order."""
     changes = []
     old_model, new_model = saved["recipe"]["model"], current["recipe"]["model"]
     for key in ARCHITECTURE:
@@ -60,16 +64,22 @@ def blocking_changes(saved: dict, current: dict) -> list[str]:
     if old_set != new_set:
         changes.append(f"training set {old_set['images']} images ({old_set['sha256']}) -> {new_set['images']} "
                        f"images ({new_set['sha256']})")
+    old_seed, new_seed = (values["recipe"].get("train", {}).get("seed") for values in (saved, current))
+    if mid_epoch and None not in (old_seed, new_seed) and old_seed != new_seed:
+        changes.append(f"train.seed {old_seed} -> {new_seed} in the middle of an epoch "
+                       "(its order was dealt by the old seed; with the change the rest of the epoch keeps that "
+                       "order and the new seed starts at the next epoch)")
     return changes
 
 
-def other_changes(saved: dict, current: dict) -> list[str]:
-    """The recipe's other keys that differ (logged: a deliberate change of a hyperparameter is the user's)."""
+def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Every key of the resolved config (as checkpoints store it) whose value differs: 'key old -> new'."""
     changes = []
-    for section, values in current["recipe"].items():
-        old = saved["recipe"].get(section, {})
-        for key, value in values.items():
-            if key not in ARCHITECTURE or section != "model":
-                if key in old and old[key] != value:
-                    changes.append(f"{section}.{key} {old[key]} -> {value}")
+    for key, value in current.items():
+        if key not in saved:
+            continue
+        if isinstance(value, dict) and isinstance(saved[key], dict):
+            changes += config_changes(saved[key], value, f"{prefix}{key}.")
+        elif saved[key] != value:
+            changes.append(f"{prefix}{key} {saved[key]} -> {value}")
     return changes

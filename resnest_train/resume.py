@@ -52,13 +52,22 @@ class ResumeSummary:
     scaler: dict = field(default_factory=dict)
     micro_batch: int | None = None  # None: a checkpoint written before accumulation existed
     steps_per_epoch: int | None = None
+    seed: int | None = None  # train.seed of the run that wrote it (it dealt the epoch's order)
+
+    def epoch_seed(self, seed: int) -> tuple[int, int] | None:
+        """(epoch, seed) when the epoch resumed mid-way was dealt by another seed than `seed` (allowed by
+        checkpoint.allow_changes): the rest of that epoch keeps its order."""
+        if self.batch > 0 and self.seed is not None and self.seed != seed:
+            return self.epoch, self.seed
+        return None
 
 
 def summarize(state: dict | None) -> ResumeSummary | None:
     """The part of rank 0's resume state every rank receives (through `agreement.rank0_acts`)."""
     if state is None:
         return None
-    return ResumeSummary(**{key: state.get(key) for key in SUMMARY if key in state})
+    return ResumeSummary(**{key: state.get(key) for key in SUMMARY if key in state},
+                         seed=state.get("config", {}).get("train", {}).get("seed"))
 
 
 def check_layout(summary: ResumeSummary, layout: BatchLayout) -> None:
@@ -86,22 +95,21 @@ def rank_states(state: dict | None, summary: ResumeSummary | None, dist: DistInf
     return scatter_object(state["ranks"] if dist.is_main else None, dist)
 
 
-def check_provenance(state: dict | None, current: dict, *, output_dir: str, allow: bool,
-                     dist: DistInfo) -> list[str]:
+def check_provenance(state: dict | None, current: dict, config: dict, *, allow: bool, dist: DistInfo) -> list[str]:
     """Rank 0 compares what the checkpoint was trained on with this run (provenance.py); another model,
-    other class names or another training set is an error on every rank unless `allow`. Returns the
-    changes allowed (to be recorded)."""
+    other class names, another training set or, mid-epoch, another seed is an error on every rank unless
+    `allow`. Every other changed key of the config (`config`: this run's, resolved) is logged old -> new.
+    Returns the changes allowed (to be recorded)."""
     def compare() -> list[str]:
         if state is None or "provenance" not in state:
             return []
-        saved = state["provenance"]
-        changes = provenance.blocking_changes(saved, current)
+        changes = provenance.blocking_changes(state["provenance"], current, mid_epoch=state["batch"] > 0)
         if changes and not allow:
             raise ckpt.CheckpointError(
-                f"the checkpoint in {output_dir} was trained on something else: {'; '.join(changes)}; resume it "
-                "with its own model and data, use another output_dir, or set checkpoint.allow_changes=true to "
-                "continue it with the change")
-        for change in provenance.other_changes(saved, current):
+                f"the checkpoint in {config['output_dir']} was trained on something else: {'; '.join(changes)}; "
+                "resume it with its own model, data and seed, use another output_dir, or set "
+                "checkpoint.allow_changes=true to continue it with the change")
+        for change in provenance.config_changes(state["config"], config):
             log.info("changed since the checkpoint: %s", change)
         if changes:
             log.warning("continuing with changes (checkpoint.allow_changes=true): %s", "; ".join(changes))

@@ -22,6 +22,7 @@ from resnest_train import resume
 from resnest_train.agreement import describe, rank0_acts
 from resnest_train.checkpoint_writer import CheckpointWriter
 from resnest_train.config import Config
+from resnest_train.config_yaml import to_dict
 from resnest_train.data import (
     DataPlan,
     Loader,
@@ -134,11 +135,12 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
         resume.check_layout(summary, plan.layout)
     trained_on = provenance(config, index.classes if index else None, index.train if index else None,
                             plan.global_batch)
-    changes = resume.check_provenance(state, trained_on, output_dir=config.output_dir,
-                                      allow=config.checkpoint.allow_changes, dist=dist)
+    changes = resume.check_provenance(state, trained_on, to_dict(config), allow=config.checkpoint.allow_changes,
+                                      dist=dist)
     rank_state = resume.rank_states(state, summary, dist, plan.layout)
     progress = _start(summary, plan)
-    order = TrainOrder(train_cfg.seed, num_images, plan.layout, plan.steps_per_epoch, dist.rank)
+    order = TrainOrder(train_cfg.seed, num_images, plan.layout, plan.steps_per_epoch, dist.rank,
+                       summary.epoch_seed(train_cfg.seed) if summary else None)
     train_loader = build_train_loader(data, index, order, start=(progress.epoch, progress.batch),
                                       state=rank_state.get("data"))
     val_loader = build_val_loader(data, index, batch_size=train_cfg.batch_size)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from resnest_train.provenance import blocking_changes, fingerprint
-from tests.conftest import metrics, run_script, train_args
+from tests.conftest import metrics, run_script, script_env, train_args
 from tests.test_faults import one_line_error
 
 pytestmark = pytest.mark.slow
@@ -87,3 +87,30 @@ def test_the_same_data_in_another_folder_resumes(data, tmp_path):
     assert "train.epochs 1 -> 2: the schedule now ends at step 12 (was 6); lr at the next step" in result.stdout
     assert [r["epoch"] for r in metrics(tmp_path / "run")] == [1, 2]
     assert "resumed_with_changes" not in json.dumps(metrics(tmp_path / "run"))
+
+
+def samples_of_epoch(record: Path, epoch: int, steps=range(10**9)) -> list[int]:
+    rows = [json.loads(line) for path in sorted(record.glob("rank*.jsonl")) for line in path.read_text().splitlines()]
+    return [s for row in rows if row["epoch"] == epoch and row["step"] in steps for s in row["samples"]]
+
+
+def test_another_seed_mid_epoch_is_refused_or_continues_the_epochs_order(data, tmp_path):
+    """train.seed deals the order: a mid-epoch resume with another seed re-dealt the epoch (20 of 96 images
+    twice, 20 never, nothing said). Refused with one line; with checkpoint.allow_changes=true the rest of
+    the epoch keeps its order (every image once) and the change is logged old -> new."""
+    out, first, rest = tmp_path / "run", tmp_path / "first", tmp_path / "rest"
+    first.mkdir()
+    rest.mkdir()
+    run_script(train_args(data, out, "data.backend=torchvision", "train.epochs=1", "checkpoint.interval_steps=2",
+                          "checkpoint.keep_last=9"), env=script_env(RESNEST_TRAIN_SAMPLE_LOG=str(first)))
+    mid = [f"checkpoint.resume={out}/checkpoints/step-000000002.pt", "train.seed=7"]
+    refused = resumed(data, out, *mid, expect=2)
+    one_line_error(refused, "train.seed 0 -> 7 in the middle of an epoch", "checkpoint.allow_changes=true")
+    allowed = run_script(train_args(data, out, "data.backend=torchvision", "train.epochs=2", *mid,
+                                    "checkpoint.allow_changes=true", "train.mixup_alpha=0.5"),
+                         env=script_env(RESNEST_TRAIN_SAMPLE_LOG=str(rest)))
+    said = allowed.stdout + allowed.stderr
+    assert "changed since the checkpoint: train.seed 0 -> 7" in said, said[-3000:]
+    assert "changed since the checkpoint: train.mixup_alpha" in said, said[-3000:]
+    epoch = samples_of_epoch(first, 0, range(2)) + samples_of_epoch(rest, 0)
+    assert sorted(epoch) == list(range(48))  # every image of the resumed epoch exactly once

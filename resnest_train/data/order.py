@@ -29,6 +29,9 @@ class TrainOrder:
     layout: BatchLayout
     steps_per_epoch: int
     rank: int
+    # (epoch, seed): that epoch keeps the order its seed dealt (a mid-epoch resume with another train.seed,
+    # allowed by checkpoint.allow_changes: every image of the epoch still once; the new seed from the next)
+    earlier_seed: tuple[int, int] | None = None
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -40,7 +43,8 @@ class TrainOrder:
         return micro_step * self.layout.world_size + self.rank
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
-        return epoch_permutation(self.seed, epoch, self.num_samples)
+        seed = self.earlier_seed[1] if self.earlier_seed and epoch == self.earlier_seed[0] else self.seed
+        return epoch_permutation(seed, epoch, self.num_samples)
 
     def rank_samples(self, epoch: int, start_step: int = 0) -> torch.Tensor:
         """Indices into the training list this process reads from `start_step` to the end of `epoch`, in
