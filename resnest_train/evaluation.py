@@ -32,7 +32,7 @@ log = logging.getLogger("resnest_train")
 
 def evaluate_checkpoint(config: Config, checkpoint: str, *, crop_sizes: list[int] | None = None,
                         output: str | None = None, predictions: str | None = None,
-                        batch_size: int | None = None) -> dict:
+                        batch_size: int | None = None, classes_file: str | None = None) -> dict:
     dist = setup_distributed(config.train.device)
     configure_logging(dist)
     try:
@@ -43,7 +43,7 @@ def evaluate_checkpoint(config: Config, checkpoint: str, *, crop_sizes: list[int
             if path:
                 _check_output(Path(path))
         return _measure(config, dist, checkpoint, crop_sizes or [config.data.val_crop_size], output,
-                        predictions, batch_size or config.train.batch_size)
+                        predictions, batch_size or config.train.batch_size, classes_file)
     finally:
         cleanup(dist)
 
@@ -67,17 +67,19 @@ def _check_output(path: Path) -> None:
 
 
 def _measure(config: Config, dist: DistInfo, checkpoint: str, crop_sizes: list[int], output: str | None,
-             predictions: str | None, batch_size: int) -> dict:
+             predictions: str | None, batch_size: int, classes_file: str | None) -> dict:
     model = build_model(config.model, pretrained=False)
     load_weights(model, checkpoint, "--checkpoint", f"{config.model.name} ({config.model.num_classes} classes)")
     model = place(model, dist, channels_last=config.train.channels_last).eval()
     precision = resolve_precision(config.train.amp, dist.device)
     plan = build_data_plan(config, dist)
-    classes = trained_classes(checkpoint)
-    # Our checkpoints name their classes: val/ alone is read, each folder labelled by its name (a folder
-    # that is not one of them is an error). Other weights: the classes are train/'s, or val/'s without it.
+    classes = read_class_list(classes_file, config.model.num_classes) if classes_file else trained_classes(checkpoint)
+    # Our checkpoints (or --classes) name the classes: val/ alone is read, each folder labelled by its name (a
+    # folder that is not one of them is an error). Other weights: the classes are train/'s, or val/'s without it.
     val_only = classes is not None or not (Path(config.data.root) / "train").is_dir()
     index = load_dataset_index(plan, dist, classes=classes, splits=("val",) if val_only else SPLITS)
+    if classes is None and val_only:
+        _check_val_folders(index, config, checkpoint)
     results, rows = [], None
     for number, crop in enumerate(crop_sizes):
         crop_plan = plan.with_val_crop(crop, config.data.val_resize_size if crop == plan.val_crop_size else None,
@@ -112,6 +114,30 @@ def trained_classes(checkpoint: str) -> list[str] | None:
         return None
     classes = state.get("provenance", {}).get("classes") if isinstance(state, dict) else None
     return list(classes) if classes else None
+
+
+def read_class_list(path: str, num_classes: int) -> list[str]:
+    """`--classes FILE`: the model's class names in label order, one per line (a `classes.txt`)."""
+    try:
+        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--classes {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if len(names) != num_classes or len(set(names)) != len(names):
+        raise UserError(f"--classes {path} names {len(names)} classes ({len(set(names))} distinct); the model has "
+                        f"{num_classes}: one name per line, in label order")
+    return names
+
+
+def _check_val_folders(index, config: Config, checkpoint: str) -> None:
+    """Weights that do not name their classes, on a val/ folder alone: its folders are labelled in sorted
+    order, so with a class missing every later folder would take its neighbour's label (top-1 33% for 92%,
+    silently). Refused unless the folders are the whole class list."""
+    if index is None or index.layout != "folder" or len(index.classes) >= config.model.num_classes:
+        return
+    raise UserError(f"{Path(config.data.root) / 'val'} has {len(index.classes)} class folders but the model has "
+                    f"{config.model.num_classes} classes and {checkpoint} does not name them: the labels of the "
+                    "folders after a missing class would shift; give the class names in label order with "
+                    "--classes FILE (one per line), or evaluate a folder with every class")
 
 
 def _print_table(report: dict) -> None:
