@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from resnest_train.distributed import DistInfo, broadcast_object
+from resnest_train.distributed import DistInfo, announce_failure, broadcast_object, failure_of_another_rank
 from resnest_train.errors import UserError
 
 log = logging.getLogger("resnest_train")
@@ -71,6 +71,45 @@ def rank0_acts(act: Callable[[], T], dist: DistInfo, *, timeout: datetime.timede
     if error is not None:
         raise error
     return result
+
+
+def stop_every_rank(exc: Exception, dist: DistInfo, *, record: Callable[[list[str]], None]) -> BaseException:
+    """What to raise on this rank when `exc` ended its run; the other ranks must stop too, not wait in a
+    collective for this one. This rank's own failure (its decoder's, its filesystem's, a bug) is left where
+    the others read it (`announce_failure`); a collective that failed because another rank stopped first
+    becomes that rank's line. Rank 0 `record`s the undecodable training files either names (their `paths`).
+    A UserError or OSError is one `error:` line; a bug of ours keeps its traceback."""
+    if isinstance(exc, RuntimeError) and not isinstance(exc, UserError):
+        announced = failure_of_another_rank(dist)
+        if announced is not None:
+            reason, files = announced
+            _record(record, files, dist)
+            return UserError(reason)
+    files = list(getattr(exc, "paths", []))
+    _record(record, files, dist)
+    if _lost_peer(exc):  # a collective failed and no rank said why (one killed, or too slow to say)
+        exc = UserError(f"rank {dist.rank} lost its connection to another process of this run, which stopped "
+                        f"without a reason this rank could read (see that process's log): {describe(exc)}")
+    announce_failure(dist, describe(exc), files)
+    if isinstance(exc, (UserError, OSError)):
+        return exc if isinstance(exc, UserError) else UserError(describe(exc))
+    return exc
+
+
+def _lost_peer(exc: Exception) -> bool:
+    """A collective that failed because its peer went away (gloo's and NCCL's wording)."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "NCCL communicator",
+                                      "remote process exited", "Broken pipe"))
+
+
+def _record(record: Callable[[list[str]], None], files: list[str], dist: DistInfo) -> None:
+    if dist.is_main and files:
+        try:
+            record(files)
+        except OSError as exc:  # the run is failing already: its own line matters more
+            log.warning("could not record the undecodable files %s: %s", files, describe(exc))
 
 
 def _picklable(exc: UserError) -> bool:

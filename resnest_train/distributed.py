@@ -139,17 +139,18 @@ def gather_object(value, dist: DistInfo) -> list | None:
 FAILURE_WAIT = datetime.timedelta(seconds=30)
 
 
-def announce_failure(dist: DistInfo, reason: str) -> None:
+def announce_failure(dist: DistInfo, reason: str, files: list[str] = ()) -> None:
     """This rank stops on `reason` (an image its decoder failed on) while the others may be waiting for it
     in a collective: leave the reason in the rendezvous store, close this rank's connections (the others'
     collectives then fail at once instead of at the process group's timeout, and they read the reason),
     and wait until every rank has read it or stopped on its own (at most FAILURE_WAIT: the store lives in
-    rank 0's process when no launcher holds it)."""
+    rank 0's process when no launcher holds it). `files`: the training images it could not decode, which
+    rank 0 records in the run folder."""
     if not dist.distributed or not torch_dist.is_initialized():
         return
     store = torch_dist.distributed_c10d._get_default_store()
     try:
-        store.compare_set(f"{dist.failure_key}/reason", "", reason)  # the first rank's reason is kept
+        store.compare_set(f"{dist.failure_key}/reason", "", reason + "\0" + "\n".join(files))  # the first kept
         store.add(f"{dist.failure_key}/ended", 1)
         torch_dist.destroy_process_group()
         deadline = time.monotonic() + FAILURE_WAIT.total_seconds()
@@ -162,11 +163,11 @@ def announce_failure(dist: DistInfo, reason: str) -> None:
 FAILURE_READ_WAIT = 5.0  # seconds: the failing rank may close its connections a moment before its reason lands
 
 
-def failure_of_another_rank(dist: DistInfo) -> str | None:
-    """After a collective failed: the reason another rank announced, if any (and say it was read). The
-    failing rank writes its reason and then closes its connections, but on a loaded machine this rank's
-    collective can fail (connection closed) before the store answers with the reason: look for it for a few
-    seconds before concluding that nobody announced one."""
+def failure_of_another_rank(dist: DistInfo) -> tuple[str, list[str]] | None:
+    """After a collective failed: the reason another rank announced and the files it named, if any (and say
+    it was read). The failing rank writes its reason and then closes its connections, but on a loaded
+    machine this rank's collective can fail (connection closed) before the store answers with the reason:
+    look for it for a few seconds before concluding that nobody announced one."""
     if not dist.distributed:
         return None
     deadline = time.monotonic() + FAILURE_READ_WAIT
@@ -174,9 +175,9 @@ def failure_of_another_rank(dist: DistInfo) -> str | None:
         try:
             store = torch_dist.distributed_c10d._get_default_store()
             if store.check([f"{dist.failure_key}/reason"]):
-                reason = store.get(f"{dist.failure_key}/reason").decode()
+                reason, _, files = store.get(f"{dist.failure_key}/reason").decode().partition("\0")
                 store.add(f"{dist.failure_key}/ended", 1)
-                return reason
+                return reason, files.splitlines()
         except (RuntimeError, OSError, ValueError):
             pass
         if time.monotonic() > deadline:

@@ -19,7 +19,7 @@ from torch import nn
 
 from resnest_train import checkpoint as ckpt
 from resnest_train import resume
-from resnest_train.agreement import describe, rank0_acts
+from resnest_train.agreement import rank0_acts, stop_every_rank
 from resnest_train.checkpoint_writer import CheckpointWriter
 from resnest_train.config import Config
 from resnest_train.config_yaml import to_dict
@@ -30,16 +30,12 @@ from resnest_train.data import (
     build_data_plan,
     build_train_loader,
     build_val_loader,
+    known_undecodable,
     load_dataset_index,
     num_train_images,
 )
-from resnest_train.distributed import (
-    DistInfo,
-    announce_failure,
-    cleanup,
-    failure_of_another_rank,
-    setup_distributed,
-)
+from resnest_train.data.undecodable import add_to_record
+from resnest_train.distributed import DistInfo, cleanup, setup_distributed
 from resnest_train.engine import Precision, forward_backward, optimizer_step, resolve_precision, validate
 from resnest_train.errors import UserError
 from resnest_train.loss import build_criterion, build_mixup
@@ -92,18 +88,9 @@ def train(config: Config) -> Path:
             if prepared is not None:
                 _fit(*prepared, stop)
         return Path(config.output_dir)
-    except UserError as exc:  # possibly this rank's alone (its decoder failed): the others must not hang
-        announce_failure(dist, str(exc))
-        raise
-    except Exception as exc:
-        # A collective failed because another rank stopped on an error of its own: say that rank's reason.
-        reason = failure_of_another_rank(dist) if isinstance(exc, RuntimeError) else None
-        if reason is not None:
-            raise UserError(reason) from None
-        announce_failure(dist, describe(exc))  # the other ranks stop with this rank's line
-        if isinstance(exc, OSError):  # this rank's filesystem failed (a full disk, a read-only folder)
-            raise UserError(describe(exc)) from None
-        raise  # a bug of ours keeps its traceback
+    except Exception as exc:  # noqa: BLE001 - every failure ends every rank the same way
+        raise stop_every_rank(exc, dist, record=lambda files: add_to_record(config.output_dir, files)) \
+            from None
     finally:
         cleanup(dist)
 
@@ -141,9 +128,10 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
     progress = _start(summary, plan)
     order = TrainOrder(train_cfg.seed, num_images, plan.layout, plan.steps_per_epoch, dist.rank,
                        summary.epoch_seed(train_cfg.seed) if summary else None)
+    undecodable = known_undecodable(index, config.output_dir, dist)
     train_loader = build_train_loader(data, index, order, start=(progress.epoch, progress.batch),
-                                      state=rank_state.get("data"))
-    val_loader = build_val_loader(data, index, batch_size=train_cfg.batch_size)
+                                      state=rank_state.get("data"), undecodable=undecodable.get("train", []))
+    val_loader = build_val_loader(data, index, batch_size=train_cfg.batch_size, undecodable=undecodable.get("val", []))
     stack.callback(val_loader.close)  # whatever ends the run, workers never outlive it
     stack.callback(train_loader.close)
     # DDP's constructor broadcasts rank 0's parameters and buffers: the weights rank 0 loaded reach all.

@@ -8,6 +8,7 @@ from __future__ import annotations
 from resnest_train.agreement import rank0_acts
 from resnest_train.checkpoint_writer import snapshot
 from resnest_train.config_yaml import to_dict
+from resnest_train.data.undecodable import add_to_record
 from resnest_train.distributed import gather_object
 from resnest_train.resume import Progress
 from resnest_train.wrapping import unwrap
@@ -16,9 +17,11 @@ from resnest_train.wrapping import unwrap
 def save(run, progress: Progress, *, is_best: bool = False) -> None:
     """Every rank contributes its data position (randomness is seeded per step and sample, so no generator
     state is needed); rank 0 copies the state to host memory and writes it in the background."""
-    ranks = gather_object({"data": run.train_loader.state()}, run.dist)
+    gathered = gather_object(({"data": run.train_loader.state()}, run.train_loader.newly_undecodable()), run.dist)
 
     def write() -> None:
+        ranks = [rank for rank, _ in gathered]
+        add_to_record(run.config.output_dir, [path for _, found in gathered for path in found])
         state = {"model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
                  "scaler": run.scaler.state_dict(), "epoch": progress.epoch, "batch": progress.batch,
                  "step": progress.step, "best_top1": progress.best_top1, "config": to_dict(run.config),

@@ -16,7 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, assert_one_error_everywhere, launch_ranks, metrics, run_script, script_env, train_args
+from tests.conftest import (
+    ROOT,
+    TORCHRUN,
+    assert_one_error_everywhere,
+    launch_ranks,
+    metrics,
+    run_script,
+    script_env,
+    train_args,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -175,3 +184,43 @@ def test_a_checkpoint_write_that_fails_is_one_line_on_every_rank_within_seconds(
                                       "checkpoint.interval_steps=2"))
     line = assert_one_error_everywhere(results, f"cannot write checkpoint {out}/checkpoints/last.pt: ")
     assert "no earlier checkpoint of this run exists" in line
+
+
+def processes_running(needle: str) -> list[int]:
+    """PIDs of the live processes whose command line holds `needle`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if needle in command and "torch.distributed.run" not in command and state != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.dist
+def test_workers_never_outlive_their_launcher(tmp_path):
+    """torchrun SIGKILLed (the OOM killer, kill -9): its workers, each in a session of its own, trained on
+    unsupervised to the end of the run, and held the run folder. Now each notices within seconds, the ranks
+    checkpoint together and exit, and the folder is free for the rerun."""
+    out = tmp_path / "run"
+    launcher = subprocess.Popen([*TORCHRUN, "--standalone", "--nproc-per-node=2",
+                                 *train_args(None, out, "train.epochs=500")], cwd=ROOT, env=script_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_line(launcher, "step 3/")
+    workers = processes_running(str(out))
+    assert len(workers) == 2, workers
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 30
+    while processes_running(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not processes_running(str(out)), "the workers outlived their launcher by 30 s"
+    state = last_state(out)
+    assert state["step"] >= 3 and state["epoch"] < 500  # the ranks checkpointed where they were
+    run_script(train_args(None, out, f"train.epochs={state['epoch'] + 1}"),  # the folder is free: the rerun continues
+               launcher=[*TORCHRUN, "--standalone", "--nproc-per-node=2"])
+    assert last_state(out)["epoch"] == state["epoch"] + 1

@@ -192,3 +192,21 @@ def test_an_undecodable_micro_batch_keeps_every_step(image_root, tmp_path, proce
     assert state["step"] == 2 * 48 // 16 and [row["epoch"] for row in metrics(tmp_path / "run")] == [1, 2]
     named = result.stdout + result.stderr
     assert all(f"undecodable training image {path}" in named for path in broken)
+    recorded = (tmp_path / "run" / "undecodable.txt").read_text()
+    assert all(str(Path(path).relative_to(root)) in recorded for path in broken), recorded
+
+
+@pytest.mark.slow
+@pytest.mark.dali
+def test_a_bad_image_is_recorded_and_never_replayed_by_max_restarts(image_root, tmp_path):
+    """The README's `torchrun --max-restarts=3` with an image DALI cannot decode: torchrun ran the same failing
+    decode 4 times. The failure records the file in the run folder; the restart names it at start, replaces
+    it by the next image of the training list and finishes the run."""
+    root, broken = broken_inside(image_root, tmp_path)
+    out = tmp_path / "run"
+    result = run_script(train_args(root, out, "train.epochs=2"),
+                        launcher=[*TORCHRUN, "--standalone", "--nproc-per-node=1", "--max-restarts=3"])
+    said = result.stdout + result.stderr
+    assert said.count(f"error: cannot decode {broken} (") == 1, said[-3000:]
+    assert "train/class_001/train_001_00003.jpg" in (out / "undecodable.txt").read_text()
+    assert "1 images recorded as undecodable" in said and [row["epoch"] for row in metrics(out)] == [1, 2]

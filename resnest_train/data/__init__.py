@@ -7,10 +7,12 @@ built from them. Which backend runs is the plan's business, never the loop's.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from resnest_train.agreement import rank0_acts
@@ -25,10 +27,13 @@ from resnest_train.data.index import (
 )
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan, build_data_plan, resize_size
+from resnest_train.data.undecodable import RECORD, Replacement, known_positions, read_record
 from resnest_train.distributed import DistInfo
 
 __all__ = ["Loader", "DataPlan", "DatasetError", "DatasetIndex", "TrainOrder", "build_data_plan",
            "build_train_loader", "build_val_loader", "load_dataset_index", "num_train_images", "resize_size"]
+
+log = logging.getLogger("resnest_train")
 
 # Rank 0 may scan a large dataset while the others wait; this wait must not hit the process group's
 # timeout (the broadcast runs in its own group with this one).
@@ -101,27 +106,48 @@ def num_train_images(plan: DataPlan, index: DatasetIndex | None) -> int:
     return plan.synthetic_size if plan.backend == "synthetic" else len(index.train)
 
 
+def known_undecodable(index: DatasetIndex | None, output_dir: str, dist: DistInfo) -> dict[str, list[int]]:
+    """The positions in the training and validation lists of the images the run folder records as
+    undecodable (undecodable.py), on every rank; rank 0 names them."""
+    def read() -> dict[str, list[int]]:
+        paths = read_record(output_dir) if index is not None else []
+        known = {split: known_positions(getattr(index, split), paths) for split in ("train", "val")} if paths else {}
+        if paths:
+            log.warning("%d images recorded as undecodable in %s/%s: training replaces them by the next image "
+                        "of the list, evaluation leaves them out: %s", len(paths), output_dir, RECORD,
+                        ", ".join(paths[:10]) + (", ..." if len(paths) > 10 else ""))
+        return known
+
+    return rank0_acts(read, dist)
+
+
 def build_train_loader(plan: DataPlan, index: DatasetIndex | None, order: TrainOrder, *,
-                       start: tuple[int, int] = (0, 0), state: dict | None = None) -> Loader:
+                       start: tuple[int, int] = (0, 0), state: dict | None = None,
+                       undecodable: list[int] = ()) -> Loader:
     """This process's micro-batches of `order` from `start` (epoch, optimizer steps done in it). `state`:
-    what this rank's loader `state()` returned when the checkpoint was taken, with the same layout."""
+    what this rank's loader `state()` returned when the checkpoint was taken, with the same layout.
+    `undecodable`: training-list positions known not to decode, replaced without being tried."""
     if plan.backend == "synthetic":
         from resnest_train.data.synthetic import build_synthetic_train
         return build_synthetic_train(plan, order, start=start)
+    replacement = Replacement(len(index.train), undecodable)
     if plan.backend == "dali":
         _dali()
         from resnest_train.data.dali_train import build_dali_train
-        return build_dali_train(plan, index.train, order, start=start, state=state)
+        return build_dali_train(plan, index.train, order, start=start, state=state, replacement=replacement)
     from resnest_train.data.torchvision import build_torch_train
-    return build_torch_train(plan, index.train, order, start=start)
+    return build_torch_train(plan, index.train, order, start=start, replacement=replacement)
 
 
-def build_val_loader(plan: DataPlan, index: DatasetIndex | None, *, batch_size: int) -> Loader:
-    """This rank's shard of the validation list at `plan.val_crop_size` / `plan.val_resize_size`."""
+def build_val_loader(plan: DataPlan, index: DatasetIndex | None, *, batch_size: int,
+                     undecodable: list[int] = ()) -> Loader:
+    """This rank's shard of the validation list at `plan.val_crop_size` / `plan.val_resize_size`, without
+    the positions `undecodable` (known not to decode: left out, as a failing image is)."""
     if plan.backend == "synthetic":
         from resnest_train.data.synthetic import build_synthetic_val
         return build_synthetic_val(plan, batch_size=batch_size)
-    shard = plan.shard(index.val)
+    keep = np.setdiff1d(np.arange(len(index.val)), np.asarray(undecodable, dtype=np.int64))
+    shard = plan.shard(index.val.take(keep) if len(undecodable) else index.val)
     if plan.backend == "dali":
         return _dali().build_dali_val(plan, shard, batch_size=batch_size)
     from resnest_train.data.torchvision import build_torch_val

@@ -28,10 +28,11 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from resnest_train.data.autograph_files import delete_autograph_files_after_loading
 from resnest_train.data.dali_autoaugment import dali_auto_augment
 from resnest_train.data.dali_cpu import HostOps
-from resnest_train.data.index import DatasetError, find_undecodable, read_sample
+from resnest_train.data.index import read_sample
 from resnest_train.data.plan import DataPlan
 from resnest_train.data.samples import SampleList
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVAL, PCA_EIGVEC
+from resnest_train.data.undecodable import undecodable_error
 
 delete_autograph_files_after_loading()  # the conditional graph's generated sources stay out of the temp folder
 
@@ -143,15 +144,14 @@ def channels_first(images, plan: DataPlan):
 PREFETCH = 2  # batches DALI runs ahead of the one delivered
 
 
-def decode_failure(exc: RuntimeError, plan: DataPlan, samples: SampleList) -> Exception:
+def decode_failure(exc: RuntimeError, plan: DataPlan, samples: SampleList, *, training: bool) -> Exception:
     """DALI's decoder error does not name the file: decode the batches that can have failed (`samples`:
     the one being delivered and those prefetched after it) to find it, never the whole list."""
     text = str(exc)
     if "decoders" not in text and "File mapping failed" not in text and "open" not in text.lower():
         return exc
-    bad = find_undecodable(plan.root, samples)
-    named = ", ".join(bad) if bad else f"an image under {plan.root} (none failed a full PIL decode)"
-    return DatasetError(f"cannot decode {named}; remove or replace it and rerun the same command")
+    return undecodable_error(plan.root, samples, otherwise=f"an image under {plan.root} (none failed a full PIL "
+                             "decode)", training=training)
 
 
 class ListFeed:
@@ -216,10 +216,8 @@ class DaliLoader:
         start = self.position * self.batch_size
         window = self.samples.take(range(start, min(len(self.samples), start + (PREFETCH + 2) * self.batch_size)))
         if self.feed.error is not None:
-            bad = find_undecodable(self.plan.root, window)
-            return DatasetError(f"cannot decode {', '.join(bad) or self.feed.error}; remove or replace it and "
-                                "rerun the same command")
-        return decode_failure(exc, self.plan, window)
+            return undecodable_error(self.plan.root, window, otherwise=str(self.feed.error), training=False)
+        return decode_failure(exc, self.plan, window, training=False)
 
     def state(self) -> dict:
         return {}

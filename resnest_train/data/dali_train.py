@@ -13,6 +13,7 @@ and resets the iterator (BENCHMARKS.md, "ImageNet scale": no per-epoch rebuild).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
@@ -30,11 +31,11 @@ from resnest_train.data.dali import (
     graph_ops,
     lighting_mean,
 )
-from resnest_train.data.index import DatasetError, find_undecodable
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
 from resnest_train.data.reader import EpochReader, MicroBatchFeed, ReaderLoader
 from resnest_train.data.samples import SampleList
+from resnest_train.data.undecodable import Replacement, undecodable_error
 
 
 def _crop(jpegs, start, shape, plan: DataPlan, ops, augment):
@@ -70,11 +71,14 @@ def train_pipeline(plan: DataPlan, feed, *, batch_size: int, ops: str = "auto"):
 
 
 class DaliTrainLoader(ReaderLoader):
-    def __init__(self, plan: DataPlan, samples: SampleList, order: TrainOrder, *,
-                 start: tuple[int, int] = (0, 0), ops: str = "auto"):
+    def __init__(self, plan: DataPlan, samples: SampleList, order: TrainOrder, *, start: tuple[int, int] = (0, 0),
+                 replacement: Replacement | None = None, ops: str = "auto"):
         self.plan, self.samples, self.reader = plan, samples, EpochReader(order, start)
-        self.labels = torch.from_numpy(samples.labels).long().to(plan.device)
-        self.feed = MicroBatchFeed(plan, samples)
+        replacement = replacement or Replacement(len(samples))
+        # a known undecodable sample trains as its replacement, label included (undecodable.py)
+        labels = samples.labels[replacement.sources(np.arange(len(samples)))] if replacement else samples.labels
+        self.labels = torch.from_numpy(labels).long().to(plan.device)
+        self.feed = MicroBatchFeed(plan, samples, replacement)
         self.pipe = train_pipeline(plan, self.feed, batch_size=order.layout.micro_batch, ops=ops)
         self.pipe.build()
         self.iterator = None
@@ -106,15 +110,14 @@ class DaliTrainLoader(ReaderLoader):
 
     def _failure(self, exc: Exception) -> Exception:
         if self.feed.error is not None:  # the feed could not read (or parse) an image of its last micro-batch
-            failing = self.samples.take(self.reader.rows[self.feed.cursor - 1])
-            bad = find_undecodable(self.plan.root, failing)
-            return DatasetError(f"cannot decode {', '.join(bad) or self.feed.error}; remove or replace it and "
-                                "rerun the same command")
+            failing = self.samples.take(self.feed.sources(self.reader.rows[self.feed.cursor - 1]))
+            return undecodable_error(self.plan.root, failing, otherwise=str(self.feed.error), training=True)
         rows = self.reader.rows[self.reader.position:self.reader.position + PREFETCH + 2]
-        return decode_failure(exc, self.plan, self.samples.take(rows.reshape(-1)))
+        return decode_failure(exc, self.plan, self.samples.take(self.feed.sources(rows).reshape(-1)), training=True)
 
 
-def build_dali_train(plan: DataPlan, samples: SampleList, order: TrainOrder, *,
-                     start: tuple[int, int] = (0, 0), state: dict | None = None, ops: str = "auto") -> DaliTrainLoader:
+def build_dali_train(plan: DataPlan, samples: SampleList, order: TrainOrder, *, start: tuple[int, int] = (0, 0),
+                     state: dict | None = None, replacement: Replacement | None = None,
+                     ops: str = "auto") -> DaliTrainLoader:
     """`state` (what `state()` returned, for the checkpoint) is not needed: the reader starts at `start`."""
-    return DaliTrainLoader(plan, samples, order, start=start, ops=ops)
+    return DaliTrainLoader(plan, samples, order, start=start, replacement=replacement, ops=ops)

@@ -279,13 +279,13 @@ def _decode_check(root: str | Path, samples: SampleList, i: int) -> str | None:
         return f"unreadable ({exc.strerror or exc})"
 
 
-def find_undecodable(root: str | Path, samples: SampleList, workers: int | None = None) -> list[str]:
-    """Fully decode every image and return 'PATH (why)' for those that fail: the slow, thorough check, run
-    only after a decoder has failed on a file that passed the cheap header/end check. Threads (PIL decodes
-    without the GIL), not forked processes: the caller runs DALI's threads."""
+def find_undecodable(root: str | Path, samples: SampleList, workers: int | None = None) -> list[tuple[str, str]]:
+    """Fully decode every image and return (path relative to root, why) for those that fail: the slow,
+    thorough check, run only after a decoder has failed on a file that passed the cheap header/end check.
+    Threads (PIL decodes without the GIL), not forked processes: the caller runs DALI's threads."""
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
         reasons = list(pool.map(lambda i: _decode_check(root, samples, i), range(len(samples))))
-    return [f"{Path(root) / samples.path(i)} ({reason})" for i, reason in enumerate(reasons) if reason]
+    return [(samples.path(i), reason) for i, reason in enumerate(reasons) if reason]
 
 
 def main(argv: list[str] | None = None) -> int:

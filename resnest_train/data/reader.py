@@ -24,6 +24,7 @@ from resnest_train.data.index import read_sample
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
 from resnest_train.data.samples import SampleList
+from resnest_train.data.undecodable import Replacement
 
 
 class EpochReader:
@@ -76,12 +77,18 @@ class ReaderLoader:
     def close(self) -> None:
         """Release the backend's workers (a DataLoader's processes); the loader is not used after."""
 
+    def newly_undecodable(self) -> list[str]:
+        """Training images found undecodable (and replaced) since the last call, relative to data.root: rank 0
+        records them at the next checkpoint (undecodable.py)."""
+        return []
+
 
 class MicroBatchFeed:
     """`fn.external_source(source=feed, num_outputs=len(feed.names), batch=True)`: one micro-batch per call."""
 
-    def __init__(self, plan: DataPlan, samples: SampleList, threads: int = 4):
+    def __init__(self, plan: DataPlan, samples: SampleList, replacement: Replacement | None = None, threads: int = 4):
         self.plan, self.samples = plan, samples
+        self.replacement = replacement or Replacement(len(samples))  # known undecodable samples' stand-ins
         # the outputs the graph uses: the draws of disabled augmentations are not sent
         self.names = ("encoded", "sample", "start", "shape", "flip") + ("jitter",) * (plan.color_jitter > 0) \
             + ("lighting",) * (plan.lighting > 0) + ("sub_policy", "run", "negate") * (plan.autoaugment != "none")
@@ -95,7 +102,11 @@ class MicroBatchFeed:
         self.issued.clear()
 
     def _read(self, position: int) -> bytes:
-        return read_sample(self.plan.root, self.samples, position)
+        return read_sample(self.plan.root, self.samples, self.replacement.source(position))
+
+    def sources(self, rows: np.ndarray) -> np.ndarray:
+        """The positions whose images stand in for `rows` (themselves, or a known undecodable one's)."""
+        return self.replacement.sources(rows)
 
     def __call__(self):
         if self.cursor >= len(self.rows):

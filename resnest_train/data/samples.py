@@ -55,6 +55,17 @@ class SampleList(Sequence):
         joiner = ":" if self.kind == "shards" else "/"
         return f"{self.dirs[self.dir_ids[i]]}{joiner}{self.name(i)}"
 
+    def position(self, path: str) -> int | None:
+        """The position of the sample whose `path()` is `path`, or None (only its folder's names compared)."""
+        joiner = ":" if self.kind == "shards" else "/"
+        folder, _, name = path.rpartition(joiner)
+        if folder not in self.dirs:
+            return None
+        for i in np.flatnonzero(self.dir_ids == self.dirs.index(folder)).tolist():
+            if self.name(i) == name:
+                return i
+        return None
+
     def __getitem__(self, item):
         if isinstance(item, slice):
             return self.take(np.arange(len(self))[item])

@@ -32,6 +32,7 @@ from resnest_train.data.plan import DataPlan
 from resnest_train.data.reader import EpochReader, ReaderLoader
 from resnest_train.data.samples import SampleList
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, lighting_shift
+from resnest_train.data.undecodable import Replacement
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +159,9 @@ class TrainImageDataset(ImageListDataset):
     p + 1, p + 2, ...), augmented with sample p's draws: the same on any process count and after any resume.
     The draws record it (`replaced_by`) and the log names the file."""
 
-    def __init__(self, root: str, samples: SampleList, plan: DataPlan):
+    def __init__(self, root: str, samples: SampleList, plan: DataPlan, replacement: Replacement):
         super().__init__(root, samples, TrainAugment(plan))
-        self.plan = plan
+        self.plan, self.replacement = plan, replacement
 
     def _decode(self, item: int) -> Image.Image:
         with Image.open(io.BytesIO(read_sample(self.root, self.samples, item))) as image:
@@ -168,14 +169,17 @@ class TrainImageDataset(ImageListDataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, item = key
-        for tried in range(FALLBACK_TRIES):
-            source = (item + tried) % len(self.samples)
+        source, failed = item, []
+        for _ in range(FALLBACK_TRIES):
+            source = self.replacement.source(source)  # known undecodable images are not tried again
             try:
                 rgb = self._decode(source)
                 break
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 log.warning("undecodable training image %s (%s): replaced by the next image of the training "
                             "list", self.root / self.samples.path(source), exc)
+                failed.append(self.samples.path(source))
+                source = (source + 1) % len(self.samples)
         else:
             raise OSError(f"{FALLBACK_TRIES} consecutive training images from {self.samples.path(item)} cannot "
                           "be decoded")
@@ -183,6 +187,8 @@ class TrainImageDataset(ImageListDataset):
         image = self.transform(rgb, draws)
         if source != item:
             draws["replaced_by"] = source
+        if failed:
+            draws["undecodable"] = failed
         return image, int(self.samples.labels[source]), item, draws
 
 
@@ -192,6 +198,7 @@ class TorchTrainLoader(ReaderLoader):
     def __init__(self, loader: DataLoader, plan: DataPlan, order: TrainOrder, *, start: tuple[int, int] = (0, 0)):
         self.loader, self.plan, self.reader = loader, plan, EpochReader(order, start)
         self.last_draws = None
+        self.found: list[str] = []  # undecodable images met since `newly_undecodable` was last asked
 
     def set_epoch(self, epoch: int) -> None:
         rows = self.reader.set_epoch(epoch)
@@ -207,9 +214,14 @@ class TorchTrainLoader(ReaderLoader):
             except OSError as exc:  # a run of undecodable images longer than the fallback (TrainImageDataset)
                 raise DatasetError(str(exc).strip().splitlines()[-1]) from None
             images, targets, positions, self.last_draws = batch
+            self.found += [path for draws in self.last_draws for path in draws.get("undecodable", [])]
             self.reader.delivered(positions)
             images = images.to(self.plan.device, non_blocking=True).contiguous(memory_format=self.plan.memory_format)
             yield images, targets.to(self.plan.device, non_blocking=True)
+
+    def newly_undecodable(self) -> list[str]:
+        found, self.found = list(dict.fromkeys(self.found)), []
+        return found
 
     def close(self) -> None:
         shut_down_workers(self.loader)
@@ -264,9 +276,9 @@ def _data_loader(dataset, plan: DataPlan, **kwargs) -> DataLoader:
                       worker_init_fn=ignore_stop_signals, **kwargs)
 
 
-def build_torch_train(plan: DataPlan, samples: SampleList, order: TrainOrder, *,
-                      start: tuple[int, int] = (0, 0)) -> TorchTrainLoader:
-    dataset = TrainImageDataset(plan.root, samples, plan)
+def build_torch_train(plan: DataPlan, samples: SampleList, order: TrainOrder, *, start: tuple[int, int] = (0, 0),
+                      replacement: Replacement | None = None) -> TorchTrainLoader:
+    dataset = TrainImageDataset(plan.root, samples, plan, replacement or Replacement(len(samples)))
     loader = _data_loader(dataset, plan, batch_size=order.layout.micro_batch, sampler=EpochSamples())
     return TorchTrainLoader(loader, plan, order, start=start)
 
