@@ -3,15 +3,25 @@
 SIGTERM, SIGUSR1 (what SLURM and cloud schedulers send before preemption) and SIGINT (Ctrl-C) request a
 stop: the loop finishes its step, all ranks agree, rank 0 saves, and the run exits 0. A second SIGINT
 stops at once (KeyboardInterrupt). The handlers are installed for the fit only and restored after it.
+
+A worker never outlives its launcher: torchrun starts each worker in a session of its own, so when the
+launcher is SIGKILLed (the OOM killer, `kill -9`, a node agent outside SLURM's cgroups) nothing tells the
+workers, which trained on unsupervised and held the run folder. While the handlers are installed, the
+kernel sends this process SIGTERM when its parent dies (Linux `prctl(PR_SET_PDEATHSIG)`): every worker of
+the dead launcher requests a stop, the ranks agree at their next check, checkpoint together and exit,
+releasing the run folder's lock. A rank cut off from the others (its peers gone) stops on the failed
+collective instead, with one line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import random
 import signal
+import sys
 
 import numpy as np
 import torch
@@ -58,13 +68,41 @@ class StopRequest:
                     signal.Signals(signum).name)
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _parent_death_signal(sig: int) -> bool:
+    """Ask the kernel for `sig` when the parent process dies (0: no longer); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def watch_launcher(parent: int) -> None:
+    """SIGTERM (a stop request) when the launcher dies; at once if it died before the request was made.
+    Only under a launcher (torchrun, srun): a process started by a shell or a test stays as it was."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "SLURM_STEP_ID" not in os.environ:
+        return
+    if _parent_death_signal(signal.SIGTERM) and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+PARENT = os.getppid()  # at import: a launcher that dies before the handlers are installed is still noticed
+
+
 @contextlib.contextmanager
 def stop_signals():
-    """The stop handlers, installed for the duration of the block (the previous ones restored after)."""
+    """The stop handlers, installed for the duration of the block (the previous ones restored after), and
+    the launcher's death turned into a stop request."""
     stop = StopRequest()
     previous = {sig: signal.signal(sig, stop._handle) for sig in STOP_SIGNALS}
+    watch_launcher(PARENT)
     try:
         yield stop
     finally:
+        _parent_death_signal(0)
         for sig, handler in previous.items():
             signal.signal(sig, handler)

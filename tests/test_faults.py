@@ -218,7 +218,10 @@ def test_workers_never_outlive_their_launcher(tmp_path):
     deadline = time.monotonic() + 30
     while processes_running(str(out)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not processes_running(str(out)), "the workers outlived their launcher by 30 s"
+    left = processes_running(str(out))
+    for pid in left:  # never leave them running, whatever the outcome
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "the workers outlived their launcher by 30 s"
     state = last_state(out)
     assert state["step"] >= 3 and state["epoch"] < 500  # the ranks checkpointed where they were
     run_script(train_args(None, out, f"train.epochs={state['epoch'] + 1}"),  # the folder is free: the rerun continues
