@@ -52,6 +52,13 @@ def resolve_layout(global_batch: int | None, micro_batch: int, world_size: int, 
                           f"valid train.batch_size for {world_size} processes (process counts that divide it: "
                           f"{counts}, ...)")
     sizes = [d for d in _divisors(global_batch // world_size) if not even or d % 2 == 0]
+    if not sizes:  # mixup needs even micro-batches and no even size divides the share of a process
+        step = 2 * world_size
+        below, above = global_batch // step * step, (global_batch // step + 1) * step
+        raise ConfigError(f"train.global_batch={global_batch} gives each of {world_size} processes "
+                          f"{global_batch // world_size} images, which no even train.batch_size divides (mixup, "
+                          f"train.mixup_alpha > 0, pairs the images of a micro-batch): use train.global_batch="
+                          f"{' or '.join(str(b) for b in (below, above) if b > 0)}, or train.mixup_alpha=0")
     raise ConfigError(f"train.global_batch={global_batch} is not a multiple of {world_size} processes x "
                       f"train.batch_size={micro_batch}; valid train.batch_size for {world_size} processes: "
                       f"{', '.join(map(str, sizes))}")

@@ -61,6 +61,15 @@ def test_a_global_batch_that_does_not_split_names_the_valid_micro_batches():
         build_train_plan(odd, 3, IMAGENET_TRAIN)  # even sizes only: mixup pairs the images of a micro-batch
 
 
+def test_a_global_batch_no_even_micro_batch_divides_names_the_fix():
+    """train.global_batch=33 with mixup listed an empty set of valid batch sizes."""
+    config = load_config(ROOT / "configs" / "demo.yaml", ["train.global_batch=33", "train.batch_size=8"])
+    with pytest.raises(ConfigError, match=r"train.global_batch=33 gives each of 1 processes 33 images, which no "
+                                          r"even train.batch_size divides .*: use train.global_batch=32 or 34, or "
+                                          r"train.mixup_alpha=0$"):
+        build_train_plan(config, 1, IMAGENET_TRAIN)
+
+
 @pytest.mark.parametrize("name,global_batch", [("resnest50", 8192), ("resnest101", 4096), ("resnest200", 2048),
                                                ("resnest269", 2048)])
 def test_published_configs_fix_the_published_global_batch(name, global_batch):
