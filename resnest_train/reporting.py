@@ -44,8 +44,11 @@ def truncate_metrics(output_dir: str | Path, epoch: int) -> None:
 
 class RunReporter:
     def __init__(self, output_dir: str | Path, dist: DistInfo, plan: TrainPlan, *, log_interval: int,
-                 changes: list[str] = ()):
+                 changes: list[str] = (), resumed_loss: tuple[float, int] = (0.0, 0)):
         self.dist, self.plan, self.log_interval = dist, plan, log_interval
+        # the resumed epoch's loss before the checkpoint (sum of its steps' global-batch losses, steps): the
+        # epoch's train_loss is the mean over the whole epoch, across a resume
+        self.carried = resumed_loss
         self.changes = list(changes)  # recorded in the next metrics row (checkpoint.allow_changes)
         self.out = Path(output_dir)
         self.writer = None
@@ -53,6 +56,7 @@ class RunReporter:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.out / "tb"))
         self._pending: list[tuple[int, torch.Tensor, float]] = []
+        self.epoch_started = False
 
     # ------------------------------------------------------------------------------------------- steps
     def start_epoch(self, epoch: int) -> None:
@@ -62,6 +66,9 @@ class RunReporter:
         self.epoch_images = self.interval_images = 0
         self.loss_sum = torch.zeros((), device=self.dist.device)
         self.loss_count = 0
+        if self.epoch_started:
+            self.carried = (0.0, 0)  # only the first epoch of a run can be a resumed one
+        self.epoch_started = True
 
     def data_ready(self) -> None:
         waited = time.perf_counter() - self.data_start
@@ -113,10 +120,16 @@ class RunReporter:
         self.writer.add_image("train/augmented_batch", make_grid((batch * std + mean).clamp(0, 1), nrow=4), 0)
 
     # ------------------------------------------------------------------------------------------- epochs
+    def epoch_loss(self) -> tuple[float, int]:
+        """(sum of the global-batch losses of the epoch's steps so far, steps), across a resume; every rank
+        calls it (one collective). A checkpoint stores it."""
+        total = all_reduce_sum(self.loss_sum.double().reshape(1), self.dist) / self.dist.world_size
+        return total.item() + self.carried[0], self.loss_count + self.carried[1]
+
     def end_epoch(self, step: int, lr: float) -> dict:
         seconds = time.perf_counter() - self.epoch_start
-        total = all_reduce_sum(self.loss_sum.float().reshape(1), self.dist) / self.dist.world_size
-        loss = (total / max(self.loss_count, 1)).item()
+        total, steps = self.epoch_loss()
+        loss = total / max(steps, 1)
         return {"train_loss": loss, "lr": lr, "images_per_sec": self.epoch_images / max(seconds, 1e-9),
                 "data_wait_share": self.data_wait / max(seconds, 1e-9), "epoch_seconds": seconds,
                 "world_size": self.dist.world_size, "step": step}

@@ -26,7 +26,7 @@ from resnest_train.schedule import BatchLayout, TrainPlan, learning_rate
 log = logging.getLogger("resnest_train")
 
 SUMMARY = ("epoch", "batch", "step", "world_size", "global_batch", "micro_batch", "steps_per_epoch", "best_top1",
-           "scaler")
+           "scaler", "epoch_loss")
 
 
 @dataclass
@@ -53,6 +53,7 @@ class ResumeSummary:
     micro_batch: int | None = None  # None: a checkpoint written before accumulation existed
     steps_per_epoch: int | None = None
     seed: int | None = None  # train.seed of the run that wrote it (it dealt the epoch's order)
+    epoch_loss: tuple[float, int] = (0.0, 0)  # the epoch's loss before the checkpoint (reporting.RunReporter)
 
     def epoch_seed(self, seed: int) -> tuple[int, int] | None:
         """(epoch, seed) when the epoch resumed mid-way was dealt by another seed than `seed` (allowed by

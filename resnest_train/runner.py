@@ -74,6 +74,7 @@ class Run:
     provenance: dict  # what this run trains on (provenance.py), stored in every checkpoint
     changes: list[str]  # what changed since the checkpoint resumed, with checkpoint.allow_changes=true
     summary: list[str]  # the start-up summary's lines
+    resumed_loss: tuple[float, int]  # the resumed epoch's loss before its checkpoint (RunReporter)
 
 
 def train(config: Config) -> Path:
@@ -146,7 +147,8 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
         if dist.is_main else None
     run = Run(config, dist, plan, data, model, optimizer, scaler, build_criterion(train_cfg),
               build_mixup(train_cfg, config.model.num_classes), precision, order, train_loader, val_loader, writer,
-              trained_on, changes, start_summary(config, dist, data, index, plan, summary, progress))
+              trained_on, changes, start_summary(config, dist, data, index, plan, summary, progress),
+              tuple(summary.epoch_loss or (0.0, 0)) if summary is not None and progress.batch > 0 else (0.0, 0))
     if summary is not None:
         _restore(run, state, summary, rank_state, progress)
 
@@ -264,12 +266,12 @@ def _train_epoch(run: Run, progress: Progress, reporter: RunReporter, stop) -> b
             continue  # the epoch-end checkpoint follows the last batch
         saved = bool(interval) and progress.step % interval == 0
         if saved:
-            save(run, progress)
+            save(run, progress, epoch_loss=reporter.epoch_loss())
         # Ranks agree on a stop every `check_every` steps (a collective and a host sync) and after each
         # interval checkpoint, which has just synchronised them anyway.
         if (saved or progress.step % check_every == 0) and _should_stop(run.dist, stop.requested):
             if not saved:
-                save(run, progress)
+                save(run, progress, epoch_loss=reporter.epoch_loss())
             return False
     return True
 
@@ -293,7 +295,7 @@ def _evaluate(run: Run) -> dict:
 def _fit(run: Run, progress: Progress, stop) -> None:
     config = run.config
     reporter = RunReporter(config.output_dir, run.dist, run.plan, log_interval=config.train.log_interval,
-                           changes=run.changes)
+                           changes=run.changes, resumed_loss=run.resumed_loss)
     reporter.summary(run.summary)
     try:
         while progress.epoch < config.train.epochs:

@@ -14,9 +14,10 @@ from resnest_train.resume import Progress
 from resnest_train.wrapping import unwrap
 
 
-def save(run, progress: Progress, *, is_best: bool = False) -> None:
+def save(run, progress: Progress, *, is_best: bool = False, epoch_loss: tuple[float, int] = (0.0, 0)) -> None:
     """Every rank contributes its data position (randomness is seeded per step and sample, so no generator
-    state is needed); rank 0 copies the state to host memory and writes it in the background."""
+    state is needed); rank 0 copies the state to host memory and writes it in the background. `epoch_loss`:
+    mid-epoch, the epoch's loss so far (`RunReporter.epoch_loss`), continued by a resumed run."""
     gathered = gather_object(({"data": run.train_loader.state()}, run.train_loader.newly_undecodable()), run.dist)
 
     def write() -> None:
@@ -27,7 +28,7 @@ def save(run, progress: Progress, *, is_best: bool = False) -> None:
                  "step": progress.step, "best_top1": progress.best_top1, "config": to_dict(run.config),
                  "world_size": run.dist.world_size, "global_batch": run.plan.global_batch,
                  "micro_batch": run.plan.layout.micro_batch, "steps_per_epoch": run.plan.steps_per_epoch,
-                 "provenance": run.provenance, "ranks": ranks}
+                 "provenance": run.provenance, "ranks": ranks, "epoch_loss": tuple(epoch_loss)}
         run.writer.submit(snapshot(state), is_best=is_best)  # first waits for the write in flight
 
     rank0_acts(write, run.dist)  # no rank waits for a save that failed
