@@ -24,6 +24,14 @@ log = logging.getLogger("resnest_train")
 T = TypeVar("T")
 
 
+def size_text(nbytes: float) -> str:
+    """A byte count as people read it: '812 KB', '97 MB', '1.4 GB'."""
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}" if nbytes < 10 * scale else f"{nbytes / scale:.0f} {unit}"
+    return f"{nbytes:.0f} bytes"
+
+
 def free_space(path: str | Path | None) -> str:
     """'N MB free' on the filesystem of `path` (its nearest existing folder), or '' when unknown."""
     if path is None:
@@ -32,7 +40,7 @@ def free_space(path: str | Path | None) -> str:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     try:
-        return f"{shutil.disk_usage(folder).free / 2**20:.0f} MB free"
+        return f"{size_text(shutil.disk_usage(folder).free)} free"
     except OSError:
         return ""
 
@@ -45,7 +53,7 @@ def describe(exc: BaseException, *, needed_bytes: int | None = None) -> str:
     if isinstance(exc, OSError):
         path = exc.filename if exc.filename is not None else ""
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            needed = f", {needed_bytes / 2**20:.0f} MB needed" if needed_bytes else ""
+            needed = f", {size_text(needed_bytes)} needed" if needed_bytes else ""
             free = free_space(path)
             return f"disk full at {path}{needed}{', ' + free if free else ''}"
         reason = exc.strerror or str(exc) or type(exc).__name__

@@ -136,16 +136,31 @@ def gather_object(value, dist: DistInfo) -> list | None:
     return out
 
 
-FAILURE_WAIT = datetime.timedelta(seconds=30)
+FAILURE_WAIT = 10.0  # seconds the failing rank waits for the others to read its reason (a dead rank never does)
+
+
+def _wait_for(store, key: str, count: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while store.add(key, 0) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _leave(store, dist: DistInfo) -> None:
+    """This rank is done with the store. Without a launcher the store lives in rank 0's process: rank 0
+    waits until the others are done with it, whose calls would otherwise fail as it exits (a C++ stack
+    trace on stderr after the error line)."""
+    if dist.is_main:
+        _wait_for(store, f"{dist.failure_key}/left", dist.world_size - 1, FAILURE_WAIT)
+    else:
+        store.add(f"{dist.failure_key}/left", 1)
 
 
 def announce_failure(dist: DistInfo, reason: str, files: list[str] = ()) -> None:
     """This rank stops on `reason` (an image its decoder failed on) while the others may be waiting for it
     in a collective: leave the reason in the rendezvous store, close this rank's connections (the others'
     collectives then fail at once instead of at the process group's timeout, and they read the reason),
-    and wait until every rank has read it or stopped on its own (at most FAILURE_WAIT: the store lives in
-    rank 0's process when no launcher holds it). `files`: the training images it could not decode, which
-    rank 0 records in the run folder."""
+    and wait until every rank has read it or stopped on its own (at most FAILURE_WAIT). `files`: the
+    training images it could not decode, which rank 0 records in the run folder."""
     if not dist.distributed or not torch_dist.is_initialized():
         return
     store = torch_dist.distributed_c10d._get_default_store()
@@ -153,9 +168,8 @@ def announce_failure(dist: DistInfo, reason: str, files: list[str] = ()) -> None
         store.compare_set(f"{dist.failure_key}/reason", "", reason + "\0" + "\n".join(files))  # the first kept
         store.add(f"{dist.failure_key}/ended", 1)
         torch_dist.destroy_process_group()
-        deadline = time.monotonic() + FAILURE_WAIT.total_seconds()
-        while store.add(f"{dist.failure_key}/ended", 0) < dist.world_size and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_for(store, f"{dist.failure_key}/ended", dist.world_size, FAILURE_WAIT)
+        _leave(store, dist)
     except (RuntimeError, OSError) as exc:  # the store went away: nothing more to tell
         logging.getLogger("resnest_train").debug("could not announce the failure: %s", exc)
 
@@ -177,6 +191,7 @@ def failure_of_another_rank(dist: DistInfo) -> tuple[str, list[str]] | None:
             if store.check([f"{dist.failure_key}/reason"]):
                 reason, _, files = store.get(f"{dist.failure_key}/reason").decode().partition("\0")
                 store.add(f"{dist.failure_key}/ended", 1)
+                _leave(store, dist)
                 return reason, files.splitlines()
         except (RuntimeError, OSError, ValueError):
             pass

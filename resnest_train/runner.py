@@ -257,6 +257,8 @@ def _train_epoch(run: Run, progress: Progress, reporter: RunReporter, stop) -> b
             reporter.micro_step_done()
             continue
         optimizer_step(run.optimizer, run.scaler)
+        if run.writer is not None:
+            run.writer.check()  # a failed background write: written again now, or the run stops at this step
         progress.batch += 1
         progress.step += 1
         reporter.step_done(progress.step, progress.batch, torch.stack(losses).mean() if accumulation > 1

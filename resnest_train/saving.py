@@ -1,12 +1,11 @@
 """Checkpoints during a run: each rank's part, rank 0's copy of the state to host memory and its write in
-the background (checkpoint_writer.py), and the outcome on every rank: a failed write is one `error:` line
-everywhere, at the next save or before the run stops, and loses only the steps since the previous
-checkpoint (which is intact). `run` is the runner's `Run`."""
+the background (checkpoint_writer.py), and the outcome on every rank: a write that fails twice (it is
+written again at the next step) is one `error:` line everywhere and loses only the steps since the
+previous checkpoint (which is intact). `run` is the runner's `Run`."""
 
 from __future__ import annotations
 
 from resnest_train.agreement import rank0_acts
-from resnest_train.checkpoint_writer import snapshot
 from resnest_train.config_yaml import to_dict
 from resnest_train.data.undecodable import add_to_record
 from resnest_train.distributed import gather_object
@@ -29,7 +28,7 @@ def save(run, progress: Progress, *, is_best: bool = False, epoch_loss: tuple[fl
                  "world_size": run.dist.world_size, "global_batch": run.plan.global_batch,
                  "micro_batch": run.plan.layout.micro_batch, "steps_per_epoch": run.plan.steps_per_epoch,
                  "provenance": run.provenance, "ranks": ranks, "epoch_loss": tuple(epoch_loss)}
-        run.writer.submit(snapshot(state), is_best=is_best)  # first waits for the write in flight
+        run.writer.save(state, is_best=is_best)  # first waits for the write in flight
 
     rank0_acts(write, run.dist)  # no rank waits for a save that failed
 

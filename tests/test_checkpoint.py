@@ -128,7 +128,7 @@ def test_full_disk_is_called_a_full_disk_with_the_space_needed(tmp_path, monkeyp
     with pytest.raises(ckpt.CheckpointError) as error:
         ckpt.save_checkpoint(big, tmp_path, keep_last=2, is_best=False)
     message = str(error.value)
-    assert "disk full at" in message and "10 MB needed" in message and "3 MB free" in message, message
+    assert "disk full at" in message and "10 MB needed" in message and "3.0 MB free" in message, message
     assert "no earlier checkpoint of this run exists" in message and "intact" not in message
     assert files(ckpt.checkpoint_dir(tmp_path)) == []
 

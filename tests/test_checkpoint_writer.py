@@ -107,7 +107,7 @@ def test_failed_write_is_reported_once_previous_checkpoint_intact(tmp_path, monk
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", full_disk)
     writer.submit(snapshot(state(2)), is_best=False)  # returns: the failure comes later
-    message = r"cannot write checkpoint .*last.pt: No space left on device \(the previous checkpoint is intact\)"
+    message = r"cannot write checkpoint .*last.pt: disk full at .* needed, .* free \(the previous checkpoint is intact\)"
     with pytest.raises(ckpt.CheckpointError, match=message):
         {"submit": lambda: writer.submit(snapshot(state(3)), is_best=False), "wait": writer.wait,
          "close": writer.close}[report]()
@@ -181,3 +181,57 @@ def test_compact_rng_state_is_smaller_and_travels_through_pickle():
     ckpt.set_rng_state(pickle.loads(pickle.dumps(compact)))  # object collectives pickle it
     again = draw()
     assert again[:3] == expected[:3] and torch.equal(again[4], expected[4])
+
+
+def failing_saves(failures: int):
+    """save_checkpoint failing `failures` times (a full disk), then writing; the calls are counted."""
+    real, calls = ckpt.save_checkpoint, []
+
+    def save(state, *args, **kwargs):
+        calls.append(state["step"])
+        if len(calls) <= failures:
+            raise ckpt.CheckpointError("cannot write checkpoint last.pt: disk full (the previous checkpoint is intact)")
+        return real(state, *args, **kwargs)
+    return save, calls
+
+
+def wait_until_done(writer: CheckpointWriter) -> None:
+    deadline = time.monotonic() + 10
+    while writer.in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+def test_a_failed_write_is_seen_at_the_next_step_and_written_again(tmp_path, monkeypatch, failures):
+    """A failed background write surfaced only at the next save (an epoch later with interval_steps: 0) and
+    the fresh snapshot was then dropped. Now `check` (every step, never blocking) sees it, writes the newest
+    snapshot again, and raises only when that fails too."""
+    save, calls = failing_saves(failures)
+    monkeypatch.setattr(checkpoint_writer, "save_checkpoint", save)
+    writer = CheckpointWriter(tmp_path, keep_last=2)
+    writer.save(state(4), is_best=False)
+    wait_until_done(writer)
+    if failures == 1:
+        writer.check()  # written again, successfully
+        assert torch.load(ckpt.checkpoint_dir(tmp_path) / "last.pt", weights_only=True)["step"] == 4
+    else:
+        with pytest.raises(ckpt.CheckpointError, match="disk full"):
+            writer.check()
+    assert calls == [4, 4]
+    writer.check()  # nothing more in flight: never raises twice
+    writer.close()
+
+
+def test_every_save_reuses_one_staging_copy(tmp_path):
+    """Rank 0 held two full host copies while a write was in flight (a new one per save): one staging copy
+    of the state is reused by every save."""
+    live = {**state(1), "optimizer": {"momentum": torch.randn(1000)}}
+    with CheckpointWriter(tmp_path, keep_last=0) as writer:
+        writer.save(live, is_best=False)
+        first = [t.data_ptr() for t in checkpoint_writer._tensors(writer._staging)]
+        live["model"]["w"].add_(1)
+        live["step"] = 2
+        writer.save(live, is_best=False)
+        assert [t.data_ptr() for t in checkpoint_writer._tensors(writer._staging)] == first
+    saved = torch.load(ckpt.checkpoint_dir(tmp_path) / "last.pt", weights_only=True)
+    assert saved["step"] == 2 and torch.equal(saved["model"]["w"], live["model"]["w"])

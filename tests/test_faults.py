@@ -227,3 +227,13 @@ def test_workers_never_outlive_their_launcher(tmp_path):
     run_script(train_args(None, out, f"train.epochs={state['epoch'] + 1}"),  # the folder is free: the rerun continues
                launcher=[*TORCHRUN, "--standalone", "--nproc-per-node=2"])
     assert last_state(out)["epoch"] == state["epoch"] + 1
+
+
+@pytest.mark.dist
+def test_a_layout_error_on_three_processes_is_one_line_on_each(tmp_path):
+    """Every rank stops on the same configuration error: each said its line, followed on two of them by
+    the C++ stack of a TCPStore call that failed once rank 0 (holding the store) had exited."""
+    results = launch_ranks(train_args(None, tmp_path / "run", "train.global_batch=16", "train.epochs=1"),
+                           world_size=3)
+    line = assert_one_error_everywhere(results, "train.global_batch=16 cannot be split over 3 processes")
+    assert all(result.stderr == line + "\n" for result in results), [r.stderr[-1500:] for r in results]
