@@ -50,6 +50,8 @@ def _evaluate(argv) -> int:
     parser.add_argument("--output", help="write the results as JSON here")
     parser.add_argument("--predictions", help="write per-image top-5 predictions as CSV here")
     parser.add_argument("--batch-size", type=int, help="default: train.batch_size")
+    parser.add_argument("--weights", choices=("model", "ema"), default="model",
+                        help="our checkpoints: the model's weights or their EMA (train.ema)")
     parser.add_argument("--classes", metavar="FILE", help="the model's class names in label order, one per line "
                         "(for weights that do not name them, on a val/ folder without every class)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -65,7 +67,8 @@ def _evaluate(argv) -> int:
     config = load_config(args.config, overrides)
     from resnest_train.evaluation import evaluate_checkpoint
     evaluate_checkpoint(config, args.checkpoint, crop_sizes=args.crop_size, output=args.output,
-                        predictions=args.predictions, batch_size=args.batch_size, classes_file=args.classes)
+                        predictions=args.predictions, batch_size=args.batch_size, classes_file=args.classes,
+                        weights=args.weights)
     return 0
 
 

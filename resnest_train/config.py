@@ -149,6 +149,11 @@ class TrainConfig:
     deterministic: bool = False
     log_interval: int = 50
     eval_interval: int = 1
+    # Weight EMA (averaging.py): decay per optimizer step of the global batch; 0 disables it.
+    ema: float = 0.0
+    ema_warmup: bool = False  # the decay ramps up over the first steps (timm's ModelEmaV3 warm-up)
+    ema_device: str = "auto"  # auto: the training device; cpu: host memory (slower, frees GPU memory)
+    dist_bn: str = "reduce"  # BN running statistics before evaluation and saving: mean over ranks, or rank 0's
 
     def __post_init__(self):
         _check_range("train.epochs", self.epochs, 1, 100_000)
@@ -163,6 +168,11 @@ class TrainConfig:
         _check_range("train.seed", self.seed, 0, MAX_SEED)
         _check_range("train.log_interval", self.log_interval, 1)
         _check_range("train.eval_interval", self.eval_interval, 1)
+        _check_range("train.ema", self.ema, 0.0, 1.0)
+        if self.ema == 1.0:
+            raise ConfigError("'train.ema' must be below 1 (1 would keep the initial weights forever), got 1.0")
+        _check_choice("train.ema_device", self.ema_device, ("auto", "cpu"))
+        _check_choice("train.dist_bn", self.dist_bn, ("reduce", "broadcast"))
         if self.mixup_alpha > 0 and self.batch_size % 2:
             # Batch mixup pairs each image with its mirror in the batch (timm's Mixup).
             raise ConfigError(f"'train.batch_size' must be even with mixup (train.mixup_alpha > 0), "

@@ -32,7 +32,8 @@ log = logging.getLogger("resnest_train")
 
 def evaluate_checkpoint(config: Config, checkpoint: str, *, crop_sizes: list[int] | None = None,
                         output: str | None = None, predictions: str | None = None,
-                        batch_size: int | None = None, classes_file: str | None = None) -> dict:
+                        batch_size: int | None = None, classes_file: str | None = None,
+                        weights: str = "model") -> dict:
     dist = setup_distributed(config.train.device)
     configure_logging(dist)
     try:
@@ -43,7 +44,7 @@ def evaluate_checkpoint(config: Config, checkpoint: str, *, crop_sizes: list[int
             if path:
                 _check_output(Path(path))
         return _measure(config, dist, checkpoint, crop_sizes or [config.data.val_crop_size], output,
-                        predictions, batch_size or config.train.batch_size, classes_file)
+                        predictions, batch_size or config.train.batch_size, classes_file, weights)
     finally:
         cleanup(dist)
 
@@ -67,9 +68,10 @@ def _check_output(path: Path) -> None:
 
 
 def _measure(config: Config, dist: DistInfo, checkpoint: str, crop_sizes: list[int], output: str | None,
-             predictions: str | None, batch_size: int, classes_file: str | None) -> dict:
+             predictions: str | None, batch_size: int, classes_file: str | None, weights: str) -> dict:
     model = build_model(config.model, pretrained=False)
-    load_weights(model, checkpoint, "--checkpoint", f"{config.model.name} ({config.model.num_classes} classes)")
+    load_weights(model, checkpoint, "--checkpoint", f"{config.model.name} ({config.model.num_classes} classes)",
+                 weights=weights)
     model = place(model, dist, channels_last=config.train.channels_last).eval()
     precision = resolve_precision(config.train.amp, dist.device)
     plan = build_data_plan(config, dist)
@@ -96,7 +98,7 @@ def _measure(config: Config, dist: DistInfo, checkpoint: str, crop_sizes: list[i
             samples = crop_plan.shard(index.val) if index is not None else None
             rows = [(samples[p] if samples is not None else (str(p), -1), row)
                     for p, row in zip(loader.delivered, result.predictions)]
-    report = {"model": config.model.name, "checkpoint": str(checkpoint), "results": results}
+    report = {"model": config.model.name, "checkpoint": str(checkpoint), "weights": weights, "results": results}
     if dist.is_main:
         _print_table(report)
         if output:

@@ -136,13 +136,17 @@ class RunReporter:
 
     def epoch_metrics(self, metrics: dict) -> None:
         if metrics.get("val_top1") is not None:
-            log.info("epoch %d  val top-1 %.2f  top-5 %.2f  (%d images)  train loss %.4f  %.1f img/s",
-                     metrics["epoch"], metrics["val_top1"], metrics["val_top5"], metrics["val_images"],
+            ema = f"  EMA top-1 {metrics['val_top1_ema']:.2f}" if metrics.get("val_top1_ema") is not None else ""
+            log.info("epoch %d  val top-1 %.2f  top-5 %.2f%s  (%d images)  train loss %.4f  %.1f img/s",
+                     metrics["epoch"], metrics["val_top1"], metrics["val_top5"], ema, metrics["val_images"],
                      metrics["train_loss"], metrics["images_per_sec"])
         if self.writer is None:
             return
         if metrics.get("val_top1") is not None:
             self.writer.add_scalar("val/top1", metrics["val_top1"], metrics["step"])
+            if metrics.get("val_top1_ema") is not None:  # train.ema
+                self.writer.add_scalar("val/top1_ema", metrics["val_top1_ema"], metrics["step"])
+                self.writer.add_scalar("val/top5_ema", metrics["val_top5_ema"], metrics["step"])
             self.writer.add_scalar("val/top5", metrics["val_top5"], metrics["step"])
         # Every scalar on one x-axis, the global step: epoch-level ones at the step that ends the epoch.
         self.writer.add_scalar("train/epoch_loss", metrics["train_loss"], metrics["step"])

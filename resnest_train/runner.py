@@ -20,6 +20,7 @@ from torch import nn
 from resnest_train import checkpoint as ckpt
 from resnest_train import resume
 from resnest_train.agreement import rank0_acts, stop_every_rank
+from resnest_train.averaging import WeightEma, build_ema, distribute_bn, restore_averages
 from resnest_train.checkpoint_writer import CheckpointWriter
 from resnest_train.config import Config
 from resnest_train.config_yaml import to_dict
@@ -75,6 +76,7 @@ class Run:
     changes: list[str]  # what changed since the checkpoint resumed, with checkpoint.allow_changes=true
     summary: list[str]  # the start-up summary's lines
     resumed_loss: tuple[float, int]  # the resumed epoch's loss before its checkpoint (RunReporter)
+    ema: WeightEma | None  # the weight EMA (train.ema > 0)
 
 
 def train(config: Config) -> Path:
@@ -148,7 +150,9 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
     run = Run(config, dist, plan, data, model, optimizer, scaler, build_criterion(train_cfg),
               build_mixup(train_cfg, config.model.num_classes), precision, order, train_loader, val_loader, writer,
               trained_on, changes, start_summary(config, dist, data, index, plan, summary, progress),
-              tuple(summary.epoch_loss or (0.0, 0)) if summary is not None and progress.batch > 0 else (0.0, 0))
+              tuple(summary.epoch_loss or (0.0, 0)) if summary is not None and progress.batch > 0 else (0.0, 0),
+              build_ema(unwrap(model), train_cfg.ema, warmup=train_cfg.ema_warmup, device_setting=train_cfg.ema_device,
+                        device=dist.device))
     if summary is not None:
         _restore(run, state, summary, rank_state, progress)
 
@@ -196,6 +200,7 @@ def _restore(run: Run, state: dict | None, summary: resume.ResumeSummary, rank_s
                     run.plan.global_batch, progress.epoch, progress.batch, run.plan.steps_per_epoch)
     if "rng" in rank_state:  # checkpoints written before randomness was seeded per step and sample
         ckpt.set_rng_state(rank_state["rng"])
+    restore_averages(unwrap(run.model), run.ema, state, rank_state, run.dist)
     resume.check_agreement(progress.step, run.dist)
 
 
@@ -257,6 +262,8 @@ def _train_epoch(run: Run, progress: Progress, reporter: RunReporter, stop) -> b
             reporter.micro_step_done()
             continue
         optimizer_step(run.optimizer, run.scaler)
+        if run.ema is not None:
+            run.ema.update(unwrap(run.model), progress.step + 1)
         if run.writer is not None:
             run.writer.check()  # a failed background write: written again now, or the run stops at this step
         progress.batch += 1
@@ -278,20 +285,17 @@ def _train_epoch(run: Run, progress: Progress, reporter: RunReporter, stop) -> b
     return True
 
 
-def _sync_buffers(run: Run) -> None:
-    """Rank 0's BN statistics on every rank (each rank's drifted with its own last batches), so that the
-    evaluated model is the one saved."""
-    if run.dist.distributed:
-        for buffer in unwrap(run.model).buffers():
-            torch.distributed.broadcast(buffer, src=0)
-
-
 def _evaluate(run: Run) -> dict:
-    _sync_buffers(run)
-    started = time.perf_counter()
-    result = validate(unwrap(run.model), run.val_loader, run.dist, run.precision)
-    return {"val_top1": result.top1, "val_top5": result.top5, "val_images": result.num_images,
-            "val_seconds": time.perf_counter() - started}
+    """The model and its EMA, each with its BN statistics made the same on every rank first (dist_bn), so
+    that what is evaluated is what rank 0 saves."""
+    models = {"": unwrap(run.model), **({"_ema": run.ema.module} if run.ema is not None else {})}
+    metrics, started = {}, time.perf_counter()
+    for suffix, module in models.items():
+        distribute_bn(module, run.dist, run.config.train.dist_bn)
+        on_device = module if suffix == "" else run.ema.on(run.dist.device)
+        result = validate(on_device, run.val_loader, run.dist, run.precision)
+        metrics.update({f"val_top1{suffix}": result.top1, f"val_top5{suffix}": result.top5})
+    return {**metrics, "val_images": result.num_images, "val_seconds": time.perf_counter() - started}
 
 
 def _fit(run: Run, progress: Progress, stop) -> None:
@@ -313,8 +317,10 @@ def _fit(run: Run, progress: Progress, stop) -> None:
             is_best = False
             if progress.epoch % config.train.eval_interval == 0 or progress.epoch == config.train.epochs:
                 metrics.update(_evaluate(run))
-                is_best = metrics["val_top1"] > progress.best_top1
-                progress.best_top1 = max(progress.best_top1, metrics["val_top1"])
+                # best.pt: the best EMA top-1 when the EMA is on (the weights such recipes report), else the model's
+                chosen = metrics["val_top1_ema" if run.ema is not None else "val_top1"]
+                is_best = chosen > progress.best_top1
+                progress.best_top1 = max(progress.best_top1, chosen)
             else:
                 metrics.update(val_top1=None, val_top5=None)
             reporter.epoch_metrics(metrics)

@@ -6,6 +6,7 @@ previous checkpoint (which is intact). `run` is the runner's `Run`."""
 from __future__ import annotations
 
 from resnest_train.agreement import rank0_acts
+from resnest_train.averaging import rank_buffers
 from resnest_train.config_yaml import to_dict
 from resnest_train.data.undecodable import add_to_record
 from resnest_train.distributed import gather_object
@@ -14,10 +15,13 @@ from resnest_train.wrapping import unwrap
 
 
 def save(run, progress: Progress, *, is_best: bool = False, epoch_loss: tuple[float, int] = (0.0, 0)) -> None:
-    """Every rank contributes its data position (randomness is seeded per step and sample, so no generator
-    state is needed); rank 0 copies the state to host memory and writes it in the background. `epoch_loss`:
-    mid-epoch, the epoch's loss so far (`RunReporter.epoch_loss`), continued by a resumed run."""
-    gathered = gather_object(({"data": run.train_loader.state()}, run.train_loader.newly_undecodable()), run.dist)
+    """Every rank contributes its data position and its BN statistics (each rank's own between evaluations;
+    randomness is seeded per step and sample, so no generator state is needed); rank 0 copies the state to
+    host memory and writes it in the background. `epoch_loss`: mid-epoch, the epoch's loss so far
+    (`RunReporter.epoch_loss`), continued by a resumed run."""
+    mine = {"data": run.train_loader.state(), "buffers": rank_buffers(unwrap(run.model)),
+            **({"ema_buffers": rank_buffers(run.ema.module)} if run.ema is not None else {})}
+    gathered = gather_object((mine, run.train_loader.newly_undecodable()), run.dist)
 
     def write() -> None:
         ranks = [rank for rank, _ in gathered]
@@ -27,7 +31,8 @@ def save(run, progress: Progress, *, is_best: bool = False, epoch_loss: tuple[fl
                  "step": progress.step, "best_top1": progress.best_top1, "config": to_dict(run.config),
                  "world_size": run.dist.world_size, "global_batch": run.plan.global_batch,
                  "micro_batch": run.plan.layout.micro_batch, "steps_per_epoch": run.plan.steps_per_epoch,
-                 "provenance": run.provenance, "ranks": ranks, "epoch_loss": tuple(epoch_loss)}
+                 "provenance": run.provenance, "ranks": ranks, "epoch_loss": tuple(epoch_loss),
+                 **({"ema": run.ema.state_dict()} if run.ema is not None else {})}
         run.writer.save(state, is_best=is_best)  # first waits for the write in flight
 
     rank0_acts(write, run.dist)  # no rank waits for a save that failed

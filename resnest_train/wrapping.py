@@ -30,11 +30,12 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def load_weights(model: nn.Module, path: str, what: str, name: str, *, new_head: bool = False) -> list[str]:
+def load_weights(model: nn.Module, path: str, what: str, name: str, *, new_head: bool = False,
+                 weights: str = "model") -> list[str]:
     """`load_pretrained` with its errors as one-line user errors; returns the keys left as the model had them
     (`new_head`: a classifier of another shape stays fresh, fine-tuning's case)."""
     try:
-        return load_pretrained(model, path, new_head=new_head)
+        return load_pretrained(model, path, new_head=new_head, weights=weights)
     except FileNotFoundError:
         raise UserError(f"{what}: file not found: {path}") from None
     except WeightsFileError as exc:

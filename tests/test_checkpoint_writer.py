@@ -107,7 +107,7 @@ def test_failed_write_is_reported_once_previous_checkpoint_intact(tmp_path, monk
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", full_disk)
     writer.submit(snapshot(state(2)), is_best=False)  # returns: the failure comes later
-    message = r"cannot write checkpoint .*last.pt: disk full at .* needed, .* free \(the previous checkpoint is intact\)"
+    message = r"cannot write checkpoint .*last.pt: disk full at .* needed, .* free \(the previous checkpoint is intact"
     with pytest.raises(ckpt.CheckpointError, match=message):
         {"submit": lambda: writer.submit(snapshot(state(3)), is_best=False), "wait": writer.wait,
          "close": writer.close}[report]()

@@ -36,7 +36,8 @@ STEPS, GLOBAL = 3, 32
 RECIPE = ["model.name=resnest14", "optim.lr=0.02", "model.dropblock_prob=0.1", "train.mixup_alpha=0.2",
           "train.label_smoothing=0.1",
           "train.deterministic=true", f"train.global_batch={GLOBAL}", "train.batch_size=8", "train.epochs=2",
-          "schedule.warmup_epochs=0.5", "train.log_interval=1", "checkpoint.keep_last=2"]
+          "schedule.warmup_epochs=0.5", "train.log_interval=1", "checkpoint.keep_last=2",
+          "train.ema=0.7"]  # the weight EMA too: one decay per optimizer step means the same on any count
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +57,19 @@ def launcher(processes: int) -> list[str] | None:
     return None if processes == 1 else [*TORCHRUN, "--standalone", f"--nproc-per-node={processes}"]
 
 
-def trainable(out: Path) -> dict[str, torch.Tensor]:
-    """The trainable parameters of the final checkpoint (BN running statistics are per process)."""
-    state = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
+def trainable(out: Path, weights: str = "model") -> dict[str, torch.Tensor]:
+    """The trainable parameters of the final checkpoint (BN running statistics are per process), or of
+    its weight EMA."""
+    state = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)[weights]
     names = [name for name, _ in create_model("resnest14", num_classes=4, dropblock_prob=0.1).named_parameters()]
     return {name: state[name].float() for name in names}
+
+
+def bn_statistics(out: Path) -> torch.Tensor:
+    """Every BN running mean and variance of the final checkpoint, as one vector."""
+    state = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
+    return torch.cat([v.reshape(-1).double() for k, v in sorted(state.items()) if k.endswith(("running_mean",
+                                                                                              "running_var"))])
 
 
 # The tolerance, from what rounding can do in 6 optimizer steps of a stable training. Each process count
@@ -130,9 +139,11 @@ def test_weights_do_not_depend_on_the_process_count(uninterrupted, backend):
         assert f"world_size {processes}, global_batch 32, micro_batch 8, accumulation {accumulation}" in logs[processes]
     for out in outs.values():
         assert_loss_falls(out)
-    reference = trainable(outs[1])
+    reference, ema = trainable(outs[1]), trainable(outs[1], "ema")
     for processes in (2, 4):
         assert_close(reference, trainable(outs[processes]))
+        assert_close(ema, trainable(outs[processes], "ema"))  # the same EMA too
+    assert any(not torch.equal(ema[k], reference[k]) for k in ema)  # an average, not a copy of the weights
     # every process count read the same micro-batches of every step, each image with the same draws
     rows = {p: recorded(out / "samples") for p, out in outs.items()}
     micro_batches = {p: sorted((r["epoch"], r["step"], r["micro_batch"], tuple(r["samples"])) for r in rows[p])
@@ -190,3 +201,15 @@ def test_stopped_on_two_processes_continued_on_one(root, tmp_path, uninterrupted
     # each sample augmented as in the uninterrupted run: no DALI checkpoint, the draws are the framework's
     assert draws_by_sample(rows) == draws_by_sample(recorded(two / "samples"))
     assert_close(trainable(two), trainable(tmp_path))
+
+
+def test_reduced_bn_statistics_are_closer_to_one_process_than_rank_zeros(root, tmp_path, uninterrupted):
+    """train.dist_bn=reduce (the default, timm's --dist-bn reduce): BN running statistics averaged over the
+    ranks before evaluation and saving are closer to those of the 1-process run than rank 0's alone
+    (`broadcast`, the former behaviour); measured here and printed."""
+    one, reduced = bn_statistics(uninterrupted("torchvision", 1)), bn_statistics(uninterrupted("torchvision", 2))
+    run_script(args(root, tmp_path, "torchvision", "train.dist_bn=broadcast"), launcher=launcher(2))
+    broadcast = bn_statistics(tmp_path)
+    far_reduced, far_broadcast = (((x - one).norm() / one.norm()).item() for x in (reduced, broadcast))
+    print(f"BN statistics vs 1 process (relative): reduce {far_reduced:.3g}, broadcast {far_broadcast:.3g}")
+    assert far_reduced < far_broadcast

@@ -1,0 +1,125 @@
+"""Averages: of the weights over the optimizer steps (weight EMA) and of BatchNorm statistics over the
+ranks (`train.dist_bn`).
+
+Weight EMA, as timm's `ModelEmaV3` and torchvision's reference `ExponentialMovingAverage(use_buffers=True)`
+keep it: after each optimizer step, every floating-point tensor of the model's state (parameters and BN
+running statistics) moves towards the model's, `ema = decay * ema + (1 - decay) * model`, with one decay
+per optimizer step of the global batch, so it means the same on any number of processes. With
+`train.ema_warmup` the decay ramps up as `1 - (1 + step) ** (-2/3)` (timm's warm-up) until it reaches
+`train.ema`. The parameters are the same on every rank (DDP); each rank's BN statistics are its own, so the
+checkpoint keeps each rank's (`rank_buffers`) and a resumed run continues bit-exactly.
+
+BN statistics: before each evaluation and save, every rank's running mean and variance become the mean
+over the ranks (`reduce`, timm's `--dist-bn reduce`: the statistics of every rank's data, not 1/64 of it)
+or rank 0's (`broadcast`); the other buffers (counters) are rank 0's. Every rank then evaluates, and rank 0
+saves, the same model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import nn
+
+from resnest_train.distributed import DistInfo, broadcast_object
+
+log = logging.getLogger("resnest_train")
+
+WARMUP_POWER = 2 / 3  # timm ModelEmaV3's warm-up: decay = 1 - (1 + step / gamma) ** -power, gamma = 1
+
+
+def _bn_statistic(name: str) -> bool:
+    return name.endswith("running_mean") or name.endswith("running_var")
+
+
+@torch.no_grad()
+def distribute_bn(module: nn.Module, dist: DistInfo, mode: str) -> None:
+    """`mode` reduce: each BN running mean and variance becomes the mean over ranks; broadcast: rank 0's.
+    Other buffers are rank 0's either way."""
+    if not dist.distributed:
+        return
+    for name, buffer in module.named_buffers():
+        if mode == "reduce" and _bn_statistic(name) and buffer.is_floating_point():
+            torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
+            buffer.div_(dist.world_size)
+        else:
+            torch.distributed.broadcast(buffer, src=0)
+
+
+def rank_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's buffers (BN statistics: each rank's own between evaluations), on the host."""
+    return {name: buffer.detach().cpu().clone() for name, buffer in module.named_buffers()}
+
+
+@torch.no_grad()
+def load_rank_buffers(module: nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+    for name, buffer in module.named_buffers():
+        buffer.copy_(buffers[name])
+
+
+class WeightEma:
+    """The exponential moving average of a model's state, in a module of its own (eval mode, no grads)."""
+
+    def __init__(self, model: nn.Module, decay: float, *, warmup: bool, device: torch.device):
+        self.decay, self.warmup = decay, warmup
+        self.module = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+        self._pairs = None
+
+    def decay_at(self, step: int) -> float:
+        """The decay of the update after optimizer step `step` (1-based)."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, max(0.0, 1.0 - (1.0 + step) ** -WARMUP_POWER))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """After optimizer step `step`: the floating-point tensors move towards the model's (one fused
+        `lerp` over all of them); integer buffers (BN's counters) are copied."""
+        if self._pairs is None:
+            live, ema = model.state_dict(keep_vars=True), self.module.state_dict(keep_vars=True)
+            self._pairs = [(ema[key], value) for key, value in live.items()]
+        floats = [(e, m) for e, m in self._pairs if e.is_floating_point()]
+        weight = 1.0 - self.decay_at(step)
+        sources = [m.detach().to(e.device, non_blocking=True) for e, m in floats]
+        torch._foreach_lerp_([e for e, _ in floats], sources, weight)
+        for ema_value, value in self._pairs:
+            if not ema_value.is_floating_point():
+                ema_value.copy_(value)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+    def on(self, device: torch.device) -> nn.Module:
+        """The EMA module on `device` (a copy when it is kept elsewhere, `train.ema_device=cpu`)."""
+        on_device = next(self.module.parameters()).device == device
+        return self.module if on_device else copy.deepcopy(self.module).to(device)
+
+
+def build_ema(model: nn.Module, decay: float, *, warmup: bool, device_setting: str,
+              device: torch.device) -> WeightEma | None:
+    """The run's weight EMA (`train.ema` > 0), started from the model's current weights."""
+    if decay <= 0:
+        return None
+    return WeightEma(model, decay, warmup=warmup, device=torch.device("cpu") if device_setting == "cpu" else device)
+
+
+def restore_averages(model: nn.Module, ema: WeightEma | None, state: dict | None, rank_state: dict,
+                     dist: DistInfo) -> None:
+    """At resume: the EMA from the checkpoint (rank 0's file, sent to every rank) and, with the layout the
+    checkpoint was taken in, each rank's own BN statistics of the model and of the EMA."""
+    if ema is not None:
+        saved = broadcast_object(state.get("ema") if dist.is_main else None, dist)
+        if saved is None:
+            log.warning("train.ema=%g starts at this resume, from the current weights (the checkpoint has no "
+                        "EMA)", ema.decay)
+        else:
+            ema.load_state_dict(saved)
+        if "ema_buffers" in rank_state:
+            load_rank_buffers(ema.module, rank_state["ema_buffers"])
+    if "buffers" in rank_state:
+        load_rank_buffers(model, rank_state["buffers"])
