@@ -24,6 +24,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx import _symbolic_trace
+
+# torch.fx's symbolic tracer (not torch.export's, which reads the layout as a constant); older torch has
+# only the function that answers for both.
+_fx_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)
 
 
 class RadixSoftmax(nn.Module):
@@ -81,7 +86,10 @@ class SplitAttentionConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act0(self.bn0(self.conv(x)))  # (B, radix*C, H, W)
-        if self.radix > 1 and x.is_contiguous():
+        # The layout picks the faster form. torch.fx cannot branch on a tensor's property while it traces
+        # (create_feature_extractor, symbolic_trace): the traced graph takes the 5-d form, which is
+        # correct for either layout (a view that splits the channel dim exists for both).
+        if self.radix > 1 and (_fx_tracing() or x.is_contiguous()):
             return self._combine_nchw(x)
         gap = self._splits_gap(x.sum((2, 3), keepdim=True, dtype=x.dtype), x.shape[2] * x.shape[3])
         attn = self._attention(gap).to(x.dtype)  # (B, radix*C, 1, 1): small, cast before the full-size ops
