@@ -52,6 +52,10 @@ def _evaluate(argv) -> int:
     parser.add_argument("--batch-size", type=int, help="default: train.batch_size")
     parser.add_argument("--weights", choices=("model", "ema"), default="model",
                         help="our checkpoints: the model's weights or their EMA (train.ema)")
+    parser.add_argument("--real-labels", metavar="FILE", help="ImageNet-ReaL's real.json: ReaL top-1/top-5 "
+                        "beside the original labels' (indexed by the sorted validation file names, as in timm)")
+    parser.add_argument("--class-index-folders", action="store_true", help="val folders are named by class "
+                        "index, 0 to N-1 (ImageNet-V2): folder i is class i")
     parser.add_argument("--classes", metavar="FILE", help="the model's class names in label order, one per line "
                         "(for weights that do not name them, on a val/ folder without every class)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -65,10 +69,11 @@ def _evaluate(argv) -> int:
     if args.batch_size is not None and not 1 <= args.batch_size <= 65_536:
         raise UserError(f"--batch-size must be from 1 to 65536, got {args.batch_size}")
     config = load_config(args.config, overrides)
-    from resnest_train.evaluation import evaluate_checkpoint
-    evaluate_checkpoint(config, args.checkpoint, crop_sizes=args.crop_size, output=args.output,
-                        predictions=args.predictions, batch_size=args.batch_size, classes_file=args.classes,
-                        weights=args.weights)
+    from resnest_train.evaluation import EvalOptions, evaluate_checkpoint
+    evaluate_checkpoint(config, args.checkpoint, EvalOptions(
+        crop_sizes=args.crop_size, output=args.output, predictions=args.predictions, batch_size=args.batch_size,
+        classes_file=args.classes, weights=args.weights, real_labels=args.real_labels,
+        class_index_folders=args.class_index_folders))
     return 0
 
 

@@ -14,6 +14,7 @@ import csv
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,30 +22,44 @@ import torch
 from resnest_train.config import Config
 from resnest_train.data import build_data_plan, build_val_loader, load_dataset_index
 from resnest_train.data.index import SPLITS
-from resnest_train.distributed import DistInfo, cleanup, gather_object, setup_distributed
+from resnest_train.distributed import DistInfo, all_reduce_sum, cleanup, gather_object, setup_distributed
 from resnest_train.engine import resolve_precision, validate
 from resnest_train.errors import UserError
+from resnest_train.labels import RealLabels, check_val_folders, class_index_names, read_class_list
 from resnest_train.reporting import configure_logging
 from resnest_train.wrapping import build_model, load_weights, place
 
 log = logging.getLogger("resnest_train")
 
 
-def evaluate_checkpoint(config: Config, checkpoint: str, *, crop_sizes: list[int] | None = None,
-                        output: str | None = None, predictions: str | None = None,
-                        batch_size: int | None = None, classes_file: str | None = None,
-                        weights: str = "model") -> dict:
+@dataclass(frozen=True)
+class EvalOptions:
+    """evaluate.py's options beyond the config (cli.py documents each)."""
+
+    crop_sizes: list[int] | None = None
+    output: str | None = None
+    predictions: str | None = None
+    batch_size: int | None = None
+    classes_file: str | None = None
+    weights: str = "model"
+    real_labels: str | None = None
+    class_index_folders: bool = False
+
+
+def evaluate_checkpoint(config: Config, checkpoint: str, options: EvalOptions = EvalOptions()) -> dict:
     dist = setup_distributed(config.train.device)
     configure_logging(dist)
     try:
-        if predictions and crop_sizes and len(crop_sizes) > 1:
+        crop_sizes = options.crop_sizes or [config.data.val_crop_size]
+        if options.predictions and len(crop_sizes) > 1:
             raise UserError(f"--predictions takes one crop size (got --crop-size {' '.join(map(str, crop_sizes))}); "
                             "run once per crop for the predictions of each")
-        for path in (output, predictions):
+        if options.classes_file and options.class_index_folders:
+            raise UserError("--classes and --class-index-folders both name the classes: give one")
+        for path in (options.output, options.predictions):
             if path:
                 _check_output(Path(path))
-        return _measure(config, dist, checkpoint, crop_sizes or [config.data.val_crop_size], output,
-                        predictions, batch_size or config.train.batch_size, classes_file, weights)
+        return _measure(config, dist, checkpoint, crop_sizes, options)
     finally:
         cleanup(dist)
 
@@ -67,45 +82,70 @@ def _check_output(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _measure(config: Config, dist: DistInfo, checkpoint: str, crop_sizes: list[int], output: str | None,
-             predictions: str | None, batch_size: int, classes_file: str | None, weights: str) -> dict:
-    model = build_model(config.model, pretrained=False)
-    load_weights(model, checkpoint, "--checkpoint", f"{config.model.name} ({config.model.num_classes} classes)",
-                 weights=weights)
-    model = place(model, dist, channels_last=config.train.channels_last).eval()
-    precision = resolve_precision(config.train.amp, dist.device)
-    plan = build_data_plan(config, dist)
-    classes = read_class_list(classes_file, config.model.num_classes) if classes_file else trained_classes(checkpoint)
-    # Our checkpoints (or --classes) name the classes: val/ alone is read, each folder labelled by its name (a
-    # folder that is not one of them is an error). Other weights: the classes are train/'s, or val/'s without it.
+def _class_names(config: Config, checkpoint: str, options: EvalOptions) -> list[str] | None:
+    if options.class_index_folders:
+        return class_index_names(config.model.num_classes)
+    if options.classes_file:
+        return read_class_list(options.classes_file, config.model.num_classes)
+    return trained_classes(checkpoint)
+
+
+def _load_index(config: Config, plan, dist: DistInfo, checkpoint: str, options: EvalOptions):
+    """The validation list, labelled by the class names when known (val/ alone is then read, each folder by
+    its name; a folder that is not one of them is an error); other weights take train/'s classes, or
+    val/'s without it."""
+    classes = _class_names(config, checkpoint, options)
     val_only = classes is not None or not (Path(config.data.root) / "train").is_dir()
     index = load_dataset_index(plan, dist, classes=classes, splits=("val",) if val_only else SPLITS)
     if classes is None and val_only:
-        _check_val_folders(index, config, checkpoint)
+        check_val_folders(index, config.data.root, config.model.num_classes, checkpoint)
+    return index
+
+
+def _measure(config: Config, dist: DistInfo, checkpoint: str, crop_sizes: list[int], options: EvalOptions) -> dict:
+    model = build_model(config.model, pretrained=False)
+    load_weights(model, checkpoint, "--checkpoint", f"{config.model.name} ({config.model.num_classes} classes)",
+                 weights=options.weights)
+    model = place(model, dist, channels_last=config.train.channels_last).eval()
+    precision = resolve_precision(config.train.amp, dist.device)
+    plan = build_data_plan(config, dist)
+    index = _load_index(config, plan, dist, checkpoint, options)
+    real = RealLabels(options.real_labels, index.val) if options.real_labels and index is not None else None
     results, rows = [], None
     for number, crop in enumerate(crop_sizes):
         crop_plan = plan.with_val_crop(crop, config.data.val_resize_size if crop == plan.val_crop_size else None,
                                        config.data.val_resize_ratio)
-        loader = build_val_loader(crop_plan, index, batch_size=batch_size)
+        loader = build_val_loader(crop_plan, index, batch_size=options.batch_size or config.train.batch_size)
+        keep = real is not None or (bool(options.predictions) and number == 0)
         started = time.perf_counter()
         with contextlib.closing(loader):  # an error must not leave the workers to their shutdown grace
-            result = validate(model, loader, dist, precision, predictions=bool(predictions) and number == 0)
+            result = validate(model, loader, dist, precision, predictions=keep)
         seconds = time.perf_counter() - started
         results.append({"crop_size": crop, "resize_size": crop_plan.val_resize_size, "top1": result.top1,
                         "top5": result.top5, "num_images": result.num_images,
                         "images_per_sec": result.num_images / max(seconds, 1e-9)})
-        if number == 0 and predictions:
-            samples = crop_plan.shard(index.val) if index is not None else None
+        samples = crop_plan.shard(index.val) if index is not None else None
+        if real is not None:
+            results[-1].update(_real_scores(real, samples, loader.delivered, result.predictions, dist))
+        if number == 0 and options.predictions:
             rows = [(samples[p] if samples is not None else (str(p), -1), row)
                     for p, row in zip(loader.delivered, result.predictions)]
-    report = {"model": config.model.name, "checkpoint": str(checkpoint), "weights": weights, "results": results}
+    report = {"model": config.model.name, "checkpoint": str(checkpoint), "weights": options.weights,
+              "results": results}
     if dist.is_main:
         _print_table(report)
-        if output:
-            Path(output).write_text(json.dumps(report, indent=2) + "\n")
-    if predictions:
-        _write_predictions(gather_object(rows, dist), predictions, dist, index.classes if index else None)
+        if options.output:
+            Path(options.output).write_text(json.dumps(report, indent=2) + "\n")
+    if options.predictions:
+        _write_predictions(gather_object(rows, dist), options.predictions, dist, index.classes if index else None)
     return report
+
+
+def _real_scores(real: RealLabels, samples, delivered: list[int], predictions: list, dist: DistInfo) -> dict:
+    counts = real.counts([samples.path(p) for p in delivered], [top5 for top5, _ in predictions], dist.device)
+    correct1, correct5, judged = all_reduce_sum(counts, dist).tolist()
+    return {"real_top1": 100.0 * correct1 / max(judged, 1), "real_top5": 100.0 * correct5 / max(judged, 1),
+            "real_images": int(judged)}
 
 
 def trained_classes(checkpoint: str) -> list[str] | None:
@@ -118,35 +158,14 @@ def trained_classes(checkpoint: str) -> list[str] | None:
     return list(classes) if classes else None
 
 
-def read_class_list(path: str, num_classes: int) -> list[str]:
-    """`--classes FILE`: the model's class names in label order, one per line (a `classes.txt`)."""
-    try:
-        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--classes {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    if len(names) != num_classes or len(set(names)) != len(names):
-        raise UserError(f"--classes {path} names {len(names)} classes ({len(set(names))} distinct); the model has "
-                        f"{num_classes}: one name per line, in label order")
-    return names
-
-
-def _check_val_folders(index, config: Config, checkpoint: str) -> None:
-    """Weights that do not name their classes, on a val/ folder alone: its folders are labelled in sorted
-    order, so with a class missing every later folder would take its neighbour's label (top-1 33% for 92%,
-    silently). Refused unless the folders are the whole class list."""
-    if index is None or index.layout != "folder" or len(index.classes) >= config.model.num_classes:
-        return
-    raise UserError(f"{Path(config.data.root) / 'val'} has {len(index.classes)} class folders but the model has "
-                    f"{config.model.num_classes} classes and {checkpoint} does not name them: the labels of the "
-                    "folders after a missing class would shift; give the class names in label order with "
-                    "--classes FILE (one per line), or evaluate a folder with every class")
-
-
 def _print_table(report: dict) -> None:
-    print(f"{report['model']}  {report['checkpoint']}")
-    print(f"{'crop':>6} {'resize':>6} {'top-1':>7} {'top-5':>7} {'images':>8} {'img/s':>8}")
+    real = "real_top1" in report["results"][0]
+    print(f"{report['model']}  {report['checkpoint']}" + ("  (EMA weights)" if report["weights"] == "ema" else ""))
+    print(f"{'crop':>6} {'resize':>6} {'top-1':>7} {'top-5':>7}" + (f" {'ReaL-1':>7} {'ReaL-5':>7}" if real else "")
+          + f" {'images':>8} {'img/s':>8}")
     for row in report["results"]:
-        print(f"{row['crop_size']:>6} {row['resize_size']:>6} {row['top1']:>7.2f} {row['top5']:>7.2f} "
+        scores = f" {row['real_top1']:>7.2f} {row['real_top5']:>7.2f}" if real else ""
+        print(f"{row['crop_size']:>6} {row['resize_size']:>6} {row['top1']:>7.2f} {row['top5']:>7.2f}{scores} "
               f"{row['num_images']:>8} {row['images_per_sec']:>8.1f}")
 
 

@@ -3,10 +3,12 @@ and a checkpoint that does not fit is a clear error."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +149,33 @@ def test_weights_without_class_names_on_a_partial_val_folder_are_refused_or_give
     run_script([*args, "--checkpoint", str(ours), "--output", str(tmp_path / "ours.json")])
     given, own = (json.loads((tmp_path / name).read_text())["results"][0] for name in ("bare.json", "ours.json"))
     assert given["num_images"] == own["num_images"] == 15 and given["top1"] == own["top1"]
+
+
+def predicted(path) -> dict[str, tuple[int, int]]:
+    """file name -> (label, top-1 class) from a --predictions CSV."""
+    rows = list(csv.DictReader(open(path)))
+    return {Path(row["path"]).name: (int(row["label"]), int(row["top5_classes"].split()[0])) for row in rows}
+
+
+@pytest.mark.slow
+def test_real_labels_and_class_index_folders_give_the_expected_counts(odd_root, weights, tmp_path):
+    """--real-labels: a ReaL file indexed by the sorted file names, some lists empty (not counted), some
+    holding the image's top-1 (correct), some not; on 2 processes. --class-index-folders: val folders named
+    0..12 label as the class folders they were copied from (sorted as strings, '10' would be class 2)."""
+    first = evaluate(odd_root, weights, tmp_path / "first.json", "--predictions", str(tmp_path / "first.csv"))
+    top1 = predicted(tmp_path / "first.csv")
+    names = sorted(top1)
+    real = [[] if i % 5 == 0 else [top1[name][1]] if i % 5 in (1, 2) else [(top1[name][1] + 1) % 13]
+            for i, name in enumerate(names)]
+    (tmp_path / "real.json").write_text(json.dumps(real))
+    report = evaluate(odd_root, weights, tmp_path / "real_out.json", "--real-labels", str(tmp_path / "real.json"),
+                      nproc=2)["results"][0]
+    judged = sum(1 for labels in real if labels)
+    assert report["real_images"] == judged == 52 and report["num_images"] == 65
+    assert report["real_top1"] == pytest.approx(100.0 * 26 / 52)  # i % 5 in (1, 2): 26 of the 52 judged
+    assert report["top1"] == first["results"][0]["top1"]  # the original labels' score beside it
+    indexed = tmp_path / "v2"
+    for folder in sorted((odd_root / "val").iterdir()):
+        shutil.copytree(folder, indexed / "val" / str(int(folder.name.split("_")[-1])))
+    evaluate(indexed, weights, tmp_path / "v2.json", "--class-index-folders", "--predictions", str(tmp_path / "v2.csv"))
+    assert predicted(tmp_path / "v2.csv") == top1  # every file with the label of its original class folder
