@@ -14,6 +14,7 @@
   benchmark.py attention: the split-attention combine step alone, three formulations, fwd+bwd (ms).
   benchmark.py scan / checkpoint: the dataset index scan and checkpoint saves (benchmark_io.py).
   benchmark.py scale --out DIR: the data path at ImageNet's 1.33M files (benchmark_scale.py).
+  benchmark.py trace-check [--model resnest50]: what split attention's torch.fx check costs eager training.
 Ratios are measured in one run, rounds interleaved, because the machines are shared and noisy.
 """
 
@@ -203,6 +204,31 @@ def bench_data(args) -> dict:
     return result
 
 
+def bench_trace_check(args) -> dict:
+    """What traceability costs eager training: split attention asks whether torch.fx is tracing before it
+    picks its form (models/split_attention.py). Forward + backward with that check (as shipped) and with it
+    replaced by a constant, interleaved; ratio = without / with (1.0: no cost)."""
+    import resnest_train.models.split_attention as split_attention
+    from resnest_train.models import create_model
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = create_model(args.model, num_classes=1000).train()
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    shipped = split_attention._fx_tracing
+
+    def step(check) -> float:
+        split_attention._fx_tracing = check
+        started = time.perf_counter()
+        model(images).sum().backward()
+        return time.perf_counter() - started
+    step(shipped)
+    step(lambda: False)
+    ratios = [step(lambda: False) / step(shipped) for _ in range(args.rounds)]
+    split_attention._fx_tracing = shipped
+    return {"model": args.model, "ratio_without_check": statistics.median(ratios), "rounds": args.rounds,
+            "ratio_min": min(ratios), "ratio_max": max(ratios)}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -244,6 +270,12 @@ def _parser() -> argparse.ArgumentParser:
     attention.add_argument("--batch-size", type=int, default=16)
     attention.add_argument("--rounds", type=int, default=10)
     attention.add_argument("--threads", type=int, default=2)
+    trace = sub.add_parser("trace-check")
+    trace.add_argument("--model", default="resnest50")
+    trace.add_argument("--batch-size", type=int, default=8)
+    trace.add_argument("--image-size", type=int, default=128)
+    trace.add_argument("--rounds", type=int, default=10)
+    trace.add_argument("--threads", type=int, default=2)
     return parser
 
 
@@ -251,7 +283,8 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     result = {"model": bench_model, "data": bench_data, "trainer": benchmark_trainer.bench_trainer,
               "attention": bench_attention, "scan": benchmark_io.bench_scan,
-              "checkpoint": benchmark_io.bench_checkpoint, "scale": benchmark_scale.bench_scale}[args.what](args)
+              "checkpoint": benchmark_io.bench_checkpoint, "scale": benchmark_scale.bench_scale,
+              "trace-check": bench_trace_check}[args.what](args)
     print(json.dumps(result))
     return 0
 
