@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 
@@ -136,7 +137,10 @@ def gather_object(value, dist: DistInfo) -> list | None:
     return out
 
 
-FAILURE_WAIT = 10.0  # seconds the failing rank waits for the others to read its reason (a dead rank never does)
+FAILURE_WAIT = 30.0  # seconds the failing rank waits for the others to read its reason (a dead rank never does)
+
+
+LEAVE_WAIT = 10.0  # seconds rank 0 keeps the store up for the others' last calls
 
 
 def _wait_for(store, key: str, count: int, seconds: float) -> None:
@@ -150,9 +154,38 @@ def _leave(store, dist: DistInfo) -> None:
     waits until the others are done with it, whose calls would otherwise fail as it exits (a C++ stack
     trace on stderr after the error line)."""
     if dist.is_main:
-        _wait_for(store, f"{dist.failure_key}/left", dist.world_size - 1, FAILURE_WAIT)
+        _wait_for(store, f"{dist.failure_key}/left", dist.world_size - 1, LEAVE_WAIT)
     else:
         store.add(f"{dist.failure_key}/left", 1)
+
+
+def _store_port(store) -> int | None:
+    while store is not None and not hasattr(store, "port"):
+        store = getattr(store, "underlying_store", None)
+    return getattr(store, "port", None)
+
+
+def _close_connections(store) -> None:
+    """End this rank's connections to the other ranks now, so that a rank waiting for this one in a
+    collective fails at once and reads the reason. `destroy_process_group` does not end them: DDP keeps a
+    reference to the group, whose gloo connections then stay open until this process exits (measured: the
+    others noticed only then, when the store rank 0 holds was gone with it). So every TCP connection of this
+    process is shut down except the rendezvous store's (its port), which must stay up for the others to
+    read the reason."""
+    keep = _store_port(store)
+    for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []:
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            sock = socket.socket(fileno=int(name))
+            try:
+                if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM and \
+                        keep not in (sock.getsockname()[1], sock.getpeername()[1]):
+                    sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.detach()  # the descriptor stays the library's
+        except OSError:  # a listening socket (no peer), or one closed meanwhile
+            continue
 
 
 def announce_failure(dist: DistInfo, reason: str, files: list[str] = ()) -> None:
@@ -167,6 +200,7 @@ def announce_failure(dist: DistInfo, reason: str, files: list[str] = ()) -> None
     try:
         store.compare_set(f"{dist.failure_key}/reason", "", reason + "\0" + "\n".join(files))  # the first kept
         store.add(f"{dist.failure_key}/ended", 1)
+        _close_connections(store)
         torch_dist.destroy_process_group()
         _wait_for(store, f"{dist.failure_key}/ended", dist.world_size, FAILURE_WAIT)
         _leave(store, dist)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import signal
+import socket
 from pathlib import Path
 
 import torch
@@ -87,10 +89,30 @@ def _stop_later(_signum, _frame) -> None:
     signal.alarm(WORKER_GRACE_SECONDS)
 
 
+def close_network_sockets() -> None:
+    """A forked worker shares the main process's TCP connections (gloo's, the rendezvous store's): closing
+    them there would not end them while a worker still holds a copy, so the other ranks, waiting for this
+    one in a collective, would not notice it stopped (distributed.announce_failure). Workers never use them:
+    they close their copies at start. (Local sockets, the DataLoader's own, are kept.)"""
+    for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []:
+        fd = int(name)
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            probe = socket.socket(fileno=fd)  # reads the family; detached below, so it closes nothing
+            family = probe.family
+            probe.detach()
+            if family in (socket.AF_INET, socket.AF_INET6):
+                os.close(fd)
+        except OSError:
+            continue
+
+
 def ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop_later)
+    close_network_sockets()
 
 
 class TrainAugment:
