@@ -142,3 +142,17 @@ def say_epochs_change(state: dict, plan: TrainPlan, progress: Progress) -> None:
     log.warning("train.epochs %d -> %d: the schedule now ends at step %d (was %d); lr at the next step %g -> %g",
                 epochs, plan.total_steps // plan.steps_per_epoch, plan.total_steps, epochs * plan.steps_per_epoch,
                 before, plan.lr(progress.step))
+
+
+def start_progress(summary: ResumeSummary | None, plan: TrainPlan) -> Progress:
+    """Where training continues. A checkpoint of another global batch (only at an epoch boundary: checked
+    before), or of a training set of another size (checkpoint.allow_changes), places the schedule at the
+    same position in the new steps per epoch."""
+    if summary is None:
+        return Progress()
+    progress = Progress(summary.epoch, summary.batch, summary.step, summary.best_top1)
+    if (summary.global_batch is not None and summary.global_batch != plan.global_batch) or \
+            summary.steps_per_epoch not in (None, plan.steps_per_epoch):
+        progress.batch = min(progress.batch, plan.steps_per_epoch)
+        progress.step = progress.epoch * plan.steps_per_epoch + progress.batch
+    return progress

@@ -103,14 +103,7 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
     seed_everything(train_cfg.seed + dist.rank, train_cfg.deterministic)
     cpu_speed_settings(dist.device)
     model = build_model(config.model, pretrained=False)
-    prepared = {}
-
-    def decide() -> resume.ResumeSummary | None:  # rank 0's state stays on rank 0; the others get its summary
-        prepared["state"] = prepare_run_folder(config, model, stack)
-        return resume.summarize(prepared["state"])
-
-    summary = rank0_acts(decide, dist)
-    state = prepared.get("state")
+    summary, state = _decide_resume(config, model, dist, stack)
     if summary is not None and summary.epoch >= train_cfg.epochs:
         log.info("run in %s is already complete (%d epochs); nothing to do", config.output_dir, summary.epoch)
         return None
@@ -128,15 +121,10 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
     changes = resume.check_provenance(state, trained_on, to_dict(config), allow=config.checkpoint.allow_changes,
                                       dist=dist)
     rank_state = resume.rank_states(state, summary, dist, plan.layout)
-    progress = _start(summary, plan)
+    progress = resume.start_progress(summary, plan)
     order = TrainOrder(train_cfg.seed, num_images, plan.layout, plan.steps_per_epoch, dist.rank,
                        summary.epoch_seed(train_cfg.seed) if summary else None)
-    undecodable = known_undecodable(index, config.output_dir, dist)
-    train_loader = build_train_loader(data, index, order, start=(progress.epoch, progress.batch),
-                                      state=rank_state.get("data"), undecodable=undecodable.get("train", []))
-    val_loader = build_val_loader(data, index, batch_size=train_cfg.batch_size, undecodable=undecodable.get("val", []))
-    stack.callback(val_loader.close)  # whatever ends the run, workers never outlive it
-    stack.callback(train_loader.close)
+    train_loader, val_loader = _loaders(config, data, index, order, progress, rank_state, dist, stack)
     # DDP's constructor broadcasts rank 0's parameters and buffers: the weights rank 0 loaded reach all.
     model = wrap_for_training(place(model, dist, channels_last=train_cfg.channels_last), dist,
                               sync_bn=config.model.sync_bn, compile_model=train_cfg.compile,
@@ -155,14 +143,42 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
                         device=dist.device))
     if summary is not None:
         _restore(run, state, summary, rank_state, progress)
-
-    def record_start() -> None:
-        write_resolved_config(config, plan.derived(), progress.epoch, changes)
-        if state is not None:
-            resume.say_epochs_change(state, plan, progress)
-
-    rank0_acts(record_start, dist)
+    rank0_acts(lambda: _record_start(config, plan, progress, changes, state), dist)
     return run, progress
+
+
+def _decide_resume(config: Config, model: nn.Module, dist: DistInfo,
+                   stack: contextlib.ExitStack) -> tuple[resume.ResumeSummary | None, dict | None]:
+    """Rank 0 prepares the run folder and finds the state to resume; every rank gets its summary, the
+    state itself stays on rank 0 (None elsewhere)."""
+    prepared = {}
+
+    def decide() -> resume.ResumeSummary | None:
+        prepared["state"] = prepare_run_folder(config, model, stack)
+        return resume.summarize(prepared["state"])
+
+    return rank0_acts(decide, dist), prepared.get("state")
+
+
+def _record_start(config: Config, plan: TrainPlan, progress: Progress, changes: list[str], state: dict | None) -> None:
+    """Rank 0: config.yaml of this run, and what a changed train.epochs does to the schedule."""
+    write_resolved_config(config, plan.derived(), progress.epoch, changes)
+    if state is not None:
+        resume.say_epochs_change(state, plan, progress)
+
+
+def _loaders(config: Config, data: DataPlan, index, order: TrainOrder, progress: Progress, rank_state: dict,
+             dist: DistInfo, stack: contextlib.ExitStack) -> tuple[Loader, Loader]:
+    """The training loader from where the run starts and the validation loader, without the images the
+    run folder records as undecodable; closed (their workers ended) whatever ends the run."""
+    undecodable = known_undecodable(index, config.output_dir, dist)
+    train_loader = build_train_loader(data, index, order, start=(progress.epoch, progress.batch),
+                                      state=rank_state.get("data"), undecodable=undecodable.get("train", []))
+    stack.callback(train_loader.close)
+    val_loader = build_val_loader(data, index, batch_size=config.train.batch_size,
+                                  undecodable=undecodable.get("val", []))
+    stack.callback(val_loader.close)
+    return train_loader, val_loader
 
 
 def _check_classes(index, config: Config) -> None:
@@ -173,20 +189,6 @@ def _check_classes(index, config: Config) -> None:
         log.warning("model.num_classes=%d but %s has %d classes: %d outputs of the classifier never get a "
                     "training image", config.model.num_classes, config.data.root, len(index.classes),
                     config.model.num_classes - len(index.classes))
-
-
-def _start(summary: resume.ResumeSummary | None, plan: TrainPlan) -> Progress:
-    """Where training continues. A checkpoint of another global batch (only at an epoch boundary: checked
-    before), or of a training set of another size (checkpoint.allow_changes), places the schedule at the
-    same position in the new steps per epoch."""
-    if summary is None:
-        return Progress()
-    progress = Progress(summary.epoch, summary.batch, summary.step, summary.best_top1)
-    if (summary.global_batch is not None and summary.global_batch != plan.global_batch) or \
-            summary.steps_per_epoch not in (None, plan.steps_per_epoch):
-        progress.batch = min(progress.batch, plan.steps_per_epoch)
-        progress.step = progress.epoch * plan.steps_per_epoch + progress.batch
-    return progress
 
 
 def _restore(run: Run, state: dict | None, summary: resume.ResumeSummary, rank_state: dict,

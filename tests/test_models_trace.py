@@ -50,7 +50,7 @@ def test_a_traced_model_takes_channels_last_inputs():
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
-@pytest.mark.parametrize("name", ["resnest14", "resnest50_fast_1s4x24d", "skresnext50_32x4d"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in TIMM_NAMES])
 def test_timm_features_only_on_our_weights_gives_our_features(name):
     torch.manual_seed(0)
     ours = create_model(name, num_classes=10).eval()
