@@ -82,7 +82,7 @@ class WeightEma:
             self._pairs = [(ema[key], value) for key, value in live.items()]
         floats = [(e, m) for e, m in self._pairs if e.is_floating_point()]
         weight = 1.0 - self.decay_at(step)
-        sources = [m.detach().to(e.device, non_blocking=True) for e, m in floats]
+        sources = [m.detach().to(e.device) for e, m in floats]  # a copy only with train.ema_device=cpu
         torch._foreach_lerp_([e for e, _ in floats], sources, weight)
         for ema_value, value in self._pairs:
             if not ema_value.is_floating_point():
