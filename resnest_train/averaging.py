@@ -9,10 +9,11 @@ per optimizer step of the global batch, so it means the same on any number of pr
 `train.ema`. The parameters are the same on every rank (DDP); each rank's BN statistics are its own, so the
 checkpoint keeps each rank's (`rank_buffers`) and a resumed run continues bit-exactly.
 
-BN statistics: before each evaluation and save, every rank's running mean and variance become the mean
-over the ranks (`reduce`, timm's `--dist-bn reduce`: the statistics of every rank's data, not 1/64 of it)
-or rank 0's (`broadcast`); the other buffers (counters) are rank 0's. Every rank then evaluates, and rank 0
-saves, the same model.
+BN statistics: before each evaluation, every rank's running mean and variance become the mean over the
+ranks (`reduce`, timm's `--dist-bn reduce`: the statistics of every rank's data, not 1/64 of it) or rank
+0's (`broadcast`); the other buffers (counters) are rank 0's. Every rank then evaluates, and rank 0 saves,
+the same model. A checkpoint written between evaluations saves the same mean (`saved_statistics`) while
+each rank trains on with its own statistics (also saved, per rank, for an exact resume).
 """
 
 from __future__ import annotations
@@ -48,15 +49,35 @@ def distribute_bn(module: nn.Module, dist: DistInfo, mode: str) -> None:
             torch.distributed.broadcast(buffer, src=0)
 
 
+@torch.no_grad()
+def saved_statistics(module: nn.Module, dist: DistInfo, mode: str) -> dict[str, torch.Tensor]:
+    """The BN running statistics `distribute_bn` would give, as copies: a checkpoint written between
+    evaluations saves them (what evaluate.py then measures is what an evaluation here would have) without
+    changing each rank's own, which training goes on with. Every rank calls it (collectives)."""
+    if not dist.distributed or mode != "reduce":
+        return {}  # broadcast: rank 0's own, which rank 0 saves anyway
+    reduced = {}
+    for name, buffer in module.named_buffers():
+        if _bn_statistic(name) and buffer.is_floating_point():
+            copy = buffer.detach().clone()
+            torch.distributed.all_reduce(copy, op=torch.distributed.ReduceOp.SUM)
+            reduced[name] = copy.div_(dist.world_size)
+    return reduced
+
+
 def rank_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
-    """This rank's buffers (BN statistics: each rank's own between evaluations), on the host."""
-    return {name: buffer.detach().cpu().clone() for name, buffer in module.named_buffers()}
+    """This rank's persistent buffers (BN statistics: each rank's own between evaluations), on the host.
+    Not the non-persistent ones (DropBlock's probability): the schedule sets those, and a model built with
+    another `dropblock_prob` has other ones."""
+    persistent = module.state_dict().keys()
+    return {name: buffer.detach().cpu().clone() for name, buffer in module.named_buffers() if name in persistent}
 
 
 @torch.no_grad()
 def load_rank_buffers(module: nn.Module, buffers: dict[str, torch.Tensor]) -> None:
     for name, buffer in module.named_buffers():
-        buffer.copy_(buffers[name])
+        if name in buffers:
+            buffer.copy_(buffers[name])
 
 
 class WeightEma:

@@ -101,13 +101,17 @@ def atomic_save(obj: dict, path: Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)  # make the rename itself durable
     except BaseException as exc:
         with contextlib.suppress(OSError):  # a folder gone read-only refuses the clean-up too
             tmp.unlink(missing_ok=True)
         if isinstance(exc, (OSError, RuntimeError)):
             raise _write_failure(exc, path, state_bytes(obj), had_previous) from None
         raise
+    try:
+        _fsync_dir(path.parent)  # make the rename itself durable
+    except OSError as exc:  # the new file is in place; whether its name survives a crash is not known
+        raise CheckpointError(f"cannot sync {path.parent} after writing {path}: {exc.strerror or exc} (the "
+                              "new checkpoint may not survive a crash of the machine)") from None
 
 
 def _link(source: Path, target: Path) -> None:

@@ -6,12 +6,14 @@ How the runner uses it (rank 0 holds the writer; `agreement.rank0_acts` hands th
 
     writer = CheckpointWriter(config.output_dir, keep_last=config.checkpoint.keep_last)   # once per run
     rank0_acts(lambda: writer.save(state, is_best=is_best), dist)   # at each save
-    writer.check()                                                   # rank 0, after every optimizer step
-    rank0_acts(writer.wait, dist)                                    # before stopping and at the end
+    failed = writer.check()                                          # rank 0, after every optimizer step
+    rank0_acts(writer.wait, dist)   # when the ranks agree that it failed, before stopping, at the end
 
 A write that fails is seen at the next optimizer step (`check`, which never blocks), not at the next save:
 the newest snapshot is written once more right then (a transient fault, an NFS hiccup, costs nothing), and
-only if that fails too does the run stop, with the message of a synchronous save ("cannot write checkpoint
+only if that fails too does the run stop, at the ranks' next stop agreement (every step on one process,
+every 10 under DDP: rank 0 alone must not stop while the others wait in a collective), with the message
+of a synchronous save ("cannot write checkpoint
 ...: reason (the previous checkpoint is intact)"): the previous checkpoint is on disk and no temporary file
 is left, so the run loses only the steps since that checkpoint. Host memory: one staging copy of the state,
 reused by every save (`save` waits for the write in flight before copying into it; on CUDA it is pinned
@@ -90,6 +92,7 @@ class CheckpointWriter:
         self._in_flight: Future | None = None
         self._job: tuple[dict, bool] | None = None  # the snapshot being written, to write again
         self._staging: dict | None = None  # the host copy every `save` reuses
+        self._failed: CheckpointError | None = None  # a write that failed twice, raised by the next `wait`
 
     @property
     def in_flight(self) -> bool:
@@ -110,14 +113,23 @@ class CheckpointWriter:
         self._job = (state, is_best)
         self._in_flight = self._pool.submit(self._write, state, is_best)
 
-    def check(self) -> None:
-        """Never blocks: a write that has failed is written again now, and raises if that fails too."""
+    def check(self) -> bool:
+        """Never blocks (unless a write failed): a write that has failed is written again now; True when
+        that failed too. The error is then raised by the next `wait` (or `save`), which every rank reaches
+        together (runner: the stop agreement), never from here: the other ranks may be in a collective."""
         if self._in_flight is not None and self._in_flight.done() and self._in_flight.exception() is not None:
-            self.wait()
+            try:
+                self.wait()
+            except CheckpointError as exc:
+                self._failed = exc
+        return self._failed is not None
 
     def wait(self) -> Path | None:
         """Block until the write in flight is on disk; its `last.pt`, or None when nothing was in flight.
         A failed write is written once more, here; a second failure raises (CheckpointError), once."""
+        failed, self._failed = self._failed, None
+        if failed is not None:
+            raise failed
         future, self._in_flight = self._in_flight, None
         if future is None:
             return None

@@ -48,6 +48,11 @@ def check_val_folders(index, root: str, num_classes: int, checkpoint: str) -> No
                     "evaluate a folder with every class")
 
 
+def _file_name(path: str) -> str:
+    """An image's file name: of `class/name.JPEG`, and of a shard member `shard.tar:name.JPEG`."""
+    return PurePosixPath(path.rpartition(":")[2] or path).name
+
+
 class RealLabels:
     """ImageNet-ReaL labels of a validation list, looked up by each image's file name."""
 
@@ -58,7 +63,7 @@ class RealLabels:
             raise UserError(f"--real-labels {path}: {getattr(exc, 'strerror', None) or exc}") from None
         if not isinstance(labels, list) or not all(isinstance(row, list) for row in labels):
             raise UserError(f"--real-labels {path}: expected a JSON list of label lists (ImageNet-ReaL's real.json)")
-        names = sorted(PurePosixPath(val.path(i)).name for i in range(len(val)))
+        names = sorted(_file_name(val.path(i)) for i in range(len(val)))
         if len(labels) != len(names) or len(set(names)) != len(names):
             raise UserError(f"--real-labels {path} labels {len(labels)} images; the validation list has "
                             f"{len(names)} ({len(set(names))} distinct file names): ReaL labels the full ImageNet "
@@ -69,7 +74,7 @@ class RealLabels:
         """(correct at 1, correct at 5, images with labels) of these predictions, to be summed over ranks."""
         counts = torch.zeros(3, dtype=torch.float64)
         for path, predicted in zip(paths, top5):
-            real = self.labels[PurePosixPath(path).name]
+            real = self.labels[_file_name(path)]
             if real:
                 counts += torch.tensor([predicted[0] in real, any(p in real for p in predicted), 1.0])
         return counts.to(device)

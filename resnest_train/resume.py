@@ -52,7 +52,7 @@ class ResumeSummary:
     scaler: dict = field(default_factory=dict)
     micro_batch: int | None = None  # None: a checkpoint written before accumulation existed
     steps_per_epoch: int | None = None
-    seed: int | None = None  # train.seed of the run that wrote it (it dealt the epoch's order)
+    seed: int | None = None  # the seed that dealt the checkpoint's epoch (train.seed, or an earlier one)
     epoch_loss: tuple[float, int] = (0.0, 0)  # the epoch's loss before the checkpoint (reporting.RunReporter)
 
     def epoch_seed(self, seed: int) -> tuple[int, int] | None:
@@ -67,8 +67,9 @@ def summarize(state: dict | None) -> ResumeSummary | None:
     """The part of rank 0's resume state every rank receives (through `agreement.rank0_acts`)."""
     if state is None:
         return None
-    return ResumeSummary(**{key: state.get(key) for key in SUMMARY if key in state},
-                         seed=state.get("config", {}).get("train", {}).get("seed"))
+    # the seed that dealt the checkpoint's epoch: the run's, or an earlier one kept by an allowed change
+    seed = state.get("epoch_seed", state.get("config", {}).get("train", {}).get("seed"))
+    return ResumeSummary(**{key: state.get(key) for key in SUMMARY if key in state}, seed=seed)
 
 
 def check_layout(summary: ResumeSummary, layout: BatchLayout) -> None:

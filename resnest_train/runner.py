@@ -206,12 +206,19 @@ def _restore(run: Run, state: dict | None, summary: resume.ResumeSummary, rank_s
     resume.check_agreement(progress.step, run.dist)
 
 
-def _should_stop(dist: DistInfo, requested: bool) -> bool:
-    if not dist.distributed:
+def _should_stop(run: Run, requested: bool, write_failed: bool = False) -> bool:
+    """Whether any rank was asked to stop; a checkpoint write that failed twice on rank 0 is raised here, on
+    every rank at once (agreement.rank0_acts), so that no rank is left waiting in a collective."""
+    if not run.dist.distributed:  # no collective, no device sync
+        if write_failed:
+            run.writer.wait()
         return requested
-    flag = torch.tensor([1.0 if requested else 0.0], device=dist.device)
-    torch.distributed.all_reduce(flag)
-    return bool(flag.item() > 0)
+    flags = torch.tensor([1.0 if requested else 0.0, 1.0 if write_failed else 0.0], device=run.dist.device)
+    torch.distributed.all_reduce(flags)
+    requested, write_failed = (flags > 0).tolist()
+    if write_failed:
+        rank0_acts(run.writer.wait if run.dist.is_main else lambda: None, run.dist)
+    return requested
 
 
 def _set_lr(run: Run, step: int) -> float:
@@ -266,8 +273,8 @@ def _train_epoch(run: Run, progress: Progress, reporter: RunReporter, stop) -> b
         optimizer_step(run.optimizer, run.scaler)
         if run.ema is not None:
             run.ema.update(unwrap(run.model), progress.step + 1)
-        if run.writer is not None:
-            run.writer.check()  # a failed background write: written again now, or the run stops at this step
+        # a failed background write is written again now; failing twice, it stops the run at the next agreement
+        write_failed = run.writer is not None and run.writer.check()
         progress.batch += 1
         progress.step += 1
         reporter.step_done(progress.step, progress.batch, torch.stack(losses).mean() if accumulation > 1
@@ -280,7 +287,7 @@ def _train_epoch(run: Run, progress: Progress, reporter: RunReporter, stop) -> b
             save(run, progress, epoch_loss=reporter.epoch_loss())
         # Ranks agree on a stop every `check_every` steps (a collective and a host sync) and after each
         # interval checkpoint, which has just synchronised them anyway.
-        if (saved or progress.step % check_every == 0) and _should_stop(run.dist, stop.requested):
+        if (saved or progress.step % check_every == 0) and _should_stop(run, stop.requested, write_failed):
             if not saved:
                 save(run, progress, epoch_loss=reporter.epoch_loss())
             return False
@@ -327,7 +334,7 @@ def _fit(run: Run, progress: Progress, stop) -> None:
                 metrics.update(val_top1=None, val_top5=None)
             reporter.epoch_metrics(metrics)
             save(run, progress, is_best=is_best)
-            if _should_stop(run.dist, stop.requested):
+            if _should_stop(run, stop.requested):
                 wait_for_writes(run)
                 log.info("stopped after epoch %d; rerun the same command to continue", progress.epoch)
                 return

@@ -6,7 +6,7 @@ previous checkpoint (which is intact). `run` is the runner's `Run`."""
 from __future__ import annotations
 
 from resnest_train.agreement import rank0_acts
-from resnest_train.averaging import rank_buffers
+from resnest_train.averaging import rank_buffers, saved_statistics
 from resnest_train.config_yaml import to_dict
 from resnest_train.data.undecodable import add_to_record
 from resnest_train.distributed import gather_object
@@ -22,17 +22,23 @@ def save(run, progress: Progress, *, is_best: bool = False, epoch_loss: tuple[fl
     mine = {"data": run.train_loader.state(), "buffers": rank_buffers(unwrap(run.model)),
             **({"ema_buffers": rank_buffers(run.ema.module)} if run.ema is not None else {})}
     gathered = gather_object((mine, run.train_loader.newly_undecodable()), run.dist)
+    mode = run.config.train.dist_bn
+    statistics = saved_statistics(unwrap(run.model), run.dist, mode)
+    ema_statistics = saved_statistics(run.ema.module, run.dist, mode) if run.ema is not None else {}
 
     def write() -> None:
         ranks = [rank for rank, _ in gathered]
         add_to_record(run.config.output_dir, [path for _, found in gathered for path in found])
-        state = {"model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
+        model = unwrap(run.model).state_dict()
+        model.update(statistics)  # the BN statistics of the ranks' mean (train.dist_bn)
+        state = {"model": model, "optimizer": run.optimizer.state_dict(),
                  "scaler": run.scaler.state_dict(), "epoch": progress.epoch, "batch": progress.batch,
                  "step": progress.step, "best_top1": progress.best_top1, "config": to_dict(run.config),
                  "world_size": run.dist.world_size, "global_batch": run.plan.global_batch,
                  "micro_batch": run.plan.layout.micro_batch, "steps_per_epoch": run.plan.steps_per_epoch,
                  "provenance": run.provenance, "ranks": ranks, "epoch_loss": tuple(epoch_loss),
-                 **({"ema": run.ema.state_dict()} if run.ema is not None else {})}
+                 "epoch_seed": run.order.epoch_seed(progress.epoch),
+                 **({"ema": {**run.ema.state_dict(), **ema_statistics}} if run.ema is not None else {})}
         run.writer.save(state, is_best=is_best)  # first waits for the write in flight
 
     rank0_acts(write, run.dist)  # no rank waits for a save that failed

@@ -75,3 +75,14 @@ def test_two_process_ema_run_resumed_mid_epoch_is_bit_identical_and_evaluates_th
                     str(tmp_path / f"{weights}.json")])
         result = json.loads((tmp_path / f"{weights}.json").read_text())["results"][0]
         assert result["top1"] == row[key] and result["num_images"] == row["val_images"], (weights, result, row)
+
+
+def test_saved_buffers_fit_a_model_with_another_dropblock_probability():
+    """Each rank's saved buffers held DropBlock's non-persistent probability: resuming with model.dropblock_prob
+    changed from 0 failed with a KeyError traceback on every rank."""
+    from resnest_train.averaging import load_rank_buffers, rank_buffers
+    without = create_model("resnest14", num_classes=4, dropblock_prob=0.0)
+    with_dropblock = create_model("resnest14", num_classes=4, dropblock_prob=0.1)
+    load_rank_buffers(with_dropblock, rank_buffers(without))
+    load_rank_buffers(without, rank_buffers(with_dropblock))
+    assert rank_buffers(without).keys() == rank_buffers(with_dropblock).keys()

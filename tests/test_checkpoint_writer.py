@@ -204,21 +204,22 @@ def wait_until_done(writer: CheckpointWriter) -> None:
 @pytest.mark.parametrize("failures", [1, 2])
 def test_a_failed_write_is_seen_at_the_next_step_and_written_again(tmp_path, monkeypatch, failures):
     """A failed background write surfaced only at the next save (an epoch later with interval_steps: 0) and
-    the fresh snapshot was then dropped. Now `check` (every step, never blocking) sees it, writes the newest
-    snapshot again, and raises only when that fails too."""
+    the fresh snapshot was then dropped. Now `check` (every step) sees it and writes the newest snapshot again;
+    when that fails too, the next `wait` raises it (the runner calls it when the ranks agree to stop)."""
     save, calls = failing_saves(failures)
     monkeypatch.setattr(checkpoint_writer, "save_checkpoint", save)
     writer = CheckpointWriter(tmp_path, keep_last=2)
     writer.save(state(4), is_best=False)
     wait_until_done(writer)
     if failures == 1:
-        writer.check()  # written again, successfully
+        assert not writer.check()  # written again, successfully
         assert torch.load(ckpt.checkpoint_dir(tmp_path) / "last.pt", weights_only=True)["step"] == 4
     else:
+        assert writer.check() and writer.check()  # failed twice: said at every step until the ranks agree
         with pytest.raises(ckpt.CheckpointError, match="disk full"):
-            writer.check()
+            writer.wait()  # where every rank learns it (runner: the stop agreement), never inside check()
     assert calls == [4, 4]
-    writer.check()  # nothing more in flight: never raises twice
+    assert not writer.check() and writer.wait() is None  # reported once
     writer.close()
 
 

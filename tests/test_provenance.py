@@ -107,10 +107,19 @@ def test_another_seed_mid_epoch_is_refused_or_continues_the_epochs_order(data, t
     refused = resumed(data, out, *mid, expect=2)
     one_line_error(refused, "train.seed 0 -> 7 in the middle of an epoch", "checkpoint.allow_changes=true")
     allowed = run_script(train_args(data, out, "data.backend=torchvision", "train.epochs=2", *mid,
-                                    "checkpoint.allow_changes=true", "train.mixup_alpha=0.5"),
+                                    "checkpoint.allow_changes=true", "train.mixup_alpha=0.5",
+                                    "checkpoint.interval_steps=2", "checkpoint.keep_last=9"),
                          env=script_env(RESNEST_TRAIN_SAMPLE_LOG=str(rest)))
     said = allowed.stdout + allowed.stderr
     assert "changed since the checkpoint: train.seed 0 -> 7" in said, said[-3000:]
     assert "changed since the checkpoint: train.mixup_alpha" in said, said[-3000:]
     epoch = samples_of_epoch(first, 0, range(2)) + samples_of_epoch(rest, 0)
     assert sorted(epoch) == list(range(48))  # every image of the resumed epoch exactly once
+    # resumed again inside that epoch (its step-4 checkpoint, written with seed 7): still seed 0's order
+    again = tmp_path / "again"
+    again.mkdir()
+    run_script(train_args(data, out, "data.backend=torchvision", "train.epochs=2", "train.seed=7",
+                          "train.mixup_alpha=0.5", f"checkpoint.resume={out}/checkpoints/step-000000004.pt"),
+               env=script_env(RESNEST_TRAIN_SAMPLE_LOG=str(again)))
+    epoch = samples_of_epoch(first, 0, range(2)) + samples_of_epoch(rest, 0, range(2, 4)) + samples_of_epoch(again, 0)
+    assert sorted(epoch) == list(range(48))

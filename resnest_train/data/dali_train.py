@@ -13,7 +13,6 @@ and resets the iterator (BENCHMARKS.md, "ImageNet scale": no per-epoch rebuild).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
@@ -76,7 +75,9 @@ class DaliTrainLoader(ReaderLoader):
         self.plan, self.samples, self.reader = plan, samples, EpochReader(order, start)
         replacement = replacement or Replacement(len(samples))
         # a known undecodable sample trains as its replacement, label included (undecodable.py)
-        labels = samples.labels[replacement.sources(np.arange(len(samples)))] if replacement else samples.labels
+        labels = samples.labels.copy()
+        for position in replacement.undecodable.tolist():  # a few entries, not the whole list
+            labels[position] = samples.labels[replacement.source(position)]
         self.labels = torch.from_numpy(labels).long().to(plan.device)
         self.feed = MicroBatchFeed(plan, samples, replacement)
         self.pipe = train_pipeline(plan, self.feed, batch_size=order.layout.micro_batch, ops=ops)

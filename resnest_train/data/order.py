@@ -43,8 +43,11 @@ class TrainOrder:
         return micro_step * self.layout.world_size + self.rank
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
-        seed = self.earlier_seed[1] if self.earlier_seed and epoch == self.earlier_seed[0] else self.seed
-        return epoch_permutation(seed, epoch, self.num_samples)
+        return epoch_permutation(self.epoch_seed(epoch), epoch, self.num_samples)
+
+    def epoch_seed(self, epoch: int) -> int:
+        """The seed that deals `epoch`'s order (checkpoints record it: a later mid-epoch resume keeps it)."""
+        return self.earlier_seed[1] if self.earlier_seed and epoch == self.earlier_seed[0] else self.seed
 
     def rank_samples(self, epoch: int, start_step: int = 0) -> torch.Tensor:
         """Indices into the training list this process reads from `start_step` to the end of `epoch`, in
