@@ -32,17 +32,21 @@ def size_text(nbytes: float) -> str:
     return f"{nbytes:.0f} bytes"
 
 
-def free_space(path: str | Path | None) -> str:
-    """'N MB free' on the filesystem of `path` (its nearest existing folder), or '' when unknown."""
-    if path is None:
-        return ""
+def free_bytes(path: str | Path) -> int | None:
+    """Free bytes on the filesystem of `path` (its nearest existing folder), or None when unknown."""
     folder = Path(path)
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     try:
-        return f"{size_text(shutil.disk_usage(folder).free)} free"
+        return shutil.disk_usage(folder).free
     except OSError:
-        return ""
+        return None
+
+
+def free_space(path: str | Path | None) -> str:
+    """'N MB free' on the filesystem of `path`, or '' when unknown."""
+    free = free_bytes(path) if path is not None else None
+    return "" if free is None else f"{size_text(free)} free"
 
 
 def describe(exc: BaseException, *, needed_bytes: int | None = None) -> str:

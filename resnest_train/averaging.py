@@ -41,10 +41,10 @@ def distribute_bn(module: nn.Module, dist: DistInfo, mode: str) -> None:
     Other buffers are rank 0's either way."""
     if not dist.distributed:
         return
+    reduced = saved_statistics(module, dist, mode)
     for name, buffer in module.named_buffers():
-        if mode == "reduce" and _bn_statistic(name) and buffer.is_floating_point():
-            torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
-            buffer.div_(dist.world_size)
+        if name in reduced:
+            buffer.copy_(reduced[name])
         else:
             torch.distributed.broadcast(buffer, src=0)
 
@@ -86,7 +86,7 @@ class WeightEma:
     def __init__(self, model: nn.Module, decay: float, *, warmup: bool, device: torch.device):
         self.decay, self.warmup = decay, warmup
         self.module = copy.deepcopy(model).to(device).eval().requires_grad_(False)
-        self._pairs = None
+        self._floats = self._integers = None  # (EMA tensors, model tensors), paired once
 
     def decay_at(self, step: int) -> float:
         """The decay of the update after optimizer step `step` (1-based)."""
@@ -98,16 +98,16 @@ class WeightEma:
     def update(self, model: nn.Module, step: int) -> None:
         """After optimizer step `step`: the floating-point tensors move towards the model's (one fused
         `lerp` over all of them); integer buffers (BN's counters) are copied."""
-        if self._pairs is None:
+        if self._floats is None:
             live, ema = model.state_dict(keep_vars=True), self.module.state_dict(keep_vars=True)
-            self._pairs = [(ema[key], value) for key, value in live.items()]
-        floats = [(e, m) for e, m in self._pairs if e.is_floating_point()]
-        weight = 1.0 - self.decay_at(step)
-        sources = [m.detach().to(e.device) for e, m in floats]  # a copy only with train.ema_device=cpu
-        torch._foreach_lerp_([e for e, _ in floats], sources, weight)
-        for ema_value, value in self._pairs:
-            if not ema_value.is_floating_point():
-                ema_value.copy_(value)
+            pairs = [(ema[key], value.detach()) for key, value in live.items()]
+            self._floats = tuple(map(list, zip(*[p for p in pairs if p[0].is_floating_point()])))
+            self._integers = [p for p in pairs if not p[0].is_floating_point()]
+        targets, sources = self._floats
+        on_device = [m.to(e.device) for e, m in zip(targets, sources)]  # a copy only with train.ema_device=cpu
+        torch._foreach_lerp_(targets, on_device, 1.0 - self.decay_at(step))
+        for ema_value, value in self._integers:
+            ema_value.copy_(value)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

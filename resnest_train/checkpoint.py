@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from resnest_train.agreement import describe
+from resnest_train.agreement import describe, free_bytes
 from resnest_train.errors import UserError
 
 log = logging.getLogger("resnest_train")
@@ -68,8 +68,8 @@ def _write_failure(exc: BaseException, path: Path, needed: int, had_previous: bo
     ENOSPC as "[enforce fail at inline_container.cc] unexpected pos": judged by the space left), and the
     previous checkpoint named only where one exists."""
     if isinstance(exc, RuntimeError) and ("unexpected pos" in str(exc) or "file write failed" in str(exc)):
-        free = shutil.disk_usage(_existing(path.parent)).free
-        if free < needed + 2**20:
+        free = free_bytes(path.parent)
+        if free is not None and free < needed + 2**20:
             exc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path.parent))
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         reason = describe(OSError(exc.errno, exc.strerror, str(path.parent)), needed_bytes=needed)
@@ -81,12 +81,6 @@ def _write_failure(exc: BaseException, path: Path, needed: int, had_previous: bo
         reason = f"cannot write checkpoint {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     kept = "the previous checkpoint is intact" if had_previous else "no earlier checkpoint of this run exists"
     return CheckpointError(f"{reason} ({kept})")
-
-
-def _existing(folder: Path) -> Path:
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return folder
 
 
 def atomic_save(obj: dict, path: Path) -> None:

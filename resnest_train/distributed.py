@@ -165,6 +165,23 @@ def _store_port(store) -> int | None:
     return getattr(store, "port", None)
 
 
+def tcp_connections():
+    """This process's TCP sockets (Linux `/proc/self/fd`), each as a socket object that does not own its
+    descriptor (detached after the caller's turn)."""
+    for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []:
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            sock = socket.socket(fileno=int(name))
+        except OSError:  # closed meanwhile
+            continue
+        try:
+            if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+                yield sock
+        finally:
+            sock.detach()
+
+
 def _close_connections(store) -> None:
     """End this rank's connections to the other ranks now, so that a rank waiting for this one in a
     collective fails at once and reads the reason. `destroy_process_group` does not end them: DDP keeps a
@@ -173,18 +190,11 @@ def _close_connections(store) -> None:
     process is shut down except the rendezvous store's (its port), which must stay up for the others to
     read the reason."""
     keep = _store_port(store)
-    for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []:
+    for sock in tcp_connections():
         try:
-            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
-                continue
-            sock = socket.socket(fileno=int(name))
-            try:
-                if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM and \
-                        keep not in (sock.getsockname()[1], sock.getpeername()[1]):
-                    sock.shutdown(socket.SHUT_RDWR)
-            finally:
-                sock.detach()  # the descriptor stays the library's
-        except OSError:  # a listening socket (no peer), or one closed meanwhile
+            if keep not in (sock.getsockname()[1], sock.getpeername()[1]):
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # a listening socket (no peer)
             continue
 
 

@@ -17,7 +17,6 @@ import io
 import logging
 import os
 import signal
-import socket
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from resnest_train.data.reader import EpochReader, ReaderLoader
 from resnest_train.data.samples import SampleList
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, lighting_shift
 from resnest_train.data.undecodable import Replacement
+from resnest_train.distributed import tcp_connections
 
 log = logging.getLogger(__name__)
 
@@ -90,22 +90,12 @@ def _stop_later(_signum, _frame) -> None:
 
 
 def close_network_sockets() -> None:
-    """A forked worker shares the main process's TCP connections (gloo's, the rendezvous store's): closing
-    them there would not end them while a worker still holds a copy, so the other ranks, waiting for this
-    one in a collective, would not notice it stopped (distributed.announce_failure). Workers never use them:
-    they close their copies at start. (Local sockets, the DataLoader's own, are kept.)"""
-    for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []:
-        fd = int(name)
-        try:
-            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                continue
-            probe = socket.socket(fileno=fd)  # reads the family; detached below, so it closes nothing
-            family = probe.family
-            probe.detach()
-            if family in (socket.AF_INET, socket.AF_INET6):
-                os.close(fd)
-        except OSError:
-            continue
+    """A forked worker shares the main process's TCP connections (gloo's, the rendezvous store's), which
+    stay open while any copy does: were the main process killed, the other ranks would not notice until its
+    workers exited too. Workers never use them: they close their copies at start. (Local sockets, the
+    DataLoader's own, are kept.)"""
+    for sock in tcp_connections():
+        os.close(sock.fileno())
 
 
 def ignore_stop_signals(_worker_id: int) -> None:
