@@ -147,15 +147,6 @@ def _shard_sample(fd: int, image: tuple[str, int, int], label: bytes | None):
     return name, start, size, value, reason
 
 
-def read_bytes(path: str, start: int = -1, size: int = 0) -> bytes:
-    """An image's encoded bytes: a whole file, or `size` bytes at `start` of a shard."""
-    if start < 0:
-        with open(path, "rb") as file:
-            return file.read()
-    with open(path, "rb") as file:
-        return os.pread(file.fileno(), size, start)
-
-
 def decode_bytes_error(data: bytes) -> str | None:
     try:
         with Image.open(io.BytesIO(data)) as image:

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 _STEP = """import json, os, resource, sys, time
 sys.path.insert(0, {root!r})
-from resnest_train.data.index import load_index, index_to_bytes, index_from_bytes, read_sample
+from resnest_train.data.index import load_index, index_to_bytes, index_from_bytes
+from resnest_train.data.sample_read import read_sample
 def peak_mb():
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return own / 1024

@@ -24,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from resnest_train.data.index import CLASSES_FILE, DatasetError, load_index, read_sample, warn_skipped  # noqa: E402
+from resnest_train.data.index import CLASSES_FILE, DatasetError, load_index, warn_skipped  # noqa: E402
+from resnest_train.data.sample_read import read_sample  # noqa: E402
 
 DEFAULT_SHARD_SIZE = 256 * 2**20
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from resnest_train.data.draws import crop_window, draw_batch, image_size
-from resnest_train.data.index import load_index, read_sample
+from resnest_train.data.index import load_index
+from resnest_train.data.sample_read import read_sample
 from resnest_train.data.torchvision import build_torch_train
 from tests.conftest import dali_importable, make_order, make_plan
 

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from resnest_train import filescan
-from resnest_train.data.index import load_index, read_sample
+from resnest_train.data.index import load_index
+from resnest_train.data.sample_read import read_sample
 from tests.conftest import ROOT, run_script, script_env, train_args
 
 PACK = str(ROOT / "scripts" / "pack_dataset.py")

@@ -28,8 +28,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from resnest_train.data.autograph_files import delete_autograph_files_after_loading
 from resnest_train.data.dali_autoaugment import dali_auto_augment
 from resnest_train.data.dali_cpu import HostOps
-from resnest_train.data.index import read_sample
 from resnest_train.data.plan import DataPlan
+from resnest_train.data.sample_read import SampleReadError, read_sample
 from resnest_train.data.samples import SampleList
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVAL, PCA_EIGVEC
 from resnest_train.data.undecodable import undecodable_error
@@ -171,7 +171,7 @@ class ListFeed:
         self.cursor = positions[-1] + 1
         try:
             encoded = [np.frombuffer(read_sample(self.plan.root, self.samples, i), dtype=np.uint8) for i in positions]
-        except OSError as exc:  # DALI would report it without the file: keep it for the loader
+        except (OSError, SampleReadError) as exc:  # DALI would report it without the file: keep it for the loader
             self.error = exc
             raise
         return encoded, np.array([self.samples.labels[i] for i in positions], dtype=np.int64).reshape(-1, 1)
@@ -215,6 +215,8 @@ class DaliLoader:
     def _failure(self, exc: Exception) -> Exception:
         start = self.position * self.batch_size
         window = self.samples.take(range(start, min(len(self.samples), start + (PREFETCH + 2) * self.batch_size)))
+        if isinstance(self.feed.error, SampleReadError):  # not read, so not known to be undecodable
+            return self.feed.error
         if self.feed.error is not None:
             return undecodable_error(self.plan.root, window, otherwise=str(self.feed.error), training=False)
         return decode_failure(exc, self.plan, window, training=False)

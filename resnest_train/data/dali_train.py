@@ -33,6 +33,7 @@ from resnest_train.data.dali import (
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
 from resnest_train.data.reader import EpochReader, MicroBatchFeed, ReaderLoader
+from resnest_train.data.sample_read import SampleReadError
 from resnest_train.data.samples import SampleList
 from resnest_train.data.undecodable import Replacement, undecodable_error
 
@@ -110,6 +111,8 @@ class DaliTrainLoader(ReaderLoader):
             yield channels_first(batch[0]["data"], self.plan), self.labels[ids.to(self.labels.device)]
 
     def _failure(self, exc: Exception) -> Exception:
+        if isinstance(self.feed.error, SampleReadError):  # not read, so not known to be undecodable
+            return self.feed.error
         if self.feed.error is not None:  # the feed could not read (or parse) an image of its last micro-batch
             failing = self.samples.take(self.feed.sources(self.reader.rows[self.feed.cursor - 1]))
             return undecodable_error(self.plan.root, failing, otherwise=str(self.feed.error), training=True)

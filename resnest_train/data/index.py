@@ -16,11 +16,9 @@ a cache (index_table.py) that a rerun revalidates by folder and shard stamps.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from resnest_train.data.index_table import Chunk, Table, read_cache, scan_units
 from resnest_train.data.index_table import write_cache as write_table
 from resnest_train.data.samples import SampleList, pack, unpack
 from resnest_train.errors import UserError
-from resnest_train.filescan import IMAGE_EXTENSIONS, decode_bytes_error, read_bytes
+from resnest_train.filescan import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
@@ -249,43 +247,6 @@ def index_from_bytes(data: bytes) -> DatasetIndex:
     meta, lists = unpack(data, lambda meta: meta["kind"])
     return DatasetIndex(meta["root"], meta["classes"], lists["train"], lists["val"],
                         [tuple(pair) for pair in meta["skipped"]])
-
-
-@functools.lru_cache(maxsize=256)
-def _shard_fd(path: str, pid: int) -> int:
-    """An open shard, kept open for the process's life (`pread` has no shared offset, so threads and
-    forked workers can share it): reading from shards opens no file per image."""
-    return os.open(path, os.O_RDONLY)
-
-
-def read_sample(root: str | Path, samples: SampleList, i: int) -> bytes:
-    """Sample `i`'s encoded image: its file, or its byte range in its shard."""
-    folder = os.path.join(root, samples.dirs[samples.dir_ids[i]])
-    if samples.kind == "shards":
-        size = int(samples.sizes[i])
-        data = os.pread(_shard_fd(folder, os.getpid()), size, int(samples.starts[i]))
-        if len(data) != size:
-            raise OSError(f"{folder} ends inside {samples.name(i)} (changed since it was indexed)")
-        return data
-    return read_bytes(os.path.join(folder, samples.name(i)))
-
-
-def _decode_check(root: str | Path, samples: SampleList, i: int) -> str | None:
-    try:
-        return decode_bytes_error(read_sample(root, samples, i))
-    except FileNotFoundError:
-        return "deleted since the dataset was indexed"
-    except OSError as exc:
-        return f"unreadable ({exc.strerror or exc})"
-
-
-def find_undecodable(root: str | Path, samples: SampleList, workers: int | None = None) -> list[tuple[str, str]]:
-    """Fully decode every image and return (path relative to root, why) for those that fail: the slow,
-    thorough check, run only after a decoder has failed on a file that passed the cheap header/end check.
-    Threads (PIL decodes without the GIL), not forked processes: the caller runs DALI's threads."""
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        reasons = list(pool.map(lambda i: _decode_check(root, samples, i), range(len(samples))))
-    return [(samples.path(i), reason) for i, reason in enumerate(reasons) if reason]
 
 
 def main(argv: list[str] | None = None) -> int:

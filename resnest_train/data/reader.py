@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from resnest_train.data.draws import Draws, draw_batch, image_size
-from resnest_train.data.index import read_sample
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
+from resnest_train.data.sample_read import SampleReadError, read_sample
 from resnest_train.data.samples import SampleList
 from resnest_train.data.undecodable import Replacement
 
@@ -116,7 +116,7 @@ class MicroBatchFeed:
         try:
             encoded = list(self.pool.map(self._read, positions))
             draws = draw_batch(self.plan, self.epoch, positions, list(self.pool.map(image_size, encoded)))
-        except (OSError, ValueError) as exc:  # DALI would report it without the file: keep it for the loader
+        except (OSError, ValueError, SampleReadError) as exc:  # DALI would report it without the file: kept
             self.error = exc
             raise
         self.issued[tuple(positions)] = draws

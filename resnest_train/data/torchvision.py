@@ -27,10 +27,11 @@ from torchvision.transforms import functional as F
 
 from resnest_train.data.autoaugment import POLICIES, apply_sub_policy, resolve
 from resnest_train.data.draws import draw_batch
-from resnest_train.data.index import DatasetError, read_sample
+from resnest_train.data.index import DatasetError
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
 from resnest_train.data.reader import EpochReader, ReaderLoader
+from resnest_train.data.sample_read import SampleReadError, read_sample
 from resnest_train.data.samples import SampleList
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, lighting_shift
 from resnest_train.data.undecodable import Replacement
@@ -225,6 +226,8 @@ class TorchTrainLoader(ReaderLoader):
                 return
             except OSError as exc:  # a run of undecodable images longer than the fallback (TrainImageDataset)
                 raise DatasetError(str(exc).strip().splitlines()[-1]) from None
+            except SampleReadError as exc:
+                raise worker_error(exc) from None
             images, targets, positions, self.last_draws = batch
             self.found += [path for draws in self.last_draws for path in draws.get("undecodable", [])]
             self.reader.delivered(positions)
@@ -255,6 +258,12 @@ class TorchLoader:
 
     def __iter__(self):
         self.delivered = []
+        try:
+            yield from self._batches()
+        except SampleReadError as exc:
+            raise worker_error(exc) from None
+
+    def _batches(self):
         for batch in self.loader:
             if batch is None:  # every image of the batch failed to decode (named in the log)
                 continue
@@ -268,6 +277,15 @@ class TorchLoader:
 
     def close(self) -> None:
         shut_down_workers(self.loader)
+
+
+def worker_error(exc: SampleReadError) -> SampleReadError:
+    """A read error as raised in the process that read: a DataLoader worker's comes back with the worker's
+    traceback as its message (torch's ExceptionWrapper), whose last line is `module.Class: message`."""
+    text = str(exc).strip()
+    if "Traceback" not in text:
+        return exc
+    return SampleReadError(text.splitlines()[-1].partition(": ")[2])
 
 
 def shut_down_workers(loader: DataLoader) -> None:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from resnest_train.data.index import DatasetError, find_undecodable
+from resnest_train.data.index import DatasetError
+from resnest_train.data.sample_read import find_undecodable
 from resnest_train.data.samples import SampleList
 
 log = logging.getLogger("resnest_train")
