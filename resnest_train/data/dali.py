@@ -29,7 +29,7 @@ from resnest_train.data.autograph_files import delete_autograph_files_after_load
 from resnest_train.data.dali_autoaugment import dali_auto_augment
 from resnest_train.data.dali_cpu import HostOps
 from resnest_train.data.plan import DataPlan
-from resnest_train.data.sample_read import SampleReadError, read_sample
+from resnest_train.data.sample_read import SHARDS, SampleReadError, read_sample
 from resnest_train.data.samples import SampleList
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVAL, PCA_EIGVEC
 from resnest_train.data.undecodable import undecodable_error
@@ -225,7 +225,8 @@ class DaliLoader:
         return {}
 
     def close(self) -> None:
-        """Nothing to release: the pipeline's threads end with it."""
+        """The shard descriptors (the pipeline's threads end with it)."""
+        SHARDS.close()
 
 
 def _device_id(plan: DataPlan) -> int | None:

@@ -22,7 +22,7 @@ import torch
 from resnest_train.data.draws import Draws, draw_batch, image_size
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
-from resnest_train.data.sample_read import SampleReadError, read_sample
+from resnest_train.data.sample_read import SHARDS, SampleReadError, read_sample
 from resnest_train.data.samples import SampleList
 from resnest_train.data.undecodable import Replacement
 
@@ -75,7 +75,9 @@ class ReaderLoader:
         return self.reader.state()
 
     def close(self) -> None:
-        """Release the backend's workers (a DataLoader's processes); the loader is not used after."""
+        """Release the backend's workers (a DataLoader's processes) and the shard descriptors; the loader is
+        not used after."""
+        SHARDS.close()
 
     def newly_undecodable(self) -> list[str]:
         """Training images found undecodable (and replaced) since the last call, relative to data.root: rank 0

@@ -31,7 +31,7 @@ from resnest_train.data.index import DatasetError
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
 from resnest_train.data.reader import EpochReader, ReaderLoader
-from resnest_train.data.sample_read import SampleReadError, read_sample
+from resnest_train.data.sample_read import SHARDS, SampleReadError, read_sample
 from resnest_train.data.samples import SampleList
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, lighting_shift
 from resnest_train.data.undecodable import Replacement
@@ -240,6 +240,7 @@ class TorchTrainLoader(ReaderLoader):
 
     def close(self) -> None:
         shut_down_workers(self.loader)
+        SHARDS.close()
 
 
 class TorchLoader:
@@ -277,6 +278,7 @@ class TorchLoader:
 
     def close(self) -> None:
         shut_down_workers(self.loader)
+        SHARDS.close()
 
 
 def worker_error(exc: SampleReadError) -> SampleReadError:
