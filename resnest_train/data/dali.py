@@ -240,7 +240,29 @@ def val_pipeline(plan: DataPlan, feed, *, batch_size: int, ops: str = "auto"):
                          ops=graph_ops(plan, ops))
 
 
+class EmptyLoader:
+    """The validation `Loader` of a rank whose shard is empty (fewer validation images than ranks, or every
+    one of them known undecodable): DALI cannot build a pipeline over nothing."""
+
+    delivered: list[int] = []
+
+    def __len__(self) -> int:
+        return 0
+
+    def __iter__(self):
+        return iter(())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing to do."""
+
+    def state(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
 def build_dali_val(plan: DataPlan, shard: SampleList, *, batch_size: int, ops: str = "auto"):
     if not len(shard):
-        return []
+        return EmptyLoader()
     return DaliLoader(plan, shard, batch_size=batch_size, ops=ops)

@@ -56,14 +56,15 @@ class SampleList(Sequence):
         return f"{self.dirs[self.dir_ids[i]]}{joiner}{self.name(i)}"
 
     def position(self, path: str) -> int | None:
-        """The position of the sample whose `path()` is `path`, or None (only its folder's names compared)."""
+        """The position of the sample whose `path()` is `path`, or None (only its folder's names compared).
+        The folder is a prefix that names one of ours: member names may hold the joiner too (`a:b.jpg`)."""
         joiner = ":" if self.kind == "shards" else "/"
-        folder, _, name = path.rpartition(joiner)
-        if folder not in self.dirs:
-            return None
-        for i in np.flatnonzero(self.dir_ids == self.dirs.index(folder)).tolist():
-            if self.name(i) == name:
-                return i
+        dirs = {folder: d for d, folder in enumerate(self.dirs)}
+        for cut in [i for i, char in enumerate(path) if char == joiner and path[:i] in dirs]:
+            name = path[cut + 1:]
+            for i in np.flatnonzero(self.dir_ids == dirs[path[:cut]]).tolist():
+                if self.name(i) == name:
+                    return i
         return None
 
     def __getitem__(self, item):
