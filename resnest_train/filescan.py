@@ -14,6 +14,11 @@ from pathlib import Path
 from PIL import Image
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
+MAX_CLASS_INDEX = 2**31 - 1  # labels are int32 arrays (samples.py)
+
+
+class ScanError(Exception):
+    """A shard or file the index cannot list (index.py reports it as a dataset error, naming it)."""
 
 
 def check_image(path: Path | str, size: int | None = None, start: int = 0, fd: int | None = None) -> str | None:
@@ -54,6 +59,8 @@ def scan_folder(task: tuple[str, dict]) -> list[tuple[str, int, int, str | None]
     for entry in os.scandir(folder):
         if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
             continue
+        if _not_utf8(entry.name):
+            raise ScanError(f"{folder}: file name {os.fsencode(entry.name)!r} is not UTF-8: rename the file")
         try:
             stat = entry.stat()
         except OSError:
@@ -69,17 +76,6 @@ def scan_folder(task: tuple[str, dict]) -> list[tuple[str, int, int, str | None]
     return sorted(entries)
 
 
-def decode_error(path: str) -> str | None:
-    if not os.path.exists(path):
-        return "deleted since the dataset was indexed"
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except Exception as exc:  # noqa: BLE001 - PIL reports broken data in several exception types
-        return f"cannot decode ({exc})"
-    return None
-
-
 def _sample_key(name: str) -> tuple[str, str]:
     """webdataset's split of a member name: the key is the path up to the first dot of the base name."""
     folder, _, base = name.rpartition("/")
@@ -91,48 +87,91 @@ def scan_shard(path: str) -> tuple[int, int, list[tuple[str, int, int, int, str 
     """(size, mtime_ns, samples) of a webdataset tar shard; each sample (image member name, data offset,
     size, label, reason) in the order of the tar, from its image (.jpg/.jpeg/.png) and its `.cls` member
     (the class index as text, the public ImageNet-1k webdataset layout). Headers are read and data seeked
-    over: only the `.cls` members and each image's first and last bytes are read."""
+    over: only the `.cls` members and each image's first and last bytes are read. A shard that is not whole
+    (cut short, empty, not a tar) adds a last sample named "" whose reason says so; a key used twice is a
+    `ScanError` (webdataset itself refuses it)."""
     stat = os.stat(path)
     images, labels, order = {}, {}, []
     with open(path, "rb") as raw:
-        for name, start, size in _tar_members(raw):
+        members, problem = _tar_members(raw, stat.st_size)
+        for name, start, size in members:
             key, ext = _sample_key(name)
             if "." + ext in IMAGE_EXTENSIONS:
-                if key not in images:
-                    order.append(key)
+                if key in images:
+                    raise ScanError(f"{path}: two images for the sample key {key!r} ({images[key][0]} and {name}): "
+                                    "webdataset keys must be unique in a shard")
+                order.append(key)
                 images[key] = (name, start, size)
             elif ext == "cls":
+                if key in labels:
+                    raise ScanError(f"{path}: the sample key {key!r} has two .cls members")
                 labels[key] = os.pread(raw.fileno(), size, start)
         samples = [_shard_sample(raw.fileno(), images[key], labels.get(key)) for key in order]
+    if problem:
+        samples.append(("", 0, 0, -1, f"{problem}; {len(samples)} samples before it are used"))
     return stat.st_size, stat.st_mtime_ns, samples
 
 
-def _tar_members(raw) -> list[tuple[str, int, int]]:
-    """(name, data offset, size) of every regular file in a tar. Plain ustar/GNU headers are parsed here
-    (tarfile's own parser is most of a scan's time at ImageNet's 2.6M members); a tar with anything else
-    (pax headers, GNU long names, numbers in base 256) is listed by tarfile."""
+def _member_name(path: str, raw_name: bytes) -> str:
+    try:
+        return raw_name.decode()
+    except UnicodeDecodeError:
+        raise ScanError(f"{path}: member name {raw_name!r} is not UTF-8: repack the shard with UTF-8 names") from None
+
+
+def _tar_members(raw, file_size: int) -> tuple[list[tuple[str, int, int]], str | None]:
+    """(name, data offset, size) of every regular file in a tar, and why the tar is not whole (or None).
+    Plain ustar/GNU headers are parsed here (tarfile's own parser is most of a scan's time at ImageNet's
+    2.6M members); a tar with anything else (pax headers, GNU long names, numbers in base 256) is listed by
+    tarfile. A tar ends with zero blocks: a shard that ends without them, or inside a member, was cut short
+    (an interrupted copy)."""
     members, offset, fd = [], 0, raw.fileno()
+    if file_size == 0:
+        return [], "empty shard (0 bytes)"
     while True:
         header = os.pread(fd, 512, offset)
-        if len(header) < 512 or header == bytes(512):
-            return members
+        if len(header) < 512:
+            return members, CUT_SHORT + " (no end-of-archive blocks)"
+        if header == bytes(512):
+            return members, None
         kind, size_field = header[156:157], header[124:136]
         if kind not in (b"0", b"\0") or size_field[0] & 0x80 or header[257:262] != b"ustar":
-            if kind in (b"1", b"2", b"3", b"4", b"5", b"6", b"7"):  # links, devices, folders: no data to list
-                offset += 512
+            if kind in (b"1", b"2", b"3", b"4", b"5", b"6", b"7") and header[257:262] == b"ustar":
+                offset += 512  # links, devices, folders: no data to list
                 continue
-            return _tarfile_members(raw)
+            return _tarfile_members(raw, file_size)
         size = int(size_field.strip(b"\0 ") or b"0", 8)
-        name = header[:100].split(b"\0", 1)[0].decode()
-        prefix = header[345:500].split(b"\0", 1)[0].decode()
-        members.append((f"{prefix}/{name}" if prefix else name, offset + 512, size))
+        name = _member_name(raw.name, header[:100].split(b"\0", 1)[0])
+        prefix = _member_name(raw.name, header[345:500].split(b"\0", 1)[0])
+        name = f"{prefix}/{name}" if prefix else name
+        if offset + 512 + size > file_size:
+            return members, f"{CUT_SHORT} inside member {name}"
+        members.append((name, offset + 512, size))
         offset += 512 + -(-size // 512) * 512
 
 
-def _tarfile_members(raw) -> list[tuple[str, int, int]]:
+CUT_SHORT = "shard cut short (an interrupted copy?): the samples after its end are missing"
+
+
+def _tarfile_members(raw, file_size: int) -> tuple[list[tuple[str, int, int]], str | None]:
     raw.seek(0)
-    with tarfile.open(fileobj=raw, mode="r:") as tar:
-        return [(m.name, m.offset_data, m.size) for m in iter(tar.next, None) if m.isfile()]
+    members = []
+    try:
+        with tarfile.open(fileobj=raw, mode="r:") as tar:
+            for member in iter(tar.next, None):
+                if member.offset_data + member.size > file_size:
+                    return members, f"{CUT_SHORT} inside member {member.name}"
+                if member.isfile():
+                    members.append((_member_name(raw.name, member.name.encode(errors="surrogateescape")),
+                                    member.offset_data, member.size))
+            end = tar.offset
+    except tarfile.ReadError as exc:
+        if not members:
+            return [], f"not a tar archive ({exc})"
+        return members, f"{CUT_SHORT} ({exc})"
+    # tarfile stops quietly where the file ends at a block boundary: the end-of-archive block must be there
+    whole = os.pread(raw.fileno(), 512, end) == bytes(512)
+    return members, None if whole else CUT_SHORT + " (no end-of-archive blocks)"
 
 
 def _shard_sample(fd: int, image: tuple[str, int, int], label: bytes | None):
@@ -141,10 +180,20 @@ def _shard_sample(fd: int, image: tuple[str, int, int], label: bytes | None):
         value = int(label.decode().strip()) if label is not None else -1
     except ValueError:
         value = -1
+    if value > MAX_CLASS_INDEX:
+        return name, start, size, -1, f"class index {value} in its .cls member is too large"
     reason = check_image(name, size, start, fd)
     if reason is None and value < 0:
         reason = "no class index (.cls member missing or not a number)"
     return name, start, size, value, reason
+
+
+def _not_utf8(name: str) -> bool:
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def decode_bytes_error(data: bytes) -> str | None:

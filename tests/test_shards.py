@@ -155,6 +155,8 @@ def test_tar_members_are_listed_as_tarfile_lists_them(tmp_path, tar_format):
             info = tarfile.TarInfo(name)
             info.size = 700 * i + 3
             tar.addfile(info, io.BytesIO(bytes(info.size)))
+    size = path.stat().st_size
     with open(path, "rb") as raw:
-        ours = filescan._tar_members(raw)
-        assert ours == filescan._tarfile_members(raw) and [name for name, _, _ in ours] == names
+        ours, problem = filescan._tar_members(raw, size)
+        assert (ours, problem) == filescan._tarfile_members(raw, size) and problem is None
+        assert [name for name, _, _ in ours] == names

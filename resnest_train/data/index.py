@@ -28,7 +28,7 @@ from resnest_train.data.index_table import Chunk, Table, read_cache, scan_units
 from resnest_train.data.index_table import write_cache as write_table
 from resnest_train.data.samples import SampleList, pack, unpack
 from resnest_train.errors import UserError
-from resnest_train.filescan import IMAGE_EXTENSIONS
+from resnest_train.filescan import IMAGE_EXTENSIONS, ScanError
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,10 @@ def scan_files(root: str | Path, cached: Table | None = None, processes: int | N
     folder_classes = None if sharded else _check_layout(root, classes, splits)
     units = _units(root, splits, folder_classes or [], sharded)
     kwargs = {} if processes is None else {"processes": processes}
-    table = scan_units(root, units, sharded, cached, recheck=recheck, **kwargs)
+    try:
+        table = scan_units(root, units, sharded, cached, recheck=recheck, **kwargs)
+    except ScanError as exc:
+        raise DatasetError(str(exc)) from None
     classes = _shard_classes(root, classes, table) if sharded else folder_classes
     index = _build(root, classes, table, sharded, splits)
     _check_splits(root, index, splits)
@@ -170,11 +173,17 @@ def _build(root: Path, classes: list[str], table: Table, sharded: bool, splits: 
                 reasons[out_of_range] = len(chunk.texts) - 1
             if (reasons >= 0).any():
                 names = chunk.names()
-                skipped += [(f"{root / unit}{':' if sharded else '/'}{names[i]}", chunk.texts[reasons[i]])
+                skipped += [(_entry_path(root / unit, names[i], sharded), chunk.texts[reasons[i]])
                             for i in np.flatnonzero(reasons >= 0).tolist()]
             pieces.append((dir_id, chunk, labels, reasons < 0))
         lists[split] = _sample_list("shards" if sharded else "folder", [u for u, _ in parts], pieces)
     return DatasetIndex(str(root), classes, lists["train"], lists["val"], skipped)
+
+
+def _entry_path(unit: Path, name: str, sharded: bool) -> str:
+    """A skipped entry's path: `shard.tar:member`, `folder/file`, or the shard itself (name "": it is not
+    whole, filescan.scan_shard)."""
+    return f"{unit}:{name}" if sharded and name else f"{unit}/{name}" if name else str(unit)
 
 
 def _sample_list(kind: str, dirs: list[str], pieces: list) -> SampleList:
