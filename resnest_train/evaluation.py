@@ -110,7 +110,9 @@ def _measure(config: Config, dist: DistInfo, checkpoint: str, crop_sizes: list[i
     precision = resolve_precision(config.train.amp, dist.device)
     plan = build_data_plan(config, dist)
     index = _load_index(config, plan, dist, checkpoint, options)
-    real = RealLabels(options.real_labels, index.val) if options.real_labels and index is not None else None
+    real = None
+    if options.real_labels and index is not None:
+        real = RealLabels(options.real_labels, index.val, config.model.num_classes)
     results, rows = [], None
     for number, crop in enumerate(crop_sizes):
         crop_plan = plan.with_val_crop(crop, config.data.val_resize_size if crop == plan.val_crop_size else None,

@@ -56,18 +56,19 @@ def _file_name(path: str) -> str:
 class RealLabels:
     """ImageNet-ReaL labels of a validation list, looked up by each image's file name."""
 
-    def __init__(self, path: str, val) -> None:
+    def __init__(self, path: str, val, num_classes: int) -> None:
         try:
             labels = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
             raise UserError(f"--real-labels {path}: {getattr(exc, 'strerror', None) or exc}") from None
-        if not isinstance(labels, list) or not all(isinstance(row, list) for row in labels):
+        if not isinstance(labels, list):
             raise UserError(f"--real-labels {path}: expected a JSON list of label lists (ImageNet-ReaL's real.json)")
         names = sorted(_file_name(val.path(i)) for i in range(len(val)))
         if len(labels) != len(names) or len(set(names)) != len(names):
             raise UserError(f"--real-labels {path} labels {len(labels)} images; the validation list has "
                             f"{len(names)} ({len(set(names))} distinct file names): ReaL labels the full ImageNet "
                             "validation set")
+        _check_entries(path, labels, names, num_classes)
         self.labels = {name: set(row) for name, row in zip(names, labels)}
 
     def counts(self, paths: list[str], top5: list[list[int]], device: torch.device) -> torch.Tensor:
@@ -78,3 +79,18 @@ class RealLabels:
             if real:
                 counts += torch.tensor([predicted[0] in real, any(p in real for p in predicted), 1.0])
         return counts.to(device)
+
+
+def _check_entries(path: str, labels: list, names: list[str], num_classes: int) -> None:
+    """Every entry a list of class indices of the model, some not empty: a file of strings, of another
+    label space or of empty lists otherwise scores ReaL-1 0.00 (no prediction is ever one of its labels),
+    with no word. Entries are numbered from 1, as the images they label (`ILSVRC2012_val_00000001.JPEG`)."""
+    for number, (row, name) in enumerate(zip(labels, names), start=1):
+        # bool is an int in Python, and JSON's true would pass as class 1
+        if not isinstance(row, list) or not all(type(label) is int and 0 <= label < num_classes for label in row):
+            text = json.dumps(row)
+            raise UserError(f"--real-labels {path}: entry {number} ({text if len(text) <= 60 else text[:57] + '...'}"
+                            f", image {name}) is not a list of class indices in 0..{num_classes - 1}")
+    if not any(labels):
+        raise UserError(f"--real-labels {path}: every entry is an empty list, so no image has a ReaL label to "
+                        "score against")

@@ -6,11 +6,14 @@
 writes `DIR/train/train-000000.tar ...`, `DIR/val/val-000000.tar ...` and `DIR/classes.txt` (line i names
 class i). Each sample is two members, `<class>/<file stem>.<ext>` (the image's bytes as they are) and
 `<class>/<file stem>.cls` (its class index as text): the layout of the public ImageNet-1k webdataset copy,
-which the framework reads as well. Samples follow the folder's training list (classes sorted, files sorted
-in each), so the shards hold the same list position for position: a run on them reads the same images in
-the same micro-batches as a run on the folder. Bad files are skipped and named, as the trainer's index
-does. The output is deterministic (members sorted as above, mtime 0, no owner names); a shard is closed
-once it holds `--shard-size` bytes (default 256 MB, where webdataset's guidance for streaming lies).
+which the framework reads as well. Dots in a stem become underscores (webdataset's key ends at the first dot),
+and a file whose key an earlier one already has (`x.JPG` after `x.jpg`, `n.png` after `n.jpg`) is packed as
+`<key>_<n>`, so every image of the folder is a sample of the shards. Samples follow the folder's training list
+(classes sorted, files sorted in each), so the shards hold the same list position for position: a run on them
+reads the same images in the same micro-batches as a run on the folder. Bad files are skipped and named, as
+the trainer's index does. The output is deterministic (members sorted as above, mtime 0, no owner names); a
+shard is closed once it holds `--shard-size` bytes (default 256 MB, where webdataset's guidance for streaming
+lies).
 """
 
 from __future__ import annotations
@@ -36,18 +39,43 @@ def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
     return info, io.BytesIO(data)
 
 
-def _sample_members(samples, i: int, data: bytes) -> list[tuple[tarfile.TarInfo, io.BytesIO]]:
-    """`train/<class>/<stem>.<ext>` -> members `<class>/<stem>.<ext>` and `<class>/<stem>.cls`."""
-    _, class_name, file_name = samples.path(i).split("/", 2)
-    stem, ext = os.path.splitext(file_name)
-    key = f"{class_name}/{stem.replace('.', '_')}"  # webdataset's key ends at the first dot of the name
-    return [_member(f"{key}{ext.lower()}", data), _member(f"{key}.cls", f"{int(samples.labels[i])}\n".encode())]
+def _base_key(path: str) -> str:
+    """`train/<class>/<stem>.<ext>` -> `<class>/<stem>` with the stem's dots as underscores: webdataset's key
+    ends at the first dot of a member's name, so a dot left in would cut the key short."""
+    _, class_name, file_name = path.split("/", 2)
+    return f"{class_name}/{os.path.splitext(file_name)[0].replace('.', '_')}"
+
+
+def sample_keys(samples) -> list[str]:
+    """Each sample's webdataset key, distinct within the split. Names that share a base key (`a.b.jpg` and
+    `a_b.jpg`, `x.JPG` and `x.jpg`, `n.jpg` and `n.png`) would be one sample to every reader: the first in
+    the folder's order keeps it, each later one takes the first `<key>_<n>` (n = 2, 3, ...) that no file
+    of the split has as its own, so the same folder always packs to the same names."""
+    keys = [_base_key(samples.path(i)) for i in range(len(samples))]
+    taken, used, unique = set(keys), set(), []
+    for key in keys:
+        if key in used:
+            n = 2
+            while f"{key}_{n}" in taken:
+                n += 1
+            key = f"{key}_{n}"
+            taken.add(key)
+        used.add(key)
+        unique.append(key)
+    return unique
+
+
+def _sample_members(samples, i: int, key: str, data: bytes) -> list[tuple[tarfile.TarInfo, io.BytesIO]]:
+    """Sample i under `key` -> members `<key>.<ext>` (lower case) and `<key>.cls`."""
+    ext = os.path.splitext(samples.path(i))[1].lower()
+    return [_member(f"{key}{ext}", data), _member(f"{key}.cls", f"{int(samples.labels[i])}\n".encode())]
 
 
 def pack_split(root: Path, samples, out: Path, split: str, shard_size: int) -> list[Path]:
     """Write `samples` into `out/split/split-NNNNNN.tar`, each closed past `shard_size` bytes; returns them."""
     folder = out / split
     folder.mkdir(parents=True, exist_ok=True)
+    keys = sample_keys(samples)
     written, tar, size = [], None, 0
     for i in range(len(samples)):
         if tar is None or size >= shard_size:
@@ -56,13 +84,17 @@ def pack_split(root: Path, samples, out: Path, split: str, shard_size: int) -> l
             written.append(folder / f"{split}-{len(written):06d}.tar")
             tar, size = tarfile.open(written[-1], "w", format=tarfile.GNU_FORMAT), 0
         data = read_sample(root, samples, i)
-        for info, payload in _sample_members(samples, i, data):
+        for info, payload in _sample_members(samples, i, keys[i], data):
             tar.addfile(info, payload)
         size += len(data) + 1024
     if tar is not None:
         tar.close()
     for stale in sorted(set(folder.glob(f"{split}-*.tar")) - set(written)):  # an earlier, larger packing
         stale.unlink()
+    renamed = sum(key != _base_key(samples.path(i)) for i, key in enumerate(keys))
+    if renamed:
+        print(f"{folder}: {renamed} file name(s) shared a webdataset key with an earlier file and were packed as "
+              "<key>_<n>")
     return written
 
 

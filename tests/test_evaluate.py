@@ -96,6 +96,15 @@ def test_absurd_arguments_are_one_line(odd_root, weights, tmp_path, args, needle
     assert needle in result.stderr and "Traceback" not in result.stderr
 
 
+def test_real_labels_outside_the_classes_are_one_line(odd_root, weights, tmp_path):
+    """A ReaL file of another label space scored ReaL-1 0.00 and exited 0."""
+    (tmp_path / "real.json").write_text(json.dumps([[0]] * 64 + [[13]]))
+    result = evaluate(odd_root, weights, tmp_path / "x.json", "--real-labels", str(tmp_path / "real.json"),
+                      check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: --real-labels {tmp_path / 'real.json'}: entry 65 ([13], image val_012_00004.jpg) is not a list of "
+        "class indices in 0..12"]
+
 def test_predictions_into_a_missing_folder_after_the_results(odd_root, weights, tmp_path):
     predictions = tmp_path / "new" / "folder" / "preds.csv"
     report = evaluate(odd_root, weights, tmp_path / "r.json", "--crop-size", "32", "--predictions",

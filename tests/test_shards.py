@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from resnest_train import filescan
 from resnest_train.data.index import load_index
@@ -52,6 +53,36 @@ def test_packed_shards_hold_the_folders_list_position_for_position(image_root, s
     for path in sorted(shards.rglob("*.tar")):
         assert (again / path.relative_to(shards)).read_bytes() == path.read_bytes()
 
+
+def test_file_names_that_share_a_webdataset_key_stay_distinct_images(image_root, tmp_path):
+    """webdataset's key ends at the first dot of a name, and the packer's own keys turn dots into
+    underscores: `photo.v1.jpg` and `photo_v1.jpg`, `x.JPG` and `x.jpg`, `n.jpg` and `n.png` were one sample
+    each to the index (the packer said 14 training images, the index found 11). Each keeps a key of its own,
+    in the folder's order, clear of a real name (`x_2.jpg`)."""
+    jpeg = (image_root / "train" / "class_000" / "train_000_00000.jpg").read_bytes()
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(png, format="PNG")
+    root = tmp_path / "folder"
+    for split, names in (("train", ["photo.v1.jpg", "photo_v1.jpg", "x.JPG", "x.jpg", "x_2.jpg", "n.jpg", "n.png"]),
+                         ("val", ["v.jpg", "v.jpeg"])):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for name in names:
+                (root / split / cls / name).write_bytes(png.getvalue() if name.endswith("png") else jpeg)
+    folder = load_index(root)
+    assert (len(folder.train), len(folder.val)) == (14, 4)
+    result = pack(root, tmp_path / "shards", "--shard-size", "3000")
+    assert result.returncode == 0, result.stderr
+    packed = load_index(tmp_path / "shards")
+    reported = [int(line.split(": ")[1].split()[0]) for line in result.stdout.splitlines() if " images in " in line]
+    assert reported == [len(packed.train), len(packed.val)] == [14, 4]
+    for split in ("train", "val"):
+        a, b = getattr(folder, split), getattr(packed, split)
+        assert b.labels.tolist() == a.labels.tolist()
+        assert all(read_sample(root, a, i) == read_sample(tmp_path / "shards", b, i) for i in range(len(a)))
+    members = [packed.train.path(i).rpartition(":")[2] for i in range(7)]
+    assert members == ["a/n.jpg", "a/n_2.png", "a/photo_v1.jpg", "a/photo_v1_2.jpg", "a/x.jpg", "a/x_3.jpg",
+                       "a/x_2.jpg"]
 
 def test_shards_open_warm_with_no_file_opened(shards, monkeypatch):
     load_index(shards)
