@@ -1,4 +1,4 @@
-"""Validation loaders (data/__init__.py `build_val_loader`) at their edges: a rank whose shard is empty gets
+"""Validation loaders (data/loaders.py `build_val_loader`) at their edges: a rank whose shard is empty gets
 an empty loader on every backend (iterates nothing, closes), also through `evaluate.py` on two processes with
 one validation image."""
 

@@ -113,16 +113,50 @@ def _is_sharded(root: Path, splits: tuple[str, ...]) -> bool:
     return bool(_shard_files(folder)) and not any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
 
 
-def _shard_classes(root: Path, classes: list[str] | None, table: Table) -> list[str]:
-    """`classes.txt` beside the splits, else a checkpoint's class names, else the class indices found."""
-    path = root / CLASSES_FILE
+def _shard_classes(root: Path, classes: list[str] | None, table: Table) -> tuple[list[str], np.ndarray | None]:
+    """The class names of a shard dataset and, where the `.cls` indices are not already indices into them,
+    the map from a `.cls` index to one. A `.cls` index means line i of `root/classes.txt`; the caller's
+    `classes` (a checkpoint's, or `--classes`) are the model's labels, which the lines are mapped onto by
+    name, as class folders are. Without `classes.txt`, the indices are the caller's labels (or the classes
+    are named by their index)."""
+    path, (top, where) = root / CLASSES_FILE, _largest_label(table)
     if path.is_file():
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        names = _read_classes_file(path)
+        if top >= len(names):
+            raise DatasetError(f"{path} names {len(names)} classes but {root / where} has class index {top}: "
+                               f"it must name every class index (line i names class i)")
+        if classes is None or names == list(classes):
+            return names, None
+        unknown = [name for name in names if name not in classes]
+        if unknown:
+            raise DatasetError(f"class {unknown[0]!r} of {path} is not a class of the model (its {len(classes)} "
+                               f"classes: {', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
+        log.info("%s orders the classes differently from the model: labels mapped by class name", path)
+        return list(classes), np.array([classes.index(name) for name in names], dtype=np.int64)
     if classes is not None:
-        return list(classes)
-    found = [int(chunk.columns["label"].max()) for chunk in table.chunks if len(chunk.lengths)]
+        if top >= len(classes):
+            raise DatasetError(f"{root / where} has class index {top} but the model has {len(classes)} classes "
+                               f"(and {root} has no {CLASSES_FILE})")
+        return list(classes), None
     log.info("no %s in %s: the classes are named by their index", CLASSES_FILE, root)
-    return [str(i) for i in range(max(found, default=-1) + 1)]
+    return [str(i) for i in range(top + 1)], None
+
+
+def _largest_label(table: Table) -> tuple[int, str]:
+    """The largest `.cls` index of the table and the sample that holds it (-1, "" where none)."""
+    tops = [int(chunk.columns["label"].max()) if len(chunk.lengths) else -1 for chunk in table.chunks]
+    if max(tops, default=-1) < 0:
+        return -1, ""
+    unit = int(np.argmax(tops))
+    chunk = table.chunks[unit]
+    return tops[unit], f"{table.units[unit]}:{chunk.names()[int(np.argmax(chunk.columns['label']))]}"
+
+
+def _read_classes_file(path: Path) -> list[str]:
+    try:
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"cannot read {path}: {exc}") from None
 
 
 def _units(root: Path, splits: tuple[str, ...], classes: list[str], sharded: bool) -> list[str]:
@@ -150,13 +184,14 @@ def scan_files(root: str | Path, cached: Table | None = None, processes: int | N
         table = scan_units(root, units, sharded, cached, recheck=recheck, **kwargs)
     except ScanError as exc:
         raise DatasetError(str(exc)) from None
-    classes = _shard_classes(root, classes, table) if sharded else folder_classes
-    index = _build(root, classes, table, sharded, splits)
+    classes, label_map = _shard_classes(root, classes, table) if sharded else (folder_classes, None)
+    index = _build(root, classes, table, sharded, label_map)
     _check_splits(root, index, splits)
     return index, table
 
 
-def _build(root: Path, classes: list[str], table: Table, sharded: bool, splits: tuple[str, ...]) -> DatasetIndex:
+def _build(root: Path, classes: list[str], table: Table, sharded: bool, label_map: np.ndarray | None) -> DatasetIndex:
+    """The index from the scan table; `label_map` turns a shard's `.cls` index into a label."""
     label_of = {name: i for i, name in enumerate(classes)}
     lists, skipped = {}, []
     for split in SPLITS:
@@ -165,6 +200,8 @@ def _build(root: Path, classes: list[str], table: Table, sharded: bool, splits: 
         for dir_id, (unit, chunk) in enumerate(parts):
             n = len(chunk.lengths)
             labels = chunk.columns["label"] if sharded else np.full(n, label_of[unit.split("/", 1)[1]])
+            if label_map is not None:
+                labels = np.where(labels >= 0, label_map[np.clip(labels, 0, None)], labels)
             reasons = chunk.columns["reason"].copy()
             out_of_range = (reasons < 0) & ((labels < 0) | (labels >= len(classes)))
             if out_of_range.any():  # a .cls beyond the class list: named, like any other unusable sample

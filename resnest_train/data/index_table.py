@@ -13,8 +13,11 @@ is read-only: it opens in a fraction of a second at ImageNet's 1.33M files (BENC
 from __future__ import annotations
 
 import hashlib
+import logging
 import multiprocessing
 import os
+import zipfile
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from resnest_train.filescan import scan_unit
+
+log = logging.getLogger(__name__)
 
 CACHE_VERSION = 3
 SCAN_PROCESSES = 16  # units in flight at once: I/O bound on network disks (BENCHMARKS.md, "index scan")
@@ -84,14 +89,23 @@ class Table:
 
     @classmethod
     def load(cls, path: Path) -> Table | None:
+        """The table in `path`; None for another cache version; `DamagedCache` when it cannot be read whole
+        (a truncated or altered file: zip's CRC-32 of each array tells)."""
         try:
             with np.load(path) as data:
                 if int(data["version"]) != CACHE_VERSION:
                     return None
                 arrays = {key: data[key] for key in data.files}
-        except (OSError, ValueError, KeyError, EOFError):
-            return None
+            table = cls._from_arrays(arrays)
+        except (OSError, ValueError, KeyError, EOFError, IndexError, zipfile.BadZipFile, zlib.error) as exc:
+            raise DamagedCache(f"{path} is damaged ({type(exc).__name__}: {exc})") from None
+        return table
+
+    @classmethod
+    def _from_arrays(cls, arrays: dict) -> Table:
         units, texts = _unstrings(arrays["units"]), _unstrings(arrays["texts"])
+        if len(units) != len(arrays["stamps"]) or int(arrays["counts"].sum()) != len(arrays["lengths"]):
+            raise ValueError("its arrays do not agree in length")
         bounds = np.concatenate([[0], np.cumsum(arrays["counts"])])
         byte_bounds = np.concatenate([[0], np.cumsum(arrays["lengths"])])[bounds]
         chunks = []
@@ -162,12 +176,31 @@ def cache_paths(root: Path) -> list[Path]:
     return [root / ".resnest_index.npz", Path.home() / ".cache" / "resnest_train" / f"index-{key}.npz"]
 
 
+class DamagedCache(Exception):
+    """An index cache file that cannot be read whole."""
+
+
 def read_cache(root: Path) -> Table | None:
-    for path in cache_paths(root):
-        table = Table.load(path) if path.is_file() else None
+    """The fresher of the two caches (by the file's mtime: a read-only root keeps a stale copy beside the
+    data while the fresh one lives in ~/.cache); a damaged one is named in a warning and left for the
+    rewrite."""
+    paths = [path for path in cache_paths(root) if path.is_file()]
+    for path in sorted(paths, key=_mtime, reverse=True):
+        try:
+            table = Table.load(path)
+        except DamagedCache as exc:
+            log.warning("the index cache %s: it is rebuilt (delete it if this repeats)", exc)
+            continue
         if table is not None:
             return table
     return None
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
 
 
 def write_cache(root: Path, table: Table) -> None:

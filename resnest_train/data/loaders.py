@@ -1,0 +1,155 @@
+"""The data contract: one `Loader` protocol, implemented by the DALI, torchvision and synthetic backends.
+
+The runner and the evaluator see only this module (as the package `resnest_train.data`): a `DataPlan`
+(plan.py) resolved once, the dataset index loaded by one protocol (rank 0 reads or scans it, every other
+rank receives rank 0's copy), and loaders built from them. Which backend runs is the plan's business, never the loop's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from resnest_train.agreement import rank0_acts
+from resnest_train.data.index import (
+    SPLITS,
+    DatasetError,
+    DatasetIndex,
+    index_from_bytes,
+    index_to_bytes,
+    load_index,
+    warn_skipped,
+)
+from resnest_train.data.order import TrainOrder
+from resnest_train.data.plan import DataPlan, build_data_plan, resize_size
+from resnest_train.data.undecodable import RECORD, Replacement, known_positions, read_record
+from resnest_train.distributed import DistInfo
+
+__all__ = ["Loader", "DataPlan", "DatasetError", "DatasetIndex", "TrainOrder", "build_data_plan",
+           "build_train_loader", "build_val_loader", "known_undecodable", "load_dataset_index", "num_train_images",
+           "resize_size"]
+
+log = logging.getLogger("resnest_train")
+
+# Rank 0 may scan a large dataset while the others wait; this wait must not hit the process group's
+# timeout (the broadcast runs in its own group with this one).
+INDEX_TIMEOUT = timedelta(hours=4)
+
+
+class Loader(Protocol):
+    """What every backend gives the loop.
+
+    - iterating yields `(images, targets)` on the training device, images in the model's memory format
+      (`plan.memory_format`), targets int64; one pass yields the rest of the current epoch (all of it, or
+      what remains after the position the loader was built from), then stops, ready for the next epoch;
+    - training: the micro-batches of the framework's data order (`order.py`) this process reads, and
+      `last_samples`, the training-list positions of the micro-batch last yielded (`last_draws`: their
+      augmentation draws, where the backend augments);
+    - `len()` is the number of (micro-)batches in a whole epoch, equal on every rank (DDP needs the same
+      number of steps everywhere);
+    - `set_epoch(epoch)` is called before each epoch;
+    - `state()` is a plain dict with the position reached (`reader.EpochReader` owns it for every training
+      backend); a loader built from that position continues exactly from there;
+    - `close()` releases the backend's workers at the end of the run or on an error (a DataLoader's
+      processes would otherwise outlive the error by their shutdown grace);
+    - `delivered`: after a validation pass, the positions in the shard of the images it yielded, in order
+      (an undecodable image is dropped and named, never replaced).
+    """
+
+    delivered: list[int]
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def close(self) -> None: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def state(self) -> dict: ...
+
+
+def load_dataset_index(plan: DataPlan, dist: DistInfo, *, classes: list[str] | None = None,
+                       splits: tuple[str, ...] = SPLITS) -> DatasetIndex | None:
+    """Rank 0 loads the index (its cache, or a scan) and sends it to every rank, errors included: all ranks
+    train on one file list even when their nodes hold different copies of the data (or none). The index
+    travels as one compressed buffer of arrays (samples.py: about 8 MB at ImageNet's size), never as
+    pickled tuples. Evaluation indexes `splits=("val",)` alone, labelled by the checkpoint's `classes` when
+    it names them."""
+    if plan.backend == "synthetic":
+        return None
+    loaded = {}
+
+    def load() -> bytes | None:
+        loaded["index"] = load_index(plan.root, classes=classes, splits=splits)
+        warn_skipped(loaded["index"])
+        return index_to_bytes(loaded["index"]) if dist.distributed else None
+
+    buffer = rank0_acts(load, dist, timeout=INDEX_TIMEOUT)
+    return loaded["index"] if dist.is_main else index_from_bytes(buffer)
+
+
+def _dali():
+    try:
+        from resnest_train.data import dali
+    except ImportError as exc:
+        raise DatasetError(f"data.backend=dali but DALI cannot be imported ({exc}); install "
+                           "nvidia-dali-cuda130 (or -cuda120) or use data.backend=torchvision") from None
+    return dali
+
+
+def num_train_images(plan: DataPlan, index: DatasetIndex | None) -> int:
+    return plan.synthetic_size if plan.backend == "synthetic" else len(index.train)
+
+
+def known_undecodable(index: DatasetIndex | None, output_dir: str, dist: DistInfo) -> dict[str, list[int]]:
+    """The positions in the training and validation lists of the images the run folder records as
+    undecodable (undecodable.py), on every rank; rank 0 names them."""
+    def read() -> dict[str, list[int]]:
+        paths = read_record(output_dir) if index is not None else []
+        known = {split: known_positions(getattr(index, split), paths) for split in ("train", "val")} if paths else {}
+        if paths:
+            log.warning("%d images recorded as undecodable in %s/%s: training replaces them by the next image "
+                        "of the list, evaluation leaves them out: %s", len(paths), output_dir, RECORD,
+                        ", ".join(paths[:10]) + (", ..." if len(paths) > 10 else ""))
+        return known
+
+    return rank0_acts(read, dist)
+
+
+def build_train_loader(plan: DataPlan, index: DatasetIndex | None, order: TrainOrder, *,
+                       start: tuple[int, int] = (0, 0), state: dict | None = None,
+                       undecodable: list[int] = ()) -> Loader:
+    """This process's micro-batches of `order` from `start` (epoch, optimizer steps done in it). `state`:
+    what this rank's loader `state()` returned when the checkpoint was taken, with the same layout.
+    `undecodable`: training-list positions known not to decode, replaced without being tried."""
+    if plan.backend == "synthetic":
+        from resnest_train.data.synthetic import build_synthetic_train
+        return build_synthetic_train(plan, order, start=start)
+    replacement = Replacement(len(index.train), undecodable)
+    if plan.backend == "dali":
+        _dali()
+        from resnest_train.data.dali_train import build_dali_train
+        return build_dali_train(plan, index.train, order, start=start, state=state, replacement=replacement)
+    from resnest_train.data.torchvision import build_torch_train
+    return build_torch_train(plan, index.train, order, start=start, replacement=replacement)
+
+
+def build_val_loader(plan: DataPlan, index: DatasetIndex | None, *, batch_size: int,
+                     undecodable: list[int] = ()) -> Loader:
+    """This rank's shard of the validation list at `plan.val_crop_size` / `plan.val_resize_size`, without
+    the positions `undecodable` (known not to decode: left out, as a failing image is)."""
+    if plan.backend == "synthetic":
+        from resnest_train.data.synthetic import build_synthetic_val
+        return build_synthetic_val(plan, batch_size=batch_size)
+    keep = np.setdiff1d(np.arange(len(index.val)), np.asarray(undecodable, dtype=np.int64))
+    shard = plan.shard(index.val.take(keep) if len(undecodable) else index.val)
+    if plan.backend == "dali":
+        return _dali().build_dali_val(plan, shard, batch_size=batch_size)
+    from resnest_train.data.torchvision import build_torch_val
+    return build_torch_val(plan, shard, batch_size=batch_size)
