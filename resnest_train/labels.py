@@ -49,8 +49,9 @@ def check_val_folders(index, root: str, num_classes: int, checkpoint: str) -> No
 
 
 def _file_name(path: str) -> str:
-    """An image's file name: of `class/name.JPEG`, and of a shard member `shard.tar:name.JPEG`."""
-    return PurePosixPath(path.rpartition(":")[2] or path).name
+    """An image's file name: of `class/name.JPEG`, and of a shard member `shard.tar:name.JPEG` (a member
+    name may hold ':' itself)."""
+    return PurePosixPath(path.partition(".tar:")[2] or path).name
 
 
 class RealLabels:

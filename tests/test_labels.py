@@ -67,3 +67,9 @@ def test_class_lists(tmp_path):
     assert read_class_list(str(tmp_path / "classes.txt"), 2) == ["cat", "dog"]
     with pytest.raises(UserError, match="names 2 classes"):
         read_class_list(str(tmp_path / "classes.txt"), 3)
+
+
+def test_file_names_of_shard_members_that_hold_a_colon():
+    from resnest_train.labels import _file_name
+    assert _file_name("val/v-0.tar:n01/a:b.JPEG") == "a:b.JPEG" and _file_name("val/v-0.tar:c.JPEG") == "c.JPEG"
+    assert _file_name("val/n01/d.JPEG") == "d.JPEG"
