@@ -32,7 +32,7 @@ def _train(argv) -> int:
     if args.print_config:
         print(to_yaml(config), end="")
         return 0
-    from resnest_train.runner import train
+    from resnest_train.run.runner import train
     folder = train(config)
     print(f"run folder: {folder}")
     return 0

@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 
+from resnest_train.cluster.distributed import DistInfo, all_reduce_sum, cleanup, gather_object, setup_distributed
 from resnest_train.config import Config
 from resnest_train.data import build_data_plan, build_val_loader, load_dataset_index
 from resnest_train.data.index import SPLITS
-from resnest_train.distributed import DistInfo, all_reduce_sum, cleanup, gather_object, setup_distributed
-from resnest_train.engine import resolve_precision, validate
 from resnest_train.errors import UserError
 from resnest_train.labels import RealLabels, check_val_folders, class_index_names, read_class_list
-from resnest_train.reporting import configure_logging
-from resnest_train.wrapping import build_model, load_weights, place
+from resnest_train.recipe.engine import resolve_precision, validate
+from resnest_train.run.reporting import configure_logging
+from resnest_train.run.wrapping import build_model, load_weights, place
 
 log = logging.getLogger("resnest_train")
 

@@ -147,11 +147,11 @@ def bench_attention(args) -> dict:
 
 
 def _data_loader(backend: str, args, autoaugment_on: str | None = None):
+    from resnest_train.cluster.distributed import DistInfo
     from resnest_train.config_yaml import from_dict
     from resnest_train.data import TrainOrder, build_data_plan, build_train_loader
     from resnest_train.data.index import load_index
-    from resnest_train.distributed import DistInfo
-    from resnest_train.schedule import BatchLayout
+    from resnest_train.recipe.schedule import BatchLayout
     config = from_dict({"data": dict(root=args.root, backend=backend, workers=args.workers, crop_size=args.crop_size,
                                      autoaugment=args.autoaugment, autoaugment_on=autoaugment_on or args.autoaugment_on,
                                      color_jitter=args.color_jitter, lighting=args.lighting)})

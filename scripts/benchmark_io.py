@@ -94,7 +94,7 @@ def _state(model_name: str) -> dict:
 
 
 def bench_checkpoint(args) -> dict:
-    from resnest_train import checkpoint as ckpt
+    from resnest_train.checkpoint import files as ckpt
     if args.blocking:
         return bench_checkpoint_blocking(args)
     state = _state(args.model)
@@ -145,7 +145,7 @@ def rank_state_bytes(ranks: int = 64) -> dict:
     from resnest_train.data.index import load_index
     from resnest_train.data.order import TrainOrder
     from resnest_train.data.plan import DataPlan
-    from resnest_train.schedule import BatchLayout
+    from resnest_train.recipe.schedule import BatchLayout
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
         make_tiny_jpegs(Path(tmp), 800)
@@ -184,7 +184,7 @@ def _training_step():
 def _background_save(state: dict, writer, step, times: dict) -> None:
     """submit, then training steps until the write is done. `lost`: the steps' time beyond what they take
     with no write in flight (the last step may run on a little after the write)."""
-    from resnest_train.checkpoint_writer import snapshot
+    from resnest_train.checkpoint.writer import snapshot
     usual = statistics.median(step() for _ in range(3))
     started = time.perf_counter()
     writer.submit(snapshot(state), is_best=True)
@@ -200,7 +200,7 @@ def _background_save(state: dict, writer, step, times: dict) -> None:
 
 
 def _one_round(state: dict, tmp: str, writer, step, round_: int, times: dict) -> None:
-    from resnest_train import checkpoint as ckpt
+    from resnest_train.checkpoint import files as ckpt
     for kind in ("sync", "background") if round_ % 2 == 0 else ("background", "sync"):
         if kind == "background":
             _background_save({**state, "step": 2 * round_ + 2}, writer, step, times)
@@ -211,7 +211,7 @@ def _one_round(state: dict, tmp: str, writer, step, round_: int, times: dict) ->
 
 
 def bench_checkpoint_blocking(args) -> dict:
-    from resnest_train.checkpoint_writer import CheckpointWriter
+    from resnest_train.checkpoint.writer import CheckpointWriter
     torch.set_num_threads(args.threads)
     state, step = _state(args.model), _training_step()
     step()  # warm-up: the first step allocates

@@ -47,7 +47,7 @@ if __name__ == "__main__":
         out["bytes_each_rank_receives"] = len(buffer)
         out["index_mb_per_rank"] = (received.train.nbytes() + received.val.nbytes()) / 2**20
         from resnest_train.data.order import TrainOrder
-        from resnest_train.schedule import BatchLayout
+        from resnest_train.recipe.schedule import BatchLayout
         order = TrainOrder(0, len(index.train), BatchLayout(1024, 128, 8), len(index.train) // 1024, 0)
         started = time.perf_counter()
         order.rank_samples(1).view(-1, 128)

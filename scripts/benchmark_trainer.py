@@ -68,11 +68,11 @@ class BareLoop:
     """The trainer's work, built by its own functions from the same config, one plain step at a time."""
 
     def __init__(self, args, out: Path):
-        from resnest_train.distributed import select_device
-        from resnest_train.loss import build_criterion, build_mixup
-        from resnest_train.optim import build_optimizer
-        from resnest_train.schedule import build_train_plan
-        from resnest_train.wrapping import build_model
+        from resnest_train.cluster.distributed import select_device
+        from resnest_train.recipe.loss import build_criterion, build_mixup
+        from resnest_train.recipe.optim import build_optimizer
+        from resnest_train.recipe.schedule import build_train_plan
+        from resnest_train.run.wrapping import build_model
         config = _config(args, out)
         device = select_device(config.train.device, 0)  # the trainer's device (train.device=auto)
         self.plan = build_train_plan(config, 1, config.data.synthetic_size)
@@ -154,7 +154,7 @@ class StepClock:
 
 
 def _trainer_run(args, out: Path, accumulation: int = 1, *, bare: bool, profile: bool = False) -> dict:
-    from resnest_train import runner
+    from resnest_train.run import runner
     config = _config(args, out, accumulation)
     beside = BareLoop(args, out).step if bare else None
     clock = StepClock(args.steps, accumulation, block=_block(args), beside=beside, profile=profile)
@@ -239,7 +239,7 @@ def _summary(run: dict, batch_size: int, block: int) -> dict:
 
 
 def bench_trainer(args) -> dict:
-    from resnest_train import process
+    from resnest_train.cluster import process
     torch.set_num_threads(args.threads)
     # Both sides with the same denormal setting: the trainer's (process.cpu_speed_settings), or the one asked.
     if args.flush_denormal is not None:

@@ -149,7 +149,7 @@ import sys
 import torch
 
 from resnest_train.data import build_val_loader, load_dataset_index
-from resnest_train.distributed import DistInfo
+from resnest_train.cluster.distributed import DistInfo
 from tests.conftest import make_plan
 
 if __name__ == "__main__":

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from resnest_train.cluster.distributed import DistInfo
 from resnest_train.config_yaml import from_dict
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan, build_data_plan
-from resnest_train.distributed import DistInfo
-from resnest_train.schedule import BatchLayout
+from resnest_train.recipe.schedule import BatchLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")

@@ -11,8 +11,8 @@ import shutil
 import pytest
 import torch
 
-from resnest_train.averaging import WeightEma
 from resnest_train.models import create_model
+from resnest_train.recipe.averaging import WeightEma
 from tests.conftest import ROOT, TORCHRUN, metrics, run_script, train_args
 
 
@@ -80,7 +80,7 @@ def test_two_process_ema_run_resumed_mid_epoch_is_bit_identical_and_evaluates_th
 def test_saved_buffers_fit_a_model_with_another_dropblock_probability():
     """Each rank's saved buffers held DropBlock's non-persistent probability: resuming with model.dropblock_prob
     changed from 0 failed with a KeyError traceback on every rank."""
-    from resnest_train.averaging import load_rank_buffers, rank_buffers
+    from resnest_train.recipe.averaging import load_rank_buffers, rank_buffers
     without = create_model("resnest14", num_classes=4, dropblock_prob=0.0)
     with_dropblock = create_model("resnest14", num_classes=4, dropblock_prob=0.1)
     load_rank_buffers(with_dropblock, rank_buffers(without))

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from resnest_train import checkpoint as ckpt
+from resnest_train.checkpoint import files as ckpt
 
 
 def state(step: int) -> dict:

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from resnest_train import checkpoint as ckpt
-from resnest_train import checkpoint_writer
-from resnest_train.checkpoint_writer import CheckpointWriter, snapshot
+from resnest_train.checkpoint import files as ckpt
+from resnest_train.checkpoint import writer as checkpoint_writer
+from resnest_train.checkpoint.writer import CheckpointWriter, snapshot
 
 
 def state(step: int) -> dict:

@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
+from resnest_train.cluster.distributed import DistInfo
 from resnest_train.config import Config, ConfigError
 from resnest_train.config_yaml import load_config, parse_override, to_dict
 from resnest_train.data import build_data_plan
-from resnest_train.distributed import DistInfo
 from tests.conftest import ROOT
 
 CONFIGS = ROOT / "configs"

@@ -10,8 +10,8 @@ import datetime
 import pytest
 import torch
 
-from resnest_train import distributed
-from resnest_train.distributed import DistInfo, broadcast_object, select_device, setup_distributed
+from resnest_train.cluster import distributed
+from resnest_train.cluster.distributed import DistInfo, broadcast_object, select_device, setup_distributed
 from resnest_train.errors import UserError
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnest_train.engine import Precision, resolve_precision
+from resnest_train.recipe.engine import Precision, resolve_precision
 from tests.fake_cuda import fake_cuda
 
 CUDA = torch.device("cuda", 0)

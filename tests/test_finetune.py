@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from resnest_train.config_yaml import load_config
-from resnest_train.wrapping import build_model
+from resnest_train.run.wrapping import build_model
 from tests.conftest import ROOT, run_script, train_args
 
 TRUNK = ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]

@@ -7,7 +7,7 @@ import torch
 
 from resnest_train.config_yaml import load_config
 from resnest_train.data import build_train_loader
-from resnest_train.loss import build_mixup
+from resnest_train.recipe.loss import build_mixup
 from tests.conftest import ROOT, make_order, make_plan
 
 

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from resnest_train.distributed import DistInfo
-from resnest_train.engine import resolve_precision
+from resnest_train.cluster.distributed import DistInfo
 from resnest_train.models import SplitAttentionConv2d, create_model
-from resnest_train.wrapping import place
+from resnest_train.recipe.engine import resolve_precision
+from resnest_train.run.wrapping import place
 from tests.fake_cuda import fake_cuda, reached_parameters, record_outputs
 
 GPU = DistInfo(0, 0, 1, torch.device("cuda", 0))

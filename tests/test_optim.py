@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from resnest_train.models import create_model
-from resnest_train.optim import param_groups
+from resnest_train.recipe.optim import param_groups
 
 
 def test_param_groups_exempt_every_bias_and_norm_parameter():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from resnest_train.provenance import blocking_changes, fingerprint
+from resnest_train.checkpoint.provenance import blocking_changes, fingerprint
 from tests.conftest import metrics, run_script, script_env, train_args
 from tests.test_faults import one_line_error
 

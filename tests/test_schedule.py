@@ -6,7 +6,7 @@ import pytest
 
 from resnest_train.config import ConfigError
 from resnest_train.config_yaml import load_config
-from resnest_train.schedule import build_train_plan, learning_rate, micro_batch_warning
+from resnest_train.recipe.schedule import build_train_plan, learning_rate, micro_batch_warning
 from tests.conftest import ROOT
 
 

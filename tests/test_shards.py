@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from resnest_train import filescan
+from resnest_train.data import filescan
 from resnest_train.data.index import load_index
 from resnest_train.data.sample_read import read_sample
 from tests.conftest import ROOT, run_script, script_env, train_args

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from resnest_train import wrapping
-from resnest_train.distributed import DistInfo
+from resnest_train.cluster.distributed import DistInfo
 from resnest_train.models import create_model
-from resnest_train.wrapping import place, unwrap, wrap_for_training
+from resnest_train.run import wrapping
+from resnest_train.run.wrapping import place, unwrap, wrap_for_training
 from tests.fake_cuda import fake_cuda
 
 

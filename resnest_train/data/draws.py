@@ -21,7 +21,7 @@ from PIL import Image
 
 from resnest_train.data.autoaugment import POLICIES
 from resnest_train.data.plan import DataPlan
-from resnest_train.randomness import AUGMENT, derive_seed
+from resnest_train.recipe.randomness import AUGMENT, derive_seed
 
 RATIO = (3 / 4, 4 / 3)  # random-resized crop's aspect ratios (torchvision's default, the recipe's)
 

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from resnest_train.data.filescan import IMAGE_EXTENSIONS, ScanError
 from resnest_train.data.index_table import Chunk, Table, read_cache, scan_units
 from resnest_train.data.index_table import write_cache as write_table
 from resnest_train.data.samples import SampleList, pack, unpack
 from resnest_train.errors import UserError
-from resnest_train.filescan import IMAGE_EXTENSIONS, ScanError
 
 log = logging.getLogger(__name__)
 

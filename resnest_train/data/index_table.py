@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from resnest_train.filescan import scan_unit
+from resnest_train.data.filescan import scan_unit
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from resnest_train.agreement import rank0_acts
+from resnest_train.cluster.agreement import rank0_acts
+from resnest_train.cluster.distributed import DistInfo
 from resnest_train.data.index import (
     SPLITS,
     DatasetError,
@@ -28,7 +29,6 @@ from resnest_train.data.index import (
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan, build_data_plan, resize_size
 from resnest_train.data.undecodable import RECORD, Replacement, known_positions, read_record
-from resnest_train.distributed import DistInfo
 
 __all__ = ["Loader", "DataPlan", "DatasetError", "DatasetIndex", "TrainOrder", "build_data_plan",
            "build_train_loader", "build_val_loader", "known_undecodable", "load_dataset_index", "num_train_images",

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from resnest_train.randomness import epoch_permutation
-from resnest_train.schedule import BatchLayout
+from resnest_train.recipe.randomness import epoch_permutation
+from resnest_train.recipe.schedule import BatchLayout
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from resnest_train.cluster.distributed import DistInfo
 from resnest_train.config import Config
-from resnest_train.distributed import DistInfo
 from resnest_train.errors import UserError
 
 

@@ -21,9 +21,9 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from resnest_train.data.filescan import decode_bytes_error
 from resnest_train.data.index import DatasetError
 from resnest_train.data.samples import SampleList
-from resnest_train.filescan import decode_bytes_error
 
 MAX_OPEN_SHARDS = 64  # descriptors per process; a reading thread may hold one more while it is evicted
 READ_RETRY_DELAYS = (0.5, 2.0)  # seconds before the 2nd and 3rd try of a failed read (a remount, a hiccup)

@@ -11,7 +11,7 @@ import torch
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
 from resnest_train.data.reader import EpochReader, ReaderLoader
-from resnest_train.randomness import SYNTHETIC, derive_seed
+from resnest_train.recipe.randomness import SYNTHETIC, derive_seed
 
 POOL = 64  # distinct images: enough that mixup's pairs differ, small enough to make at once on any device
 

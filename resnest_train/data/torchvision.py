@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
+from resnest_train.cluster.distributed import tcp_connections
 from resnest_train.data.autoaugment import POLICIES, apply_sub_policy, resolve
 from resnest_train.data.draws import draw_batch
 from resnest_train.data.index import DatasetError
@@ -35,7 +36,6 @@ from resnest_train.data.sample_read import SHARDS, SampleReadError, read_sample
 from resnest_train.data.samples import SampleList
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, lighting_shift
 from resnest_train.data.undecodable import Replacement
-from resnest_train.distributed import tcp_connections
 
 log = logging.getLogger(__name__)
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 from torch import nn
 
-from resnest_train import checkpoint as ckpt
+from resnest_train.checkpoint import files as ckpt
 from resnest_train.config import Config
 from resnest_train.config_yaml import to_yaml
 from resnest_train.errors import UserError
 from resnest_train.models.pretrained import WeightsMismatchError, check_fit
-from resnest_train.reporting import truncate_metrics
-from resnest_train.wrapping import load_starting_weights
+from resnest_train.run.reporting import truncate_metrics
+from resnest_train.run.wrapping import load_starting_weights
 
 log = logging.getLogger("resnest_train")
 

@@ -5,13 +5,13 @@ previous checkpoint (which is intact). `run` is the runner's `Run`."""
 
 from __future__ import annotations
 
-from resnest_train.agreement import rank0_acts
-from resnest_train.averaging import rank_buffers, saved_statistics
+from resnest_train.cluster.agreement import rank0_acts
+from resnest_train.cluster.distributed import gather_object
 from resnest_train.config_yaml import to_dict
 from resnest_train.data.undecodable import add_to_record
-from resnest_train.distributed import gather_object
-from resnest_train.resume import Progress
-from resnest_train.wrapping import unwrap
+from resnest_train.recipe.averaging import rank_buffers, saved_statistics
+from resnest_train.run.resume import Progress
+from resnest_train.run.wrapping import unwrap
 
 
 def save(run, progress: Progress, *, is_best: bool = False, epoch_loss: tuple[float, int] = (0.0, 0)) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from resnest_train.checkpoint import CheckpointError, save_checkpoint
+from resnest_train.checkpoint.files import CheckpointError, save_checkpoint
 
 log = logging.getLogger("resnest_train")
 

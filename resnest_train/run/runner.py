@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from resnest_train import checkpoint as ckpt
-from resnest_train import resume
-from resnest_train.agreement import rank0_acts, stop_every_rank
-from resnest_train.averaging import WeightEma, build_ema, distribute_bn, restore_averages
-from resnest_train.checkpoint_writer import CheckpointWriter
+from resnest_train.checkpoint import files as ckpt
+from resnest_train.checkpoint.provenance import provenance
+from resnest_train.checkpoint.writer import CheckpointWriter
+from resnest_train.cluster.agreement import rank0_acts, stop_every_rank
+from resnest_train.cluster.distributed import DistInfo, cleanup, setup_distributed
+from resnest_train.cluster.process import cpu_speed_settings, seed_everything, stop_signals
 from resnest_train.config import Config
 from resnest_train.config_yaml import to_dict
 from resnest_train.data import (
@@ -36,20 +37,19 @@ from resnest_train.data import (
     num_train_images,
 )
 from resnest_train.data.undecodable import add_to_record
-from resnest_train.distributed import DistInfo, cleanup, setup_distributed
-from resnest_train.engine import Precision, forward_backward, optimizer_step, resolve_precision, validate
 from resnest_train.errors import UserError
-from resnest_train.loss import build_criterion, build_mixup
-from resnest_train.optim import build_optimizer
-from resnest_train.process import cpu_speed_settings, seed_everything, stop_signals
-from resnest_train.provenance import provenance
-from resnest_train.randomness import seed_micro_batch
-from resnest_train.reporting import RunReporter, SampleRecord, configure_logging, start_summary
-from resnest_train.resume import Progress
-from resnest_train.run_folder import prepare_run_folder, write_resolved_config
-from resnest_train.saving import save, wait_for_writes
-from resnest_train.schedule import TrainPlan, build_train_plan, micro_batch_warning
-from resnest_train.wrapping import build_model, place, train_mode, unwrap, wrap_for_training
+from resnest_train.recipe.averaging import WeightEma, build_ema, distribute_bn, restore_averages
+from resnest_train.recipe.engine import Precision, forward_backward, optimizer_step, resolve_precision, validate
+from resnest_train.recipe.loss import build_criterion, build_mixup
+from resnest_train.recipe.optim import build_optimizer
+from resnest_train.recipe.randomness import seed_micro_batch
+from resnest_train.recipe.schedule import TrainPlan, build_train_plan, micro_batch_warning
+from resnest_train.run import resume
+from resnest_train.run.reporting import RunReporter, SampleRecord, configure_logging, start_summary
+from resnest_train.run.resume import Progress
+from resnest_train.run.run_folder import prepare_run_folder, write_resolved_config
+from resnest_train.run.saving import save, wait_for_writes
+from resnest_train.run.wrapping import build_model, place, train_mode, unwrap, wrap_for_training
 
 log = logging.getLogger("resnest_train")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from resnest_train.agreement import describe, free_bytes
+from resnest_train.cluster.agreement import describe, free_bytes
 from resnest_train.errors import UserError
 
 log = logging.getLogger("resnest_train")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from resnest_train.distributed import DistInfo, announce_failure, broadcast_object, failure_of_another_rank
+from resnest_train.cluster.distributed import DistInfo, announce_failure, broadcast_object, failure_of_another_rank
 from resnest_train.errors import UserError
 
 log = logging.getLogger("resnest_train")

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from resnest_train.cluster.distributed import DistInfo
 from resnest_train.config import ModelConfig
-from resnest_train.distributed import DistInfo
 from resnest_train.errors import UserError
 from resnest_train.models import create_model, load_pretrained
 from resnest_train.models.pretrained import WeightsFileError, WeightsMismatchError

@@ -24,7 +24,7 @@ import logging
 import torch
 from torch import nn
 
-from resnest_train.distributed import DistInfo, broadcast_object
+from resnest_train.cluster.distributed import DistInfo, broadcast_object
 
 log = logging.getLogger("resnest_train")
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from resnest_train.distributed import DistInfo, all_reduce_sum
+from resnest_train.cluster.distributed import DistInfo, all_reduce_sum
 
 log = logging.getLogger("resnest_train")
 

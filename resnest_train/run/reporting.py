@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from resnest_train.cluster.distributed import DistInfo, all_reduce_sum
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from resnest_train.distributed import DistInfo, all_reduce_sum
-from resnest_train.schedule import TrainPlan
+from resnest_train.recipe.schedule import TrainPlan
 
 log = logging.getLogger("resnest_train")
 

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from resnest_train import checkpoint as ckpt
-from resnest_train import provenance
-from resnest_train.agreement import rank0_acts
-from resnest_train.distributed import DistInfo, broadcast_object, scatter_object
+from resnest_train.checkpoint import files as ckpt
+from resnest_train.checkpoint import provenance
+from resnest_train.cluster.agreement import rank0_acts
+from resnest_train.cluster.distributed import DistInfo, broadcast_object, scatter_object
 from resnest_train.errors import UserError
-from resnest_train.schedule import BatchLayout, TrainPlan, learning_rate
+from resnest_train.recipe.schedule import BatchLayout, TrainPlan, learning_rate
 
 log = logging.getLogger("resnest_train")
 
