@@ -41,6 +41,19 @@ def _check_range(key: str, value: float, low: float | None = None, high: float |
         raise ConfigError(f"'{key}' must be in {bracket}{low_s}, {high_s}], got {value!r}")
 
 
+def _check_autoaugment(value: str) -> None:
+    """An AutoAugment table, none, or timm's RandAugment string (`rand-m9-n2-mstd0.5`: data/randaugment.py)."""
+    if not (value == "rand" or value.startswith("rand-")):
+        _check_choice("data.autoaugment", value, ("imagenet", "gluon", "none", "rand-m<int>-n<int>-..."))
+        return
+    # Imported here: the data package pulls in PIL and numpy, which the config itself does not need.
+    from resnest_train.data.randaugment import parse_rand_augment
+    try:
+        parse_rand_augment(value)
+    except ValueError as exc:
+        raise ConfigError(f"'data.autoaugment': {exc}") from None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "resnest50"
@@ -87,7 +100,7 @@ class DataConfig:
     def __post_init__(self):
         _check_choice("data.backend", self.backend, ("dali", "torchvision", "synthetic"))
         _check_choice("data.dali_device", self.dali_device, ("auto", "cpu", "gpu"))
-        _check_choice("data.autoaugment", self.autoaugment, ("imagenet", "gluon", "none"))
+        _check_autoaugment(self.autoaugment)
         _check_choice("data.autoaugment_on", self.autoaugment_on, ("image", "crop"))
         _check_choice("data.interpolation", self.interpolation, ("bilinear", "bicubic"))
         _check_range("data.synthetic_size", self.synthetic_size, 1)

@@ -61,10 +61,12 @@ def gpu_plan(root, decoder: str = "gpu", **data):
     return dataclasses.replace(plan, device=torch.device("cuda", 0), decoder=decoder)
 
 
+RAND_AUGMENT = ["rand-m9-n2-mstd0.5", "rand-m6-mstd0.5-inc1"]  # timm's strings the recipe configs use
 TRAIN_VARIANTS = [
     dict(autoaugment=policy, autoaugment_on=where, channels_last=layout, interpolation=interp)
     for (policy, where), layout, interp in itertools.product(
-        [("imagenet", "image"), ("imagenet", "crop"), ("gluon", "image"), ("gluon", "crop"), ("none", "image")],
+        [("imagenet", "image"), ("imagenet", "crop"), ("gluon", "image"), ("gluon", "crop"), ("none", "image"),
+         *itertools.product(RAND_AUGMENT, ["image", "crop"])],
         [False, True], ["bilinear", "bicubic"])
 ]
 
@@ -89,10 +91,11 @@ def test_gpu_validation_graph_runs_every_op_where_dali_has_it(tmp_path, decoder,
     assert graph_problems(dali.val_pipeline(plan, dali.ListFeed(plan, SAMPLE_LIST, 2), batch_size=2)) == []
 
 
+@pytest.mark.parametrize("policy", ["imagenet", *RAND_AUGMENT])
 @pytest.mark.parametrize("autoaugment_on", ["image", "crop"])
-def test_cpu_decoding_for_a_gpu_trainer_hands_the_batch_over(tmp_path, autoaugment_on):
+def test_cpu_decoding_for_a_gpu_trainer_hands_the_batch_over(tmp_path, autoaugment_on, policy):
     """`data.dali_device=cpu` on a GPU node: host ops on the CPU, then `.gpu()` for both outputs."""
-    plan = gpu_plan(tmp_path, decoder="cpu", autoaugment="imagenet", autoaugment_on=autoaugment_on)
+    plan = gpu_plan(tmp_path, decoder="cpu", autoaugment=policy, autoaugment_on=autoaugment_on)
     pipe = train_pipeline(plan)
     assert graph_problems(pipe) == []
     assert [out.device for out in pipe._graph_out] == ["gpu", "gpu"]

@@ -17,8 +17,10 @@ Where each definition comes from. The released ResNeSt weights were trained with
 - Each op of the drawn sub-policy runs with its own probability (`if random.random() > pr: continue`), the
   sub-policy is drawn uniformly per image. Gluon ran it on the decoded image, before the random-resized crop
   (`get_train_data`); `data.autoaugment_on` chooses that order (`image`) or the crop (`crop`).
-- No sub-policy of the table translates, so translate has no Gluon definition (its mapping there would fail
-  its own range assert) and none here.
+- No sub-policy of the table translates, so translate has no Gluon level (its mapping there would fail its
+  own range assert). translate_x/translate_y and solarize_add are RandAugment's ops (`randaugment.py`), written
+  after timm's `translate_x_abs`/`translate_y_abs` (PIL affine (1, 0, px | 0, 1, 0): output x samples input
+  x + px) and `solarize_add` (values below 128 raised by the argument, capped at 255); they take no level.
 Deviations, each forced or chosen so that every backend computes the same image:
 - Table: the paper's, as torchvision's `AutoAugmentPolicy.IMAGENET` and timm's `original`. Gluon's table
   differs in one entry, sub-policy 15 (Rotate 0.8 8, Color 1.0 **0** instead of 2): `GLUON_POLICY`.
@@ -147,11 +149,16 @@ _PIL_OPS = {
     "auto_contrast": lambda im, m: ImageOps.autocontrast(im),
     "equalize": lambda im, m: _equalize(im),
     "invert": lambda im, m: ImageOps.invert(im),
+    # RandAugment's (timm's auto_augment.py), warped as the ops above: nearest neighbour, fill 0
+    "translate_x": lambda im, m: _affine(im, (1, 0, m, 0, 1, 0)),
+    "translate_y": lambda im, m: _affine(im, (1, 0, 0, 0, 1, m)),
+    "solarize_add": lambda im, m: im.point([min(255, v + m) if v < 128 else v for v in range(256)] * 3),
 }
 
 
 def apply_op(image: Image.Image, op: str, magnitude: float | int) -> Image.Image:
-    """`op` at a (signed) magnitude, as `magnitude()` gives it, on an RGB PIL image."""
+    """`op` at a (signed) magnitude, as `magnitude()` (AutoAugment) or `randaugment.op_arg` gives it, on an RGB
+    PIL image."""
     return _PIL_OPS[op](image, magnitude)
 
 

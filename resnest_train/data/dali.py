@@ -2,9 +2,9 @@
 
 Training (`dali_train.py`): one pipeline per run fed by the framework (`reader.py`) with the encoded images
 of this process's micro-batches and their augmentation draws -> decode (`mixed` = nvJPEG on the GPU, or
-`cpu`) of the drawn window -> resize -> AutoAugment -> color jitter -> PCA lighting -> flip + normalize;
-with `data.autoaugment_on: image` the whole decoded image is augmented before the crop, as the released
-recipe did. This module holds what both graphs share.
+`cpu`) of the drawn window -> resize -> AutoAugment (or RandAugment) -> color jitter -> PCA lighting -> flip +
+normalize; with `data.autoaugment_on: image` the whole decoded image is augmented before the crop, as the
+released recipe did. This module holds what both graphs share.
 
 The image ops are `DaliOps` (DALI's own: the GPU graph) or `dali_cpu.HostOps` (the CPU path's host ops),
 picked once by `graph_ops`; the graph itself has no device branches. A CPU pipeline feeding a GPU trainer
@@ -28,7 +28,9 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from resnest_train.data.autograph_files import delete_autograph_files_after_loading
 from resnest_train.data.dali_autoaugment import dali_auto_augment
 from resnest_train.data.dali_cpu import HostOps
+from resnest_train.data.dali_randaugment import dali_rand_augment
 from resnest_train.data.plan import DataPlan
+from resnest_train.data.randaugment import is_rand_augment, parse_rand_augment
 from resnest_train.data.sample_read import SHARDS, SampleReadError, read_sample
 from resnest_train.data.samples import SampleList
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PCA_EIGVAL, PCA_EIGVEC
@@ -45,6 +47,7 @@ class DaliOps:
     def __init__(self, *, interpolation: str, threads: int = 0, autoaugment: str = "imagenet"):
         self.interp = _DALI_INTERP[interpolation]
         self.policy = autoaugment
+        self.rand_augment = parse_rand_augment(autoaugment) if is_rand_augment(autoaugment) else None
 
     def resize(self, images, size: int):
         return fn.resize(images, resize_x=size, resize_y=size, interp_type=self.interp, antialias=True)
@@ -56,8 +59,11 @@ class DaliOps:
     def color_twist(self, images, *, brightness, contrast, saturation):
         return fn.color_twist(images, brightness=brightness, contrast=contrast, saturation=saturation)
 
-    def autoaugment(self, images, sub_policy, run, negate):
-        return dali_auto_augment(images, sub_policy, run, negate, policy_name=self.policy)
+    def autoaugment(self, images, *draws):
+        """`draws`: the per-sample inputs `draws.augment_inputs` names for the policy."""
+        if self.rand_augment is not None:
+            return dali_rand_augment(images, *draws, spec=self.rand_augment)
+        return dali_auto_augment(images, *draws, policy_name=self.policy)
 
 
 def graph_ops(plan: DataPlan, ops: str = "auto"):

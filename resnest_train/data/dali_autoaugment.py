@@ -10,7 +10,8 @@ float mean where PIL's is the rounded mean of the L image, its sharpness filters
 leaves as is, its auto-contrast rounds where PIL truncates in float64, its shear maps input to output where
 PIL's affine coefficients map output to input. Those ops are written here after PIL's arithmetic (Pillow's
 ImageEnhance, Blend.c, Filter.c, ImageOps.autocontrast). Equalize is DALI's own, whose formula the PIL side
-copies (`autoaugment.equalize_lut`).
+copies (`autoaugment.equalize_lut`). RandAugment's graph (`dali_randaugment.py`) calls the same functions
+(`dali_op`), with translate and solarize_add besides.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from nvidia.dali.auto_aug import augmentations, auto_augment
 from nvidia.dali.auto_aug.core import Policy, augmentation, signed_bin
 from nvidia.dali.auto_aug.core._utils import pretty_select
 
-from resnest_train.data.autoaugment import FILL, NUM_LEVELS, POLICIES, SIGNED_OPS, magnitude, posterize_mask
+from resnest_train.data.autoaugment import FILL, NUM_LEVELS, OPS, POLICIES, SIGNED_OPS, magnitude, posterize_mask
 
 _SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32)  # PIL's ImageFilter.SMOOTH, divisor 13
 
@@ -45,6 +46,12 @@ def _luma(images):
 def _shear(images, shear):
     # inverse_map: PIL's affine coefficients map output pixels to input pixels.
     return fn.warp_affine(images, matrix=fn.transforms.shear(shear=shear), fill_value=FILL[0],
+                          interp_type=types.INTERP_NN, inverse_map=True)
+
+
+def _translate(images, offset):
+    # inverse_map, as _shear: PIL's (1, 0, px | 0, 1, py) samples the input at output + (px, py).
+    return fn.warp_affine(images, matrix=fn.transforms.translation(offset=offset), fill_value=FILL[0],
                           interp_type=types.INTERP_NN, inverse_map=True)
 
 
@@ -113,7 +120,16 @@ _DALI_OPS = {
     "auto_contrast": (_auto_contrast, None, None),
     "equalize": (_equalize, None, None),
     "invert": (augmentations.invert.op, None, None),
+    # RandAugment's (autoaugment.py): no Gluon level, so no Augmentation below; dali_randaugment calls them
+    "translate_x": (_translate, None, None),
+    "translate_y": (_translate, None, None),
+    "solarize_add": (augmentations.solarize_add.op, None, None),  # x < 128: x + shift (uint8, <= 255), PIL's
 }
+
+
+def dali_op(op: str):
+    """The DALI function of `op` (autoaugment.py's name), called as `function(images, parameter)`."""
+    return _DALI_OPS[op][0]
 
 
 def _augmentation(op: str):
@@ -125,7 +141,7 @@ def _augmentation(op: str):
                         param_device=param_device, name=op)
 
 
-AUGMENTATIONS = {op: _augmentation(op) for op in _DALI_OPS}
+AUGMENTATIONS = {op: _augmentation(op) for op in OPS}  # the ops with Gluon's levels
 
 
 def dali_policy(policy_name: str = "imagenet") -> Policy:

@@ -1,11 +1,12 @@
 """DALI's CPU path: the image ops a CPU pipeline runs on the host, chosen once as a set (`HostOps`).
 
 Where DALI's CPU kernels are several times slower than torch's, numpy's or PIL's (the crop's resize, the
-validation resize, saturation, the AutoAugment ops; per-op costs in BENCHMARKS.md), a CPU pipeline runs
-those steps as `fn.python_function`s over the batch, in a small thread pool shared by the host ops (torch,
-numpy and PIL release the GIL inside their kernels). Every random factor is drawn by the framework
-(draws.py) and reaches these ops as per-sample inputs. `HostOps` has the same methods as `dali.DaliOps` (DALI's own
-ops, the GPU graph's), so the pipeline functions are one graph with no CPU/GPU branches.
+validation resize, saturation, the AutoAugment ops; per-op costs in BENCHMARKS.md; RandAugment's are the
+same ops), a CPU pipeline runs those steps as `fn.python_function`s over the batch, in a small thread pool
+shared by the host ops (torch, numpy and PIL release the GIL inside their kernels). Every random factor is
+drawn by the framework (draws.py) and reaches these ops as per-sample inputs. `HostOps` has the same methods
+as `dali.DaliOps` (DALI's own ops, the GPU graph's), so the pipeline functions are one graph with no CPU/GPU
+branches.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from nvidia.dali.pipeline import do_not_convert
 from PIL import Image
 
 from resnest_train.data.autoaugment import POLICIES, apply_sub_policy, resolve
+from resnest_train.data.randaugment import RandAugmentSpec, apply_rand_augment, is_rand_augment, parse_rand_augment
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _GRAY = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
@@ -73,7 +75,7 @@ def saturate_one(image: np.ndarray, factor: np.ndarray) -> np.ndarray:
     return np.clip(rgb, 0, 255, out=rgb).astype(np.uint8)
 
 
-# ------------------------------------------------------------------------------------------ AutoAugment
+# ------------------------------------------------------------------------------------------ AutoAugment, RandAugment
 
 class HostAutoAugment:
     """Called by `fn.python_function(images, sub_policy, run, negate, batch_processing=True)` with DALI's
@@ -93,6 +95,24 @@ class HostAutoAugment:
         if not any(run[stage] < step[1] for stage, step in enumerate(steps)):
             return image
         return np.asarray(apply_sub_policy(Image.fromarray(image), steps, run, negate))
+
+
+class HostRandAugment:
+    """Called by `fn.python_function(images, op, run, arg, batch_processing=True)` with the framework's
+    RandAugment draws (an op index, a uniform and an argument per layer: draws.py); the PIL ops run per image
+    in the shared thread pool, as `HostAutoAugment`'s."""
+
+    def __init__(self, threads: int, spec: RandAugmentSpec):
+        self.spec = spec
+        self._batch = per_image(self.one, threads)
+
+    def __call__(self, images, op, run, arg):
+        return self._batch(images, op, run, arg)
+
+    def one(self, image: np.ndarray, op: np.ndarray, run: np.ndarray, arg: np.ndarray) -> np.ndarray:
+        if not (run < self.spec.prob).any():
+            return image
+        return np.asarray(apply_rand_augment(Image.fromarray(image), self.spec, op, run, arg))
 
 
 # ------------------------------------------------------------------------------------------ the op set
@@ -125,10 +145,11 @@ class HostOps:
         return fn.python_function(images, saturation, function=self._saturate, batch_processing=True,
                                   output_layouts="HWC")
 
-    def autoaugment(self, images, sub_policy, run, negate):
-        """With the framework's draws per image (draws.py)."""
+    def autoaugment(self, images, *draws):
+        """With the framework's draws per image (draws.py; `draws.augment_inputs` names them)."""
         if self._autoaugment is None:
-            self._autoaugment = HostAutoAugment(self.threads, self.policy)
+            self._autoaugment = (HostRandAugment(self.threads, parse_rand_augment(self.policy))
+                                 if is_rand_augment(self.policy) else HostAutoAugment(self.threads, self.policy))
         augment = self._autoaugment
-        return fn.python_function(images, sub_policy, run, negate, function=_host(augment.__call__),
-                                  batch_processing=True, output_layouts="HWC")
+        return fn.python_function(images, *draws, function=_host(augment.__call__), batch_processing=True,
+                                  output_layouts="HWC")

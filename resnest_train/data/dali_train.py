@@ -4,11 +4,12 @@
 (from folders or shards alike), with each sample's training-list position and augmentation draws
 (`draws.py`); the graph decodes only the drawn crop window where the crop comes first (`image_slice`:
 region-of-interest decoding, as NVIDIA's reference trainer decodes with a random crop), resizes, runs
-AutoAugment with the drawn sub-policy, stage uniforms and signs, jitters colour with the drawn factors,
-flips, and folds the drawn lighting into the normalisation. DALI draws nothing itself, so the same image
-is augmented the same way on any process count and after any resume, and a resume needs no DALI checkpoint:
-the reader starts at the step. The pipeline is built once; an epoch points the feed at its micro-batches
-and resets the iterator (BENCHMARKS.md, "ImageNet scale": no per-epoch rebuild).
+AutoAugment with the drawn sub-policy, stage uniforms and signs (or RandAugment with the drawn ops, uniforms
+and arguments), jitters colour with the drawn factors, flips, and folds the drawn lighting into the
+normalisation. DALI draws nothing itself, so the same image is augmented the same way on any process count
+and after any resume, and a resume needs no DALI checkpoint: the reader starts at the step. The pipeline is
+built once; an epoch points the feed at its micro-batches and resets the iterator (BENCHMARKS.md, "ImageNet
+scale": no per-epoch rebuild).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from resnest_train.data.dali import (
     graph_ops,
     lighting_mean,
 )
+from resnest_train.data.draws import augment_inputs
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
 from resnest_train.data.reader import EpochReader, MicroBatchFeed, ReaderLoader
@@ -51,7 +53,7 @@ def _crop(jpegs, start, shape, plan: DataPlan, ops, augment):
 @pipeline_def(enable_conditionals=True)
 def _train_pipeline(*, plan: DataPlan, feed, ops):
     fed = dict(zip(feed.names, fn.external_source(source=feed, num_outputs=len(feed.names), batch=True)))
-    augment = (lambda images: ops.autoaugment(images, fed["sub_policy"], fed["run"], fed["negate"]))
+    augment = (lambda images: ops.autoaugment(images, *(fed[name] for name in augment_inputs(plan.autoaugment))))
     images = _crop(fed["encoded"], fed["start"], fed["shape"], plan, ops, augment)
     if plan.color_jitter > 0:
         jitter = fed["jitter"]

@@ -7,20 +7,25 @@ decodes the image: DALI receives them as per-sample arguments, the torchvision t
 same image therefore gets the same augmentation on any number of processes, after any resume, on either
 backend. The crop follows torchvision's `RandomResizedCrop.get_params` (ten tries of a scale and a
 log-uniform aspect ratio, then a centre crop of the clamped ratio) on the image's size, read from its
-header before it is decoded; AutoAugment's draws are those `autoaugment.AutoAugment.draw` documents.
+header before it is decoded; AutoAugment's draws are those `autoaugment.AutoAugment.draw` documents,
+RandAugment's (`data.autoaugment: rand-...`) those `randaugment.draw` documents, drawn after the same crop,
+flip, jitter and lighting draws (the AutoAugment and no-augment draws are unchanged by it), with each layer's
+argument (`arg`) computed from them once, for both backends.
 """
 
 from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 from PIL import Image
 
 from resnest_train.data.autoaugment import POLICIES
 from resnest_train.data.plan import DataPlan
+from resnest_train.data.randaugment import draw as draw_rand_augment
+from resnest_train.data.randaugment import is_rand_augment, op_args, parse_rand_augment
 from resnest_train.recipe.randomness import AUGMENT, derive_seed
 
 RATIO = (3 / 4, 4 / 3)  # random-resized crop's aspect ratios (torchvision's default, the recipe's)
@@ -28,21 +33,34 @@ RATIO = (3 / 4, 4 / 3)  # random-resized crop's aspect ratios (torchvision's def
 
 @dataclass
 class Draws:
-    """One micro-batch's draws, one row per sample (arrays DALI takes as per-sample arguments)."""
+    """One micro-batch's draws, one row per sample (arrays DALI takes as per-sample arguments). AutoAugment
+    (or none) fills `sub_policy`, `run`, `negate`; RandAugment `op`, `run`, `magnitude`, `negate`, `arg`."""
 
     crop: np.ndarray  # (B, 4) int32: top, left, height, width in the image's pixels
     flip: np.ndarray  # (B,) int32: 1 flips horizontally
     jitter: np.ndarray  # (B, 3) float32: brightness, contrast, saturation factors
     lighting: np.ndarray  # (B, 3) float32: AlexNet PCA lighting's alpha
-    sub_policy: np.ndarray  # (B,) int32: AutoAugment's sub-policy
-    run: np.ndarray  # (B, stages) float32: a stage runs when its uniform is below its probability
-    negate: np.ndarray  # (B, stages) int32: 1 negates a signed op's magnitude
+    sub_policy: np.ndarray | None = None  # (B,) int32: AutoAugment's sub-policy
+    run: np.ndarray | None = None  # (B, stages) float32: a stage runs when its uniform is below its probability
+    negate: np.ndarray | None = None  # (B, stages) int32: 1 negates a signed op's magnitude
+    op: np.ndarray | None = None  # (B, layers) int32: RandAugment's op of each layer (index into timm's table)
+    magnitude: np.ndarray | None = None  # (B, layers) float32: its magnitude, noise added and clipped
+    arg: np.ndarray | None = None  # (B, layers) float32: the op's argument both backends apply
 
     def row(self, i: int) -> dict:
         """Sample i's draws as plain values (the per-sample record, and the torchvision transforms)."""
-        return {"crop": self.crop[i].tolist(), "flip": int(self.flip[i]), "jitter": self.jitter[i].tolist(),
-                "lighting": self.lighting[i].tolist(), "sub_policy": int(self.sub_policy[i]),
-                "run": self.run[i].tolist(), "negate": self.negate[i].tolist()}
+        return {f.name: getattr(self, f.name)[i].tolist() for f in fields(self) if getattr(self, f.name) is not None}
+
+
+_DTYPES = {"crop": np.int32, "flip": np.int32, "jitter": np.float32, "lighting": np.float32, "sub_policy": np.int32,
+           "run": np.float32, "negate": np.int32, "op": np.int32, "magnitude": np.float32, "arg": np.float32}
+
+
+def augment_inputs(autoaugment: str) -> tuple[str, ...]:
+    """The draws DALI's augmentation reads per image (`DaliOps.autoaugment`, `HostOps.autoaugment`)."""
+    if autoaugment == "none":
+        return ()
+    return ("op", "run", "arg") if is_rand_augment(autoaugment) else ("sub_policy", "run", "negate")
 
 
 def image_size(data: bytes) -> tuple[int, int]:
@@ -77,7 +95,7 @@ def stages(plan: DataPlan) -> int:
     return max(len(sub) for sub in POLICIES[plan.autoaugment]) if plan.autoaugment != "none" else 2
 
 
-def draw_sample(plan: DataPlan, epoch: int, sample: int, height: int, width: int) -> tuple:
+def draw_sample(plan: DataPlan, epoch: int, sample: int, height: int, width: int) -> dict:
     """One sample's draws, in a fixed sequence from its own generator (the order of draws is the format)."""
     rng = np.random.Generator(np.random.Philox(derive_seed(plan.seed, AUGMENT, epoch, sample)))
     crop = crop_window(rng, height, width, plan.rrc_scale)
@@ -85,14 +103,19 @@ def draw_sample(plan: DataPlan, epoch: int, sample: int, height: int, width: int
     low, high = 1 - plan.color_jitter, 1 + plan.color_jitter
     jitter = rng.uniform(low, high, 3) if plan.color_jitter > 0 else np.ones(3)
     lighting = rng.normal(0.0, plan.lighting, 3) if plan.lighting > 0 else np.zeros(3)
+    drawn = {"crop": crop, "flip": flip, "jitter": jitter, "lighting": lighting}
+    if is_rand_augment(plan.autoaugment):
+        spec = parse_rand_augment(plan.autoaugment)
+        drawn.update(draw_rand_augment(rng, spec))
+        size = (height, width) if plan.autoaugment_on == "image" else (plan.crop_size, plan.crop_size)
+        drawn["arg"] = op_args(spec, drawn["op"], drawn["magnitude"], drawn["negate"], *size)
+        return drawn
     count = len(POLICIES[plan.autoaugment]) if plan.autoaugment != "none" else 1
     n = stages(plan)
-    return crop, flip, jitter, lighting, int(rng.integers(count)), rng.random(n), rng.integers(0, 2, n)
+    drawn.update(sub_policy=int(rng.integers(count)), run=rng.random(n), negate=rng.integers(0, 2, n))
+    return drawn
 
 
 def draw_batch(plan: DataPlan, epoch: int, samples: list[int], sizes: list[tuple[int, int]]) -> Draws:
     rows = [draw_sample(plan, epoch, sample, h, w) for sample, (h, w) in zip(samples, sizes)]
-    column = (lambda k, dtype: np.array([row[k] for row in rows], dtype=dtype))
-    return Draws(crop=column(0, np.int32), flip=column(1, np.int32), jitter=column(2, np.float32),
-                 lighting=column(3, np.float32), sub_policy=column(4, np.int32), run=column(5, np.float32),
-                 negate=column(6, np.int32))
+    return Draws(**{key: np.array([row[key] for row in rows], dtype=_DTYPES[key]) for key in rows[0]})

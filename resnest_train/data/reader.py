@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from resnest_train.data.draws import Draws, draw_batch, image_size
+from resnest_train.data.draws import Draws, augment_inputs, draw_batch, image_size
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
 from resnest_train.data.sample_read import SHARDS, SampleReadError, read_sample
@@ -93,7 +93,7 @@ class MicroBatchFeed:
         self.replacement = replacement or Replacement(len(samples))  # known undecodable samples' stand-ins
         # the outputs the graph uses: the draws of disabled augmentations are not sent
         self.names = ("encoded", "sample", "start", "shape", "flip") + ("jitter",) * (plan.color_jitter > 0) \
-            + ("lighting",) * (plan.lighting > 0) + ("sub_policy", "run", "negate") * (plan.autoaugment != "none")
+            + ("lighting",) * (plan.lighting > 0) + augment_inputs(plan.autoaugment)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="feed")  # reads and header parses overlap
         self.epoch, self.rows, self.cursor = 0, np.zeros((0, 0), dtype=np.int64), 0
         self.issued: dict[tuple, Draws] = {}  # draws of the micro-batches DALI has not delivered yet
@@ -128,7 +128,8 @@ class MicroBatchFeed:
         values = {"encoded": [np.frombuffer(data, dtype=np.uint8) for data in encoded],
                   "sample": np.array(positions, dtype=np.int64).reshape(-1, 1), "start": draws.crop[:, :2].copy(),
                   "shape": draws.crop[:, 2:].copy(), "flip": draws.flip, "jitter": draws.jitter,
-                  "lighting": draws.lighting, "sub_policy": draws.sub_policy, "run": draws.run, "negate": draws.negate}
+                  "lighting": draws.lighting, "sub_policy": draws.sub_policy, "run": draws.run, "negate": draws.negate,
+                  "op": draws.op, "arg": draws.arg}
         return tuple(values[name] for name in self.names)
 
     def delivered(self, positions: list[int]) -> Draws | None:

@@ -31,6 +31,7 @@ from resnest_train.data.draws import draw_batch
 from resnest_train.data.index import DatasetError
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
+from resnest_train.data.randaugment import apply_rand_augment, is_rand_augment, parse_rand_augment
 from resnest_train.data.reader import EpochReader, ReaderLoader
 from resnest_train.data.sample_read import SHARDS, SampleReadError, read_sample
 from resnest_train.data.samples import SampleList
@@ -107,26 +108,33 @@ def ignore_stop_signals(_worker_id: int) -> None:
 
 
 class TrainAugment:
-    """The training augmentation with the framework's draws for one image (draws.py): AutoAugment (on the
-    image or on the crop), the random-resized crop's window, flip, colour jitter (brightness, contrast,
-    saturation, in that order, as the DALI graph applies them), PCA lighting, normalisation."""
+    """The training augmentation with the framework's draws for one image (draws.py): AutoAugment or
+    RandAugment (on the image or on the crop), the random-resized crop's window, flip, colour jitter
+    (brightness, contrast, saturation, in that order, as the DALI graph applies them), PCA lighting,
+    normalisation."""
 
     def __init__(self, plan: DataPlan):
         self.plan = plan
-        self.sub_policies = resolve(POLICIES[plan.autoaugment]) if plan.autoaugment != "none" else []
+        self.sub_policies = resolve(POLICIES[plan.autoaugment]) if plan.autoaugment in POLICIES else []
+        self.rand_augment = parse_rand_augment(plan.autoaugment) if is_rand_augment(plan.autoaugment) else None
         self.interpolation = T.InterpolationMode(plan.interpolation)
+
+    def augment(self, image: Image.Image, draws: dict) -> Image.Image:
+        if self.rand_augment is not None:
+            return apply_rand_augment(image, self.rand_augment, draws["op"], draws["run"], draws["arg"])
+        if self.sub_policies:
+            return apply_sub_policy(image, self.sub_policies[draws["sub_policy"]], draws["run"], draws["negate"])
+        return image
 
     def __call__(self, image: Image.Image, draws: dict) -> torch.Tensor:
         plan = self.plan
-        augment = (lambda im: apply_sub_policy(im, self.sub_policies[draws["sub_policy"]], draws["run"],
-                                               draws["negate"]))
-        if self.sub_policies and plan.autoaugment_on == "image":
-            image = augment(image)
+        if plan.autoaugment_on == "image":
+            image = self.augment(image, draws)
         top, left, height, width = draws["crop"]
         image = F.resized_crop(image, top, left, height, width, [plan.crop_size, plan.crop_size],
                                interpolation=self.interpolation, antialias=True)
-        if self.sub_policies and plan.autoaugment_on == "crop":
-            image = augment(image)
+        if plan.autoaugment_on == "crop":
+            image = self.augment(image, draws)
         if draws["flip"]:
             image = F.hflip(image)
         if plan.color_jitter > 0:
