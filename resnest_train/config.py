@@ -177,7 +177,7 @@ class TrainConfig:
         _check_range("train.mixup_alpha", self.mixup_alpha, 0.0)
         _check_choice("train.device", self.device, ("auto", "cuda", "cpu"))
         _check_choice("train.amp", self.amp, ("none", "bf16", "fp16"))
-        # The data pipelines derive per-rank seeds as seed * 1000 + rank, which must fit DALI's int64.
+        # Every draw's seed derives from it through numpy's SeedSequence (recipe/randomness.py): 32 bits in.
         _check_range("train.seed", self.seed, 0, MAX_SEED)
         _check_range("train.log_interval", self.log_interval, 1)
         _check_range("train.eval_interval", self.eval_interval, 1)

@@ -253,21 +253,9 @@ class RunLock:
             self.handle = None
 
 
-def rng_state() -> dict:
-    """This process's RNG states as plain data (object collectives, `weights_only=True`): the Mersenne Twister
-    words of Python and numpy as int32 tensors, torch's own uint8 blobs as they are, so that a rank adds
-    ~11 KB pickled to a checkpoint instead of ~18 KB as lists of ints (BENCHMARKS.md, checkpoints)."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, _int32(internal), gauss], "numpy": [name, _int32(keys), pos, has_gauss, cached],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
 def set_rng_state(state: dict) -> None:
-    """Restore what `rng_state` returned; also the lists of ints that checkpoints written before held."""
+    """Restore the generator states a rank saved in checkpoints written before randomness was seeded per
+    step and sample (Mersenne Twister words as int32 tensors, or as lists of ints in older ones)."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(_words(internal)), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
@@ -277,12 +265,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(torch.as_tensor(state["cuda"], dtype=torch.uint8))
 
 
-def _int32(words) -> torch.Tensor:
-    """uint32 words as an int32 tensor of the same bits: a uint32 tensor cannot be unpickled on torch 2.14.1
-    ("'UntypedStorage' has no attribute 'dtype'", measured), and object collectives pickle their values."""
-    return torch.from_numpy(np.array(words, dtype=np.uint32).view(np.int32))
-
-
 def _words(value) -> list[int]:
-    """The uint32 words, from `_int32`'s tensor or from a list of ints (the format before it)."""
+    """The uint32 words, from an int32 tensor of the same bits or from a list of ints."""
     return value.numpy().view(np.uint32).tolist() if isinstance(value, torch.Tensor) else value

@@ -94,11 +94,6 @@ def check_same_device_type(dist: DistInfo) -> None:
                         "node needs working GPUs (or set train.device=cpu everywhere)")
 
 
-def barrier(dist: DistInfo) -> None:
-    if dist.distributed:
-        torch_dist.barrier()
-
-
 def all_reduce_sum(tensor: torch.Tensor, dist: DistInfo) -> torch.Tensor:
     """Sum across ranks (counts, never per-rank means), on the tensor's own device."""
     if dist.distributed:

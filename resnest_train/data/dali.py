@@ -44,7 +44,7 @@ _DALI_INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
 class DaliOps:
     """DALI's own image ops (what GPU pipelines run; CPU pipelines can run them too, for comparison)."""
 
-    def __init__(self, *, interpolation: str, threads: int = 0, autoaugment: str = "imagenet"):
+    def __init__(self, *, interpolation: str, autoaugment: str = "imagenet"):
         self.interp = _DALI_INTERP[interpolation]
         self.policy = autoaugment
         self.rand_augment = parse_rand_augment(autoaugment) if is_rand_augment(autoaugment) else None
@@ -68,9 +68,9 @@ class DaliOps:
 
 def graph_ops(plan: DataPlan, ops: str = "auto"):
     """`auto`: host ops where the graph runs on the CPU, DALI's elsewhere; `dali`: DALI's ops everywhere."""
-    host = ops == "auto" and plan.decoder == "cpu"
-    return (HostOps if host else DaliOps)(interpolation=plan.interpolation, threads=max(1, plan.workers),
-                                          autoaugment=plan.autoaugment)
+    if ops == "auto" and plan.decoder == "cpu":
+        return HostOps(interpolation=plan.interpolation, threads=max(1, plan.workers), autoaugment=plan.autoaugment)
+    return DaliOps(interpolation=plan.interpolation, autoaugment=plan.autoaugment)
 
 
 def _shorter_side_size(images, size: int):

@@ -106,7 +106,7 @@ def wrap_for_training(model: nn.Module, dist: DistInfo, *, sync_bn: bool, compil
     if dist.distributed:
         # Gradients as views into the buckets: no second copy of them (torch DDP docs). No buffer broadcast
         # before every forward: BatchNorm statistics are per process during training, as in the published
-        # run, and rank 0's are sent to all before evaluation and saving (runner._sync_buffers). A static
+        # run, and the ranks' are reduced before evaluation and saving (averaging.distribute_bn). A static
         # graph (every parameter used in every step, one graph) lets DDP fix its buckets after the first
         # step. Not with gradient accumulation: DDP's reducer asserts under `no_sync` with a static graph
         # (torch 2.14, "expect_autograd_hooks_"); not under torch.compile, which splits the graph at bucket
