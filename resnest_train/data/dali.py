@@ -202,9 +202,6 @@ class DaliLoader:
     def __len__(self) -> int:
         return -(-len(self.samples) // self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Nothing to do: validation reads its shard in order."""
-
     def __iter__(self):
         batches = iter(self.iterator)
         self.position = 0
@@ -226,9 +223,6 @@ class DaliLoader:
         if self.feed.error is not None:
             return undecodable_error(self.plan.root, window, otherwise=str(self.feed.error), training=False)
         return decode_failure(exc, self.plan, window, training=False)
-
-    def state(self) -> dict:
-        return {}
 
     def close(self) -> None:
         """The shard descriptors (the pipeline's threads end with it)."""
@@ -257,12 +251,6 @@ class EmptyLoader:
 
     def __iter__(self):
         return iter(())
-
-    def set_epoch(self, epoch: int) -> None:
-        """Nothing to do."""
-
-    def state(self) -> dict:
-        return {}
 
     def close(self) -> None:
         """Nothing to release."""

@@ -123,7 +123,5 @@ class DaliTrainLoader(ReaderLoader):
 
 
 def build_dali_train(plan: DataPlan, samples: SampleList, order: TrainOrder, *, start: tuple[int, int] = (0, 0),
-                     state: dict | None = None, replacement: Replacement | None = None,
-                     ops: str = "auto") -> DaliTrainLoader:
-    """`state` (what `state()` returned, for the checkpoint) is not needed: the reader starts at `start`."""
+                     replacement: Replacement | None = None, ops: str = "auto") -> DaliTrainLoader:
     return DaliTrainLoader(plan, samples, order, start=start, replacement=replacement, ops=ops)

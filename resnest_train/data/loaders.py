@@ -7,6 +7,7 @@ rank receives rank 0's copy), and loaders built from them. Which backend runs is
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Iterator
 from datetime import timedelta
@@ -30,7 +31,7 @@ from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan, build_data_plan, resize_size
 from resnest_train.data.undecodable import RECORD, Replacement, known_positions, read_record
 
-__all__ = ["Loader", "DataPlan", "DatasetError", "DatasetIndex", "TrainOrder", "build_data_plan",
+__all__ = ["TrainLoader", "ValLoader", "DataPlan", "DatasetError", "DatasetIndex", "TrainOrder", "build_data_plan",
            "build_train_loader", "build_val_loader", "known_undecodable", "load_dataset_index", "num_train_images",
            "resize_size"]
 
@@ -41,25 +42,12 @@ log = logging.getLogger("resnest_train")
 INDEX_TIMEOUT = timedelta(hours=4)
 
 
-class Loader(Protocol):
-    """What every backend gives the loop.
-
-    - iterating yields `(images, targets)` on the training device, images in the model's memory format
-      (`plan.memory_format`), targets int64; one pass yields the rest of the current epoch (all of it, or
-      what remains after the position the loader was built from), then stops, ready for the next epoch;
-    - training: the micro-batches of the framework's data order (`order.py`) this process reads, and
-      `last_samples`, the training-list positions of the micro-batch last yielded (`last_draws`: their
-      augmentation draws, where the backend augments);
-    - `len()` is the number of (micro-)batches in a whole epoch, equal on every rank (DDP needs the same
-      number of steps everywhere);
-    - `set_epoch(epoch)` is called before each epoch;
-    - `state()` is a plain dict with the position reached (`reader.EpochReader` owns it for every training
-      backend); a loader built from that position continues exactly from there;
-    - `close()` releases the backend's workers at the end of the run or on an error (a DataLoader's
-      processes would otherwise outlive the error by their shutdown grace);
-    - `delivered`: after a validation pass, the positions in the shard of the images it yielded, in order
-      (an undecodable image is dropped and named, never replaced).
-    """
+class ValLoader(Protocol):
+    """What every backend gives evaluation: iterating yields `(images, targets)` on the device, images in the
+    model's memory format (`plan.memory_format`), targets int64, this rank's shard of the validation list
+    once, in order; `len()` is its batches; `delivered`, after a pass, the positions in the shard of the
+    images yielded (an undecodable image is dropped and named, never replaced); `close()` releases the
+    backend's workers (a DataLoader's processes would otherwise outlive an error by their shutdown grace)."""
 
     delivered: list[int]
 
@@ -69,9 +57,57 @@ class Loader(Protocol):
 
     def close(self) -> None: ...
 
+
+class TrainLoader(Protocol):
+    """What every backend gives the loop: this process's micro-batches of the framework's data order
+    (`order.py`), read from the epoch's cursor (`reader.EpochReader`).
+
+    - `set_epoch(epoch)` before each epoch; one pass yields the rest of that epoch (all of it, or what
+      remains after the step the loader was built from), then stops;
+    - `len()` is the micro-batches of a whole epoch, equal on every rank (DDP needs the same steps everywhere);
+    - `last_samples`: the training-list positions of the micro-batch last yielded; `last_draws`: their
+      augmentation draws (None where the backend draws none: synthetic);
+    - `state()`: the position reached (epoch, optimizer step), which a loader built from it continues;
+    - `newly_undecodable()`: the training images found undecodable (and replaced) since the last call;
+    - `close()` as for `ValLoader`.
+    """
+
+    last_samples: torch.Tensor
+    last_draws: object
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
     def set_epoch(self, epoch: int) -> None: ...
 
     def state(self) -> dict: ...
+
+    def newly_undecodable(self) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+
+# The backends: where each one's builders live (imported on use: DALI only where it is chosen).
+BACKENDS = {
+    "synthetic": ("resnest_train.data.synthetic", "build_synthetic_train", "resnest_train.data.synthetic",
+                  "build_synthetic_val"),
+    "torchvision": ("resnest_train.data.torchvision", "build_torch_train", "resnest_train.data.torchvision",
+                    "build_torch_val"),
+    "dali": ("resnest_train.data.dali_train", "build_dali_train", "resnest_train.data.dali", "build_dali_val"),
+}
+
+
+def _builder(backend: str, which: str):
+    train_module, train_name, val_module, val_name = BACKENDS[backend]
+    module, name = (train_module, train_name) if which == "train" else (val_module, val_name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        if backend != "dali":
+            raise
+        raise DatasetError(f"data.backend=dali but DALI cannot be imported ({exc}); install "
+                           "nvidia-dali-cuda130 (or -cuda120) or use data.backend=torchvision") from None
 
 
 def load_dataset_index(plan: DataPlan, dist: DistInfo, *, classes: list[str] | None = None,
@@ -94,15 +130,6 @@ def load_dataset_index(plan: DataPlan, dist: DistInfo, *, classes: list[str] | N
     return loaded["index"] if dist.is_main else index_from_bytes(buffer)
 
 
-def _dali():
-    try:
-        from resnest_train.data import dali
-    except ImportError as exc:
-        raise DatasetError(f"data.backend=dali but DALI cannot be imported ({exc}); install "
-                           "nvidia-dali-cuda130 (or -cuda120) or use data.backend=torchvision") from None
-    return dali
-
-
 def num_train_images(plan: DataPlan, index: DatasetIndex | None) -> int:
     return plan.synthetic_size if plan.backend == "synthetic" else len(index.train)
 
@@ -123,33 +150,20 @@ def known_undecodable(index: DatasetIndex | None, output_dir: str, dist: DistInf
 
 
 def build_train_loader(plan: DataPlan, index: DatasetIndex | None, order: TrainOrder, *,
-                       start: tuple[int, int] = (0, 0), state: dict | None = None,
-                       undecodable: list[int] = ()) -> Loader:
-    """This process's micro-batches of `order` from `start` (epoch, optimizer steps done in it). `state`:
-    what this rank's loader `state()` returned when the checkpoint was taken, with the same layout.
+                       start: tuple[int, int] = (0, 0), undecodable: list[int] = ()) -> TrainLoader:
+    """This process's micro-batches of `order` from `start` (epoch, optimizer steps done in it).
     `undecodable`: training-list positions known not to decode, replaced without being tried."""
-    if plan.backend == "synthetic":
-        from resnest_train.data.synthetic import build_synthetic_train
-        return build_synthetic_train(plan, order, start=start)
-    replacement = Replacement(len(index.train), undecodable)
-    if plan.backend == "dali":
-        _dali()
-        from resnest_train.data.dali_train import build_dali_train
-        return build_dali_train(plan, index.train, order, start=start, state=state, replacement=replacement)
-    from resnest_train.data.torchvision import build_torch_train
-    return build_torch_train(plan, index.train, order, start=start, replacement=replacement)
+    samples = index.train if index is not None else None
+    replacement = Replacement(len(samples) if samples is not None else order.num_samples, undecodable)
+    return _builder(plan.backend, "train")(plan, samples, order, start=start, replacement=replacement)
 
 
 def build_val_loader(plan: DataPlan, index: DatasetIndex | None, *, batch_size: int,
-                     undecodable: list[int] = ()) -> Loader:
+                     undecodable: list[int] = ()) -> ValLoader:
     """This rank's shard of the validation list at `plan.val_crop_size` / `plan.val_resize_size`, without
     the positions `undecodable` (known not to decode: left out, as a failing image is)."""
-    if plan.backend == "synthetic":
-        from resnest_train.data.synthetic import build_synthetic_val
-        return build_synthetic_val(plan, batch_size=batch_size)
-    keep = np.setdiff1d(np.arange(len(index.val)), np.asarray(undecodable, dtype=np.int64))
-    shard = plan.shard(index.val.take(keep) if len(undecodable) else index.val)
-    if plan.backend == "dali":
-        return _dali().build_dali_val(plan, shard, batch_size=batch_size)
-    from resnest_train.data.torchvision import build_torch_val
-    return build_torch_val(plan, shard, batch_size=batch_size)
+    shard = None
+    if index is not None:
+        keep = np.setdiff1d(np.arange(len(index.val)), np.asarray(undecodable, dtype=np.int64))
+        shard = plan.shard(index.val.take(keep) if len(undecodable) else index.val)
+    return _builder(plan.backend, "val")(plan, shard, batch_size=batch_size)

@@ -63,6 +63,7 @@ class ReaderLoader:
     """What the training loaders share: the reader's length, epoch, position and state."""
 
     reader: EpochReader
+    last_draws = None  # the draws of the micro-batch last yielded, where the backend augments
 
     def __len__(self) -> int:
         return len(self.reader)

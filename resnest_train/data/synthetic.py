@@ -59,28 +59,23 @@ class SyntheticLoader:
     def __len__(self) -> int:
         return self.num_batches
 
-    def set_epoch(self, epoch: int) -> None:
-        """Nothing to do: every pass holds the same batches."""
-
     def __iter__(self):
         batch = self.targets.numel()
         self.delivered = list(range(self.num_batches * batch))
         for _ in range(self.num_batches):
             yield self.images.clone(), self.targets.clone()
 
-    def state(self) -> dict:
-        return {}
-
     def close(self) -> None:
         """Nothing to release: the pipeline's threads end with it."""
 
 
-def build_synthetic_train(plan: DataPlan, order: TrainOrder, *,
-                          start: tuple[int, int] = (0, 0)) -> SyntheticTrainLoader:
+def build_synthetic_train(plan: DataPlan, samples: None, order: TrainOrder, *, start: tuple[int, int] = (0, 0),
+                          replacement=None) -> SyntheticTrainLoader:
+    """`samples` and `replacement`: none (no files, nothing undecodable), for the backends' one signature."""
     return SyntheticTrainLoader(plan, order, start=start)
 
 
-def build_synthetic_val(plan: DataPlan, *, batch_size: int) -> SyntheticLoader:
+def build_synthetic_val(plan: DataPlan, shard: None, *, batch_size: int) -> SyntheticLoader:
     per_rank = max(1, plan.synthetic_size // 4) // plan.world_size
     return SyntheticLoader(plan, num_batches=max(1, -(-per_rank // batch_size)), batch_size=batch_size,
                            seed=plan.seed + 7919)

@@ -262,9 +262,6 @@ class TorchLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Nothing to do: validation reads its shard in order."""
-
     def __iter__(self):
         self.delivered = []
         try:
@@ -280,9 +277,6 @@ class TorchLoader:
             self.delivered.extend(positions.tolist())
             images = images.to(self.plan.device, non_blocking=True).contiguous(memory_format=self.plan.memory_format)
             yield images, targets.to(self.plan.device, non_blocking=True)
-
-    def state(self) -> dict:
-        return {}
 
     def close(self) -> None:
         shut_down_workers(self.loader)

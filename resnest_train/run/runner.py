@@ -27,8 +27,9 @@ from resnest_train.config import Config
 from resnest_train.config_yaml import to_dict
 from resnest_train.data import (
     DataPlan,
-    Loader,
+    TrainLoader,
     TrainOrder,
+    ValLoader,
     build_data_plan,
     build_train_loader,
     build_val_loader,
@@ -69,8 +70,8 @@ class Run:
     mixup: object  # timm Mixup, or None
     precision: Precision
     order: TrainOrder
-    train_loader: Loader
-    val_loader: Loader
+    train_loader: TrainLoader
+    val_loader: ValLoader
     writer: CheckpointWriter | None  # rank 0's background checkpoint writer
     provenance: dict  # what this run trains on (provenance.py), stored in every checkpoint
     changes: list[str]  # what changed since the checkpoint resumed, with checkpoint.allow_changes=true
@@ -168,12 +169,12 @@ def _record_start(config: Config, plan: TrainPlan, progress: Progress, changes: 
 
 
 def _loaders(config: Config, data: DataPlan, index, order: TrainOrder, progress: Progress, rank_state: dict,
-             dist: DistInfo, stack: contextlib.ExitStack) -> tuple[Loader, Loader]:
+             dist: DistInfo, stack: contextlib.ExitStack) -> tuple[TrainLoader, ValLoader]:
     """The training loader from where the run starts and the validation loader, without the images the
     run folder records as undecodable; closed (their workers ended) whatever ends the run."""
     undecodable = known_undecodable(index, config.output_dir, dist)
     train_loader = build_train_loader(data, index, order, start=(progress.epoch, progress.batch),
-                                      state=rank_state.get("data"), undecodable=undecodable.get("train", []))
+                                      undecodable=undecodable.get("train", []))
     stack.callback(train_loader.close)
     val_loader = build_val_loader(data, index, batch_size=config.train.batch_size,
                                   undecodable=undecodable.get("val", []))
@@ -265,7 +266,7 @@ def _train_epoch(run: Run, progress: Progress, reporter: RunReporter, stop) -> b
             lr = _set_lr(run, progress.step)
             _ramp_dropblock(run, progress.step)
         record.write(progress, run.order.micro_batch_index(len(losses)), run.train_loader.last_samples,
-                     getattr(run.train_loader, "last_draws", None))
+                     run.train_loader.last_draws)
         losses.append(_micro_step(run, progress.step, len(losses), images, targets, reporter))
         if len(losses) < accumulation:
             reporter.micro_step_done()
