@@ -40,10 +40,11 @@ from resnest_train.distributed import DistInfo, cleanup, setup_distributed
 from resnest_train.engine import Precision, forward_backward, optimizer_step, resolve_precision, validate
 from resnest_train.errors import UserError
 from resnest_train.loss import build_criterion, build_mixup
+from resnest_train.mixing import BatchMix
 from resnest_train.optim import build_optimizer
 from resnest_train.process import cpu_speed_settings, seed_everything, stop_signals
 from resnest_train.provenance import provenance
-from resnest_train.randomness import seed_micro_batch
+from resnest_train.randomness import micro_batch_generator, seed_micro_batch
 from resnest_train.reporting import RunReporter, SampleRecord, configure_logging, start_summary
 from resnest_train.resume import Progress
 from resnest_train.run_folder import prepare_run_folder, write_resolved_config
@@ -66,7 +67,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     criterion: nn.Module
-    mixup: object  # timm Mixup, or None
+    mixup: BatchMix | None  # mixup and/or CutMix (train.mixup_alpha, train.cutmix_alpha)
     precision: Precision
     order: TrainOrder
     train_loader: Loader
@@ -235,11 +236,12 @@ def _ramp_dropblock(run: Run, step: int) -> None:
 
 
 def _micro_step(run: Run, step: int, micro_step: int, images, targets, reporter: RunReporter) -> torch.Tensor:
-    """One micro-batch of optimizer step `step`: its own random draws (mixup, DropBlock, dropout) seeded
-    from (seed, step, micro-batch), so they do not depend on the process that runs it."""
-    seed_micro_batch(run.config.train.seed, step, run.order.micro_batch_index(micro_step))
+    """One micro-batch of optimizer step `step`: its own random draws (mixup/CutMix, DropBlock, drop path,
+    dropout) seeded from (seed, step, micro-batch), so they do not depend on the process that runs it."""
+    key = (run.config.train.seed, step, run.order.micro_batch_index(micro_step))
+    seed_micro_batch(*key)
     if run.mixup is not None:
-        images, targets = run.mixup(images, targets)
+        images, targets = run.mixup(images, targets, micro_batch_generator(*key))
     if step == 0 and micro_step == 0:
         reporter.image_grid(images)
     accumulation = run.plan.layout.accumulation
