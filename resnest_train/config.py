@@ -61,6 +61,7 @@ class ModelConfig:
     dropout: float = 0.0
     zero_init_last_bn: bool = True
     dropblock_prob: float = 0.1
+    drop_path: float = 0.0  # stochastic depth: the last block's rate, ramped linearly over the blocks from 0
     pretrained: str | None = None
     freeze: tuple[str, ...] = ()  # parameter-name prefixes not trained (e.g. [conv1, bn1, layer1]); BN stats kept
     sync_bn: bool = False
@@ -70,6 +71,8 @@ class ModelConfig:
         _check_range("model.dropout", self.dropout, 0.0, 1.0)
         if not 0.0 <= self.dropblock_prob < 1.0:  # 1 would drop every block (create_model refuses it too)
             raise ConfigError(f"'model.dropblock_prob' must be in [0.0, 1.0), got {self.dropblock_prob!r}")
+        if not 0.0 <= self.drop_path < 1.0:  # 1 would drop the last block's branch for every sample
+            raise ConfigError(f"'model.drop_path' must be in [0.0, 1.0), got {self.drop_path!r}")
         # Imported here: the model registry pulls in torch, which the config itself does not need.
         from resnest_train.models import list_models
         if self.name not in list_models():
@@ -154,6 +157,13 @@ class TrainConfig:
     batch_size: int = 128  # per process: the micro-batch
     label_smoothing: float = 0.1
     mixup_alpha: float = 0.2
+    # CutMix (arXiv 1905.04899) and how often a micro-batch is mixed: timm's Mixup `cutmix_alpha`, `prob`,
+    # `switch_prob` (CutMix instead of mixup when both alphas are > 0), drawn per micro-batch (mixing.py).
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    mix_switch_prob: float = 0.5
+    loss: str = "ce"  # ce | bce (timm's BinaryCrossEntropy: one sigmoid per class)
+    bce_target_threshold: float | None = None  # bce: targets above it become 1, the others 0 (null: kept)
     device: str = "auto"
     amp: str = "bf16"
     channels_last: bool = False
@@ -186,10 +196,27 @@ class TrainConfig:
             raise ConfigError("'train.ema' must be below 1 (1 would keep the initial weights forever), got 1.0")
         _check_choice("train.ema_device", self.ema_device, ("auto", "cpu"))
         _check_choice("train.dist_bn", self.dist_bn, ("reduce", "broadcast"))
-        if self.mixup_alpha > 0 and self.batch_size % 2:
-            # Batch mixup pairs each image with its mirror in the batch (timm's Mixup).
-            raise ConfigError(f"'train.batch_size' must be even with mixup (train.mixup_alpha > 0), "
-                              f"got {self.batch_size}")
+        self._check_mixing_and_loss()
+
+    @property
+    def mixing(self) -> bool:
+        """Whether micro-batches are mixed (mixup, CutMix or both): soft targets, even micro-batches."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    def _check_mixing_and_loss(self) -> None:
+        _check_range("train.cutmix_alpha", self.cutmix_alpha, 0.0)
+        _check_range("train.mix_prob", self.mix_prob, 0.0, 1.0)
+        _check_range("train.mix_switch_prob", self.mix_switch_prob, 0.0, 1.0)
+        _check_choice("train.loss", self.loss, ("ce", "bce"))
+        if self.bce_target_threshold is not None:
+            _check_range("train.bce_target_threshold", self.bce_target_threshold, 0.0, 1.0)
+        if self.loss == "bce" and self.label_smoothing >= 1.0:  # timm's BinaryCrossEntropy asserts < 1
+            raise ConfigError(f"'train.label_smoothing' must be below 1 with train.loss=bce, "
+                              f"got {self.label_smoothing!r}")
+        if self.mixing and self.batch_size % 2:
+            # Batch mixup and CutMix pair each image with its mirror in the batch (timm's Mixup).
+            raise ConfigError(f"'train.batch_size' must be even with mixup or CutMix (train.mixup_alpha or "
+                              f"train.cutmix_alpha > 0), got {self.batch_size}")
 
 
 @dataclass(frozen=True)

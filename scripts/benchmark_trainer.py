@@ -71,6 +71,7 @@ class BareLoop:
         from resnest_train.cluster.distributed import select_device
         from resnest_train.recipe.loss import build_criterion, build_mixup
         from resnest_train.recipe.optim import build_optimizer
+        from resnest_train.recipe.randomness import micro_batch_generator
         from resnest_train.recipe.schedule import build_train_plan
         from resnest_train.run.wrapping import build_model
         config = _config(args, out)
@@ -84,14 +85,16 @@ class BareLoop:
         self.pool = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
         self.labels = torch.randint(0, config.model.num_classes, (args.batch_size,), device=device)
         self.step_index = 0
+        # the trainer's mix draws: micro-batch 0 of each step (one micro-batch per step here)
+        self.generator = lambda step: micro_batch_generator(config.train.seed, step, 0)
 
     def step(self) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = self.plan.lr(self.step_index) * group["lr_scale"]
         self.step_index += 1
-        images, targets = self.pool.clone(), self.labels  # a fresh batch, as the loader's gather (mixup is in place)
+        images, targets = self.pool.clone(), self.labels  # a fresh batch, as the loader's gather
         if self.mixup is not None:
-            images, targets = self.mixup(images, targets)
+            images, targets = self.mixup(images, targets, self.generator(self.step_index))
         loss = self.criterion(self.model(images), targets)
         loss.backward()
         self.optimizer.step()

@@ -118,6 +118,15 @@ def test_resolved_config_round_trips(tmp_path):
     (["data.val_resize_size=100"], "'data.val_resize_size' must be in"),
     (["train.device=tpu"], "'train.device' must be one of"),
     (["data.autoaugment_on=batch"], "'data.autoaugment_on' must be one of"),
+    (["train.cutmix_alpha=-1"], "'train.cutmix_alpha' must be in"),
+    (["train.mix_prob=1.5"], "'train.mix_prob' must be in"),
+    (["train.mix_switch_prob=-0.1"], "'train.mix_switch_prob' must be in"),
+    (["train.loss=focal"], "'train.loss' must be one of ce, bce"),
+    (["train.loss=bce", "train.bce_target_threshold=2"], "'train.bce_target_threshold' must be in"),
+    (["train.loss=bce", "train.label_smoothing=1.0"], "'train.label_smoothing' must be below 1 with train.loss=bce"),
+    (["train.mixup_alpha=0", "train.cutmix_alpha=1", "train.batch_size=7"], "even with mixup or CutMix"),
+    (["model.drop_path=1.0"], "'model.drop_path' must be in [0.0, 1.0)"),
+    (["model.drop_pat=0.1"], "did you mean 'model.drop_path'"),
 ])
 def test_bad_values_are_config_errors(overrides, message):
     with pytest.raises(ConfigError) as info:

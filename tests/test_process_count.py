@@ -115,19 +115,19 @@ def draws_by_sample(rows: list[dict]) -> dict:
 
 @pytest.fixture(scope="module")
 def uninterrupted(root, tmp_path_factory):
-    """`run(backend, processes)`: the run on 1, 2 or 4 processes (accumulation 4, 2, 1), each with its
-    sample record, made once per module."""
+    """`run(backend, processes, extra)`: the run on 1, 2 or 4 processes (accumulation 4, 2, 1), with the
+    overrides `extra` after the recipe's, each with its sample record, made once per module."""
     runs = {}
 
-    def run(backend: str, processes: int) -> Path:
-        if (backend, processes) not in runs:
+    def run(backend: str, processes: int, extra: tuple[str, ...] = ()) -> Path:
+        if (backend, processes, extra) not in runs:
             out = tmp_path_factory.mktemp(f"{backend}{processes}")
             record = out / "samples"
             record.mkdir()
-            run_script(args(root, out, backend), launcher=launcher(processes),
+            run_script(args(root, out, backend, *extra), launcher=launcher(processes),
                        env=script_env(RESNEST_TRAIN_SAMPLE_LOG=str(record)))
-            runs[backend, processes] = out
-        return runs[backend, processes]
+            runs[backend, processes, extra] = out
+        return runs[backend, processes, extra]
     return run
 
 
@@ -152,6 +152,22 @@ def test_weights_do_not_depend_on_the_process_count(uninterrupted, backend):
     assert len(micro_batches[1]) == 2 * STEPS * GLOBAL // 8
     assert draws_by_sample(rows[1]) == draws_by_sample(rows[2]) == draws_by_sample(rows[4])
     assert len(draws_by_sample(rows[1])) == 2 * STEPS * GLOBAL
+
+
+# CutMix and mixup switching per micro-batch, some micro-batches left unmixed, BCE and drop path on top of the
+# recipe's DropBlock: more draws per micro-batch, all from (seed, step, micro-batch) (mixing.py, drop_path.py).
+MIXES = ("train.cutmix_alpha=1.0", "train.mixup_alpha=0.1", "train.mix_prob=0.8", "train.loss=bce",
+         "model.drop_path=0.1")
+
+
+def test_cutmix_bce_and_drop_path_do_not_depend_on_the_process_count(uninterrupted):
+    """The same tolerance as the recipe's: each micro-batch is mixed and its branches dropped the same way
+    wherever it runs, so what is left is the order of the gradient sums."""
+    one, four = (uninterrupted("torchvision", processes, MIXES) for processes in (1, 4))
+    assert "loss: bce" in (one / "config.yaml").read_text()
+    for out in (one, four):
+        assert_loss_falls(out)
+    assert_close(trainable(one), trainable(four))
 
 
 def test_both_backends_draw_the_same_augmentation(uninterrupted):

@@ -66,7 +66,7 @@ def test_a_global_batch_no_even_micro_batch_divides_names_the_fix():
     config = load_config(ROOT / "configs" / "demo.yaml", ["train.global_batch=33", "train.batch_size=8"])
     with pytest.raises(ConfigError, match=r"train.global_batch=33 gives each of 1 processes 33 images, which no "
                                           r"even train.batch_size divides .*: use train.global_batch=32 or 34, or "
-                                          r"train.mixup_alpha=0$"):
+                                          r"train.mixup_alpha=0 train.cutmix_alpha=0$"):
         build_train_plan(config, 1, IMAGENET_TRAIN)
 
 

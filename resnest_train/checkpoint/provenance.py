@@ -21,7 +21,8 @@ ARCHITECTURE = ("name", "num_classes")  # model.* keys that make another network
 RECIPE = ("model", "data", "optim", "schedule")
 # train.* keys of the recipe (the rest, device, logging, compile, are how a run goes, not what it trains):
 # the seed deals the data order, so a mid-epoch resume with another seed would re-deal the epoch.
-TRAIN_RECIPE = ("epochs", "label_smoothing", "mixup_alpha", "amp", "seed", "deterministic")
+TRAIN_RECIPE = ("epochs", "label_smoothing", "mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob", "loss",
+                "bce_target_threshold", "amp", "seed", "deterministic")
 
 
 def fingerprint(train: list[tuple[str, int]] | None, synthetic_size: int) -> dict:

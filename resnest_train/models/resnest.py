@@ -5,7 +5,8 @@ bottleneck width, avd, SE) are passed in; the stem (deep 3x3 or 7x7) and the sho
 pool, or strided 1x1 conv) are trunk options. Module names follow timm's `ResNet` so state dicts are
 interchangeable (`conv1.0.weight`, `layer1.0.conv2.fc1.weight`, `fc.weight`, ...); the structure follows
 the official PyTorch port and torchvision's `resnet.py`; DropBlock positions and the initialisation follow
-the Gluon code that trained the released weights (`resnest/gluon/resnet.py`, `scripts/gluon/train.py`).
+the Gluon code that trained the released weights (`resnest/gluon/resnet.py`, `scripts/gluon/train.py`);
+stochastic depth (drop path) follows timm's ResNet (drop_path.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from resnest_train.models.drop_path import drop_path_rates, make_drop_path
 from resnest_train.models.dropblock import DropBlock2d, make_drop_block
 from resnest_train.models.split_attention import SplitAttentionConv2d
 
@@ -42,7 +44,8 @@ class ResNeStBottleneck(nn.Module):
 
     DropBlock sits where the Gluon code has it: after bn1, after the whole split-attention output (after
     bn2 for radix 0) and after bn3, each with its own mask. Before or after the ReLU is the same thing, as
-    the mask and its scale are non-negative."""
+    the mask and its scale are non-negative. Drop path (`drop_path_rate`, this block's rate) drops the whole
+    residual branch per sample, after SE and before the addition, where timm's Bottleneck has it."""
 
     expansion = 4
 
@@ -62,6 +65,7 @@ class ResNeStBottleneck(nn.Module):
         is_first: bool = False,
         squeeze_excite: bool = False,
         dropblock_prob: float = 0.0,
+        drop_path_rate: float = 0.0,
         norm_layer: NormLayer = nn.BatchNorm2d,
     ):
         super().__init__()
@@ -93,6 +97,7 @@ class ResNeStBottleneck(nn.Module):
         self.bn3 = norm_layer(planes * self.expansion)
         self.drop3 = make_drop_block(dropblock_prob)
         self.se = SqueezeExcite(planes * self.expansion) if squeeze_excite else None
+        self.drop_path = make_drop_path(drop_path_rate)
         self.act3 = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -110,6 +115,8 @@ class ResNeStBottleneck(nn.Module):
         out = self.drop3(self.bn3(self.conv3(out)))
         if self.se is not None:
             out = self.se(out)
+        if self.drop_path is not None:
+            out = self.drop_path(out)
         # In place: the BN/SE output is not needed by their backward, and a fresh block-sized tensor per
         # block costs an allocation and its page faults on CPU (BENCHMARKS.md).
         out += shortcut
@@ -160,6 +167,8 @@ STAGE_PLANS = {
 class ResNeSt(nn.Module):
     """stem -> maxpool -> four stages of bottlenecks -> global average pool -> dropout -> fc.
 
+    `drop_path_rate`: stochastic depth of the last block, block i of n getting rate x i / (n - 1) (timm's rule).
+
     `output_stride` 16 or 8 dilates stage 4 (and stage 3) instead of striding, for dense prediction."""
 
     def __init__(
@@ -174,6 +183,7 @@ class ResNeSt(nn.Module):
         output_stride: int = 32,
         dropout: float = 0.0,
         dropblock_prob: float = 0.0,
+        drop_path_rate: float = 0.0,
         zero_init_last_bn: bool = True,
         norm_layer: NormLayer = nn.BatchNorm2d,
         **block_kwargs,
@@ -187,11 +197,11 @@ class ResNeSt(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         expansion = 4  # every block of the zoo is a bottleneck
         previous_dilation = 1
+        block_rates = iter(drop_path_rates(drop_path_rate, sum(layers)))  # over the whole network, in order
         for index, (planes, num_blocks, (stride, dilation)) in enumerate(
                 zip((64, 128, 256, 512), layers, STAGE_PLANS[output_stride])):
-            downsample = None
-            if stride != 1 or inplanes != planes * expansion:
-                downsample = make_downsample(inplanes, planes * expansion, stride, avg_down, norm_layer)
+            downsample = make_downsample(inplanes, planes * expansion, stride, avg_down, norm_layer) \
+                if stride != 1 or inplanes != planes * expansion else None
             stage = []
             for block_index in range(num_blocks):
                 first = block_index == 0
@@ -201,7 +211,7 @@ class ResNeSt(nn.Module):
                     # (1 in a dilation-2 stage, 2 in a dilation-4 one), with padding = dilation.
                     dilation=previous_dilation if first else dilation, is_first=first and index > 0,
                     # DropBlock in stages 3 and 4 only, as in the recipe of the released weights.
-                    dropblock_prob=dropblock_prob if index >= 2 else 0.0,
+                    dropblock_prob=dropblock_prob if index >= 2 else 0.0, drop_path_rate=next(block_rates),
                     norm_layer=norm_layer, **block_kwargs))
                 inplanes = planes * expansion
             previous_dilation = dilation

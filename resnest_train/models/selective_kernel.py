@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from resnest_train.models.drop_path import make_drop_path
 from resnest_train.models.dropblock import make_drop_block
 
 
@@ -74,7 +75,8 @@ class SelectiveKernelBottleneck(nn.Module):
 
     def __init__(self, inplanes: int, planes: int, *, stride: int = 1, downsample: nn.Module | None = None,
                  cardinality: int = 32, bottleneck_width: int = 4, dilation: int = 1, is_first: bool = False,
-                 dropblock_prob: float = 0.0, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
+                 dropblock_prob: float = 0.0, drop_path_rate: float = 0.0,
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
         super().__init__()
         del is_first  # the trunk's flag for avd, which SK-Net does not have
         width = int(planes * (bottleneck_width / 64.0)) * cardinality
@@ -86,6 +88,7 @@ class SelectiveKernelBottleneck(nn.Module):
         self.drop1 = make_drop_block(dropblock_prob)
         self.drop2 = make_drop_block(dropblock_prob)
         self.drop3 = make_drop_block(dropblock_prob)
+        self.drop_path = make_drop_path(drop_path_rate)  # the residual branch, before the addition (timm)
         self.act = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -96,4 +99,6 @@ class SelectiveKernelBottleneck(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.drop2(self.conv2(self.drop1(self.conv1(x))))
         out = self.drop3(self.conv3(out))
+        if self.drop_path is not None:
+            out = self.drop_path(out)
         return self.act(out + shortcut)

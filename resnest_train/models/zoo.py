@@ -62,18 +62,18 @@ def list_models() -> list[str]:
 
 def create_model(name: str, num_classes: int = 1000, **overrides: Any) -> nn.Module:
     """Build a registered model. Overrides: `dropout`, `zero_init_last_bn`, `dropblock_prob`,
-    `output_stride` (32, or 16 / 8 for a dilated trunk), or any trunk/block option (e.g. `radix`,
-    `stem_width`, `norm_layer`)."""
+    `drop_path_rate` (stochastic depth, timm's name), `output_stride` (32, or 16 / 8 for a dilated trunk), or
+    any trunk/block option (e.g. `radix`, `stem_width`, `norm_layer`)."""
     if name not in MODEL_SPECS:
         raise KeyError(f"unknown model '{name}'; available: {', '.join(list_models())}")
     # Checked here, where the argument can be named: otherwise num_classes 0 builds an empty classifier
     # without a word, and a DropBlock probability (the fraction of activations to drop) of 1 or more, or a
-    # negative one, trains a model with a meaningless mask.
+    # negative one (or such a drop path rate), trains a model with a meaningless mask.
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
-    dropblock_prob = overrides.get("dropblock_prob", 0.0)
-    if not 0.0 <= dropblock_prob < 1.0:
-        raise ValueError(f"dropblock_prob must be in [0, 1), got {dropblock_prob}")
+    for key in ("dropblock_prob", "drop_path_rate"):
+        if not 0.0 <= overrides.get(key, 0.0) < 1.0:
+            raise ValueError(f"{key} must be in [0, 1), got {overrides[key]}")
     kwargs = dict(MODEL_SPECS[name], num_classes=num_classes, **overrides)
     block: Callable[..., nn.Module] = kwargs.pop("block")
     block_keys = {"radix", "cardinality", "bottleneck_width", "avd", "avd_first", "squeeze_excite"}

@@ -1,12 +1,12 @@
 """The run's randomness, owned in one place: every random draw is seeded from what it belongs to (the run's
 `train.seed` plus an epoch, a sample, a step, a micro-batch), never from how many processes drew before it.
 
-So the data order, each image's augmentation (torchvision and synthetic backends), mixup's lambda and the
-DropBlock / dropout masks of a micro-batch are the same whether 1 or 64 processes train, and a resumed run
-draws what the uninterrupted one drew without carrying RNG state. Seeds are derived with numpy's
-`SeedSequence` (a hash designed to give independent streams for distinct keys, NEP 19), one stream tag per
-kind of draw. Each training image's augmentation is drawn from (seed, epoch, image) by `data/draws.py` and
-handed to the backend that decodes it (DALI or torchvision).
+So the data order, each image's augmentation (torchvision and synthetic backends), mixup's and CutMix's
+draws and the DropBlock / drop-path / dropout masks of a micro-batch are the same whether 1 or 64 processes
+train, and a resumed run draws what the uninterrupted one drew without carrying RNG state. Seeds are derived
+with numpy's `SeedSequence` (a hash designed to give independent streams for distinct keys, NEP 19), one
+stream tag per kind of draw. Each training image's augmentation is drawn from (seed, epoch, image) by
+`data/draws.py` and handed to the backend that decodes it (DALI or torchvision).
 """
 
 from __future__ import annotations
@@ -39,6 +39,13 @@ def _seed_global(value: int) -> None:
 
 
 def seed_micro_batch(seed: int, step: int, micro_batch: int) -> None:
-    """Before mixup and the forward pass of micro-batch `micro_batch` of optimizer step `step`: timm's
-    Mixup draws lambda with numpy, DropBlock and dropout draw their masks with torch."""
+    """Before the forward pass of micro-batch `micro_batch` of optimizer step `step`: DropBlock, drop path
+    and dropout draw their masks from torch's global generator."""
     _seed_global(derive_seed(seed, MICRO_BATCH, step, micro_batch))
+
+
+def micro_batch_generator(seed: int, step: int, micro_batch: int) -> np.random.RandomState:
+    """The generator of micro-batch `micro_batch`'s mix draws (whether to mix, mixup or CutMix, lambda, the
+    box: mixing.py). Seeded with the value `seed_micro_batch` gives numpy's global generator, from which
+    timm's Mixup drew them before, so a run with mixup alone draws the same lambdas as then."""
+    return np.random.RandomState(derive_seed(seed, MICRO_BATCH, step, micro_batch) % 2**32)

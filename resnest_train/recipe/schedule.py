@@ -56,9 +56,10 @@ def resolve_layout(global_batch: int | None, micro_batch: int, world_size: int, 
         step = 2 * world_size
         below, above = global_batch // step * step, (global_batch // step + 1) * step
         raise ConfigError(f"train.global_batch={global_batch} gives each of {world_size} processes "
-                          f"{global_batch // world_size} images, which no even train.batch_size divides (mixup, "
-                          f"train.mixup_alpha > 0, pairs the images of a micro-batch): use train.global_batch="
-                          f"{' or '.join(str(b) for b in (below, above) if b > 0)}, or train.mixup_alpha=0")
+                          f"{global_batch // world_size} images, which no even train.batch_size divides (mixup or "
+                          f"CutMix pairs the images of a micro-batch): use train.global_batch="
+                          f"{' or '.join(str(b) for b in (below, above) if b > 0)}, or train.mixup_alpha=0 "
+                          f"train.cutmix_alpha=0")
     raise ConfigError(f"train.global_batch={global_batch} is not a multiple of {world_size} processes x "
                       f"train.batch_size={micro_batch}; valid train.batch_size for {world_size} processes: "
                       f"{', '.join(map(str, sizes))}")
@@ -113,7 +114,7 @@ class TrainPlan:
 def build_train_plan(config: Config, world_size: int, num_images: int) -> TrainPlan:
     """`num_images`: the training images of one epoch; its last partial global batch is dropped."""
     train = config.train
-    layout = resolve_layout(train.global_batch, train.batch_size, world_size, even=train.mixup_alpha > 0)
+    layout = resolve_layout(train.global_batch, train.batch_size, world_size, even=train.mixing)
     steps_per_epoch = num_images // layout.global_batch
     if steps_per_epoch == 0:
         batch = (f"train.global_batch={layout.global_batch}" if train.global_batch is not None

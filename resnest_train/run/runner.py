@@ -42,8 +42,9 @@ from resnest_train.errors import UserError
 from resnest_train.recipe.averaging import WeightEma, build_ema, distribute_bn, restore_averages
 from resnest_train.recipe.engine import Precision, forward_backward, optimizer_step, resolve_precision, validate
 from resnest_train.recipe.loss import build_criterion, build_mixup
+from resnest_train.recipe.mixing import BatchMix
 from resnest_train.recipe.optim import build_optimizer
-from resnest_train.recipe.randomness import seed_micro_batch
+from resnest_train.recipe.randomness import micro_batch_generator, seed_micro_batch
 from resnest_train.recipe.schedule import TrainPlan, build_train_plan, micro_batch_warning
 from resnest_train.run import resume
 from resnest_train.run.reporting import RunReporter, SampleRecord, configure_logging, start_summary
@@ -67,7 +68,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     criterion: nn.Module
-    mixup: object  # timm Mixup, or None
+    mixup: BatchMix | None  # mixup and/or CutMix (train.mixup_alpha, train.cutmix_alpha)
     precision: Precision
     order: TrainOrder
     train_loader: TrainLoader
@@ -236,11 +237,12 @@ def _ramp_dropblock(run: Run, step: int) -> None:
 
 
 def _micro_step(run: Run, step: int, micro_step: int, images, targets, reporter: RunReporter) -> torch.Tensor:
-    """One micro-batch of optimizer step `step`: its own random draws (mixup, DropBlock, dropout) seeded
-    from (seed, step, micro-batch), so they do not depend on the process that runs it."""
-    seed_micro_batch(run.config.train.seed, step, run.order.micro_batch_index(micro_step))
+    """One micro-batch of optimizer step `step`: its own random draws (mixup/CutMix, DropBlock, drop path,
+    dropout) seeded from (seed, step, micro-batch), so they do not depend on the process that runs it."""
+    key = (run.config.train.seed, step, run.order.micro_batch_index(micro_step))
+    seed_micro_batch(*key)
     if run.mixup is not None:
-        images, targets = run.mixup(images, targets)
+        images, targets = run.mixup(images, targets, micro_batch_generator(*key))
     if step == 0 and micro_step == 0:
         reporter.image_grid(images)
     accumulation = run.plan.layout.accumulation

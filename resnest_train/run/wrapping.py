@@ -56,7 +56,8 @@ def load_starting_weights(model: nn.Module, cfg: ModelConfig) -> None:
 def build_model(cfg: ModelConfig, *, pretrained: bool) -> nn.Module:
     """The plain model on the CPU; `pretrained`: load `model.pretrained` (not when resuming a run)."""
     model = create_model(cfg.name, num_classes=cfg.num_classes, dropout=cfg.dropout,
-                         zero_init_last_bn=cfg.zero_init_last_bn, dropblock_prob=cfg.dropblock_prob)
+                         zero_init_last_bn=cfg.zero_init_last_bn, dropblock_prob=cfg.dropblock_prob,
+                         drop_path_rate=cfg.drop_path)
     if pretrained and cfg.pretrained:
         load_starting_weights(model, cfg)
     freeze(model, cfg.freeze)
