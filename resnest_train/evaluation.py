@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from resnest_train.checkpoint.format import classes_of
 from resnest_train.cluster.distributed import DistInfo, all_reduce_sum, cleanup, gather_object, setup_distributed
 from resnest_train.config import Config
 from resnest_train.data import build_data_plan, build_val_loader, load_dataset_index
@@ -156,8 +157,7 @@ def trained_classes(checkpoint: str) -> list[str] | None:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - safetensors, official .pth, unreadable: load_weights reports those
         return None
-    classes = state.get("provenance", {}).get("classes") if isinstance(state, dict) else None
-    return list(classes) if classes else None
+    return classes_of(state)
 
 
 def _print_table(report: dict) -> None:

@@ -123,24 +123,21 @@ def read_weights(path: str | Path) -> object:
         raise _unreadable(path, exc) from None
 
 
-def _weights_set(obj: object, path: str | Path, weights: str) -> object:
-    """The EMA's state dict (`weights="ema"`) of a checkpoint of ours; `obj` itself for the model's."""
-    if weights == "model":
-        return obj
-    if not isinstance(obj, Mapping) or not isinstance(obj.get("ema"), Mapping):
-        raise WeightsFileError(f"{path} holds no EMA weights (a checkpoint of a run with train.ema > 0 does)")
-    return obj["ema"]
+def load_pretrained(model: nn.Module, path: str | Path, *, new_head: bool = False) -> list[str]:
+    """Load weights from `path` into `model` (in place) and return the keys left as the model had them
+    (`load_state` on what the file holds)."""
+    return load_state(model, read_weights(path), new_head=new_head)
 
 
-def load_pretrained(model: nn.Module, path: str | Path, *, new_head: bool = False, weights: str = "model") -> list[str]:
-    """Load weights from `path` into `model` (in place) and return the keys left as the model had them.
+def load_state(model: nn.Module, obj: object, *, new_head: bool = False) -> list[str]:
+    """Load a weights object (a state dict, or a file's object around one: ours, timm's, the official
+    port's) into `model` (in place) and return the keys left as the model had them.
 
     `new_head=True` (fine-tuning): when the file's classifier (`fc.weight`, `fc.bias`) has another shape
     than the model's, the trunk loads strictly and the model keeps its fresh classifier; the returned list
-    names the skipped keys. `weights="ema"`: the weight EMA our checkpoints hold (`train.ema`) instead of the
-    model's weights. Anything else that does not fit raises WeightsMismatchError naming the keys;
+    names the skipped keys. Anything else that does not fit raises WeightsMismatchError naming the keys;
     an unreadable file raises WeightsFileError (a WeightsMismatchError), a missing one FileNotFoundError."""
-    state = clean_state_dict(_weights_set(read_weights(path), path, weights))
+    state = clean_state_dict(obj)
     skipped: tuple[str, ...] = ()
     if new_head:
         expected = model.state_dict()

@@ -10,11 +10,12 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from resnest_train.checkpoint.format import weights_of
 from resnest_train.cluster.distributed import DistInfo
 from resnest_train.config import ModelConfig
 from resnest_train.errors import UserError
-from resnest_train.models import create_model, load_pretrained
-from resnest_train.models.pretrained import WeightsFileError, WeightsMismatchError
+from resnest_train.models import create_model
+from resnest_train.models.pretrained import WeightsFileError, WeightsMismatchError, load_state, read_weights
 
 log = logging.getLogger("resnest_train")
 
@@ -35,7 +36,10 @@ def load_weights(model: nn.Module, path: str, what: str, name: str, *, new_head:
     """`load_pretrained` with its errors as one-line user errors; returns the keys left as the model had them
     (`new_head`: a classifier of another shape stays fresh, fine-tuning's case)."""
     try:
-        return load_pretrained(model, path, new_head=new_head, weights=weights)
+        obj = weights_of(read_weights(path), weights)
+        if obj is None:
+            raise WeightsFileError(f"{path} holds no EMA weights (a checkpoint of a run with train.ema > 0 does)")
+        return load_state(model, obj, new_head=new_head)
     except FileNotFoundError:
         raise UserError(f"{what}: file not found: {path}") from None
     except WeightsFileError as exc:
