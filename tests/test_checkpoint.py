@@ -7,11 +7,14 @@ from __future__ import annotations
 import errno
 import multiprocessing
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from resnest_train.checkpoint import files as ckpt
+from tests.conftest import ROOT
 
 
 def state(step: int) -> dict:
@@ -157,3 +160,24 @@ def test_every_os_error_of_a_save_is_one_checkpoint_error(tmp_path, monkeypatch,
         monkeypatch.setattr(ckpt.Path, "unlink", read_only)
     with pytest.raises(ckpt.CheckpointError, match=r"cannot (write checkpoint|sync) .*checkpoints"):
         ckpt.save_checkpoint(state(2), tmp_path, keep_last=2, is_best=False)
+
+
+def test_a_forked_child_does_not_keep_the_run_folder_locked_after_its_parent_dies(tmp_path):
+    """A DataLoader worker (a fork of the trainer) that outlives the trainer's kill -9 must not hold the run
+    folder's lock: the restart takes it at once."""
+    script = (f"import os, time\nfrom resnest_train.checkpoint.files import RunLock\n"
+              f"lock = RunLock({str(tmp_path)!r}).__enter__()\n"
+              "if os.fork() == 0:\n    time.sleep(60)\n    os._exit(0)\n"
+              "print('locked', flush=True)\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert parent.stdout.readline().strip() == "locked"
+        with pytest.raises(ckpt.CheckpointError, match="is in use by pid"):
+            ckpt.RunLock(tmp_path).__enter__()  # the parent holds it
+        parent.kill()
+        parent.wait()
+        with ckpt.RunLock(tmp_path):  # its child still runs, without the lock
+            pass
+    finally:
+        parent.kill()
+        subprocess.run(["pkill", "-f", str(tmp_path)], check=False)

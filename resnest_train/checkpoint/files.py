@@ -245,7 +245,16 @@ class RunLock:
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
         self.handle = handle
+        os.register_at_fork(after_in_child=self._close_in_child)
         return self
+
+    def _close_in_child(self) -> None:
+        """A forked child (a DataLoader worker) closes its copy of the lock's descriptor: an flock lasts while
+        any copy is open, so a worker outliving its killed trainer would hold the folder for seconds and
+        refuse the restart. Closing a copy does not release the lock of the parent that still holds it."""
+        if self.handle is not None:
+            os.close(self.handle.fileno())
+            self.handle = None
 
     def __exit__(self, *exc) -> None:
         if self.handle is not None:
