@@ -7,12 +7,15 @@ recipe-defining config (model, data, optimiser, schedule, global batch). The sam
 folder holding the same files, or the webdataset shards packed from them, is the same training set.
 Checkpoints written before the identity hold `sha256` alone, a hash of the sorted (relative path, label)
 pairs, which names the container (`train/<class>/<file>` vs `train/<shard>.tar:<member>`); it is still
-computed, and compared with such checkpoints.
+computed, and compared with such checkpoints. The validation list's identity is held too (`val_set`,
+sorted: its order counts for nothing), since `best.pt` compares top-1 figures across evaluations.
 
 At resume rank 0 compares the provenances: another model, other class names or another training set would
 silently train on something else (added images never seen, labels permuted, a "best" top-1 of the old
-data), so each is refused with what changed (old -> new) unless `checkpoint.allow_changes=true`; the data
-moved elsewhere (`data.root`) and other hyperparameters are logged.
+data), and other validation data would choose `best.pt` by figures of different sets, so each is refused
+with what changed (old -> new) unless `checkpoint.allow_changes=true` (then new validation data restarts
+the choice of `best.pt`); the data moved elsewhere (`data.root`) and other hyperparameters are logged.
+Checkpoints without `val_set` (written before it) resume on any validation data.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ RECIPE = ("model", "data", "optim", "schedule")
 # train.* keys of the recipe (the rest, device, logging, compile, are how a run goes, not what it trains):
 # the seed deals the data order, so a mid-epoch resume with another seed would re-deal the epoch.
 TRAIN_RECIPE = ("epochs", "label_smoothing", "mixup_alpha", "amp", "seed", "deterministic")
+VALIDATION_CHANGED = "validation data changed"
 
 
 def fingerprint(train: list[tuple[str, int]] | None, synthetic_size: int) -> dict:
@@ -73,12 +77,20 @@ def _train_set(train: SampleList | None, classes: list[str] | None, synthetic_si
     return {**identity(train, classes, ordered=True), "sha256": fingerprint(train, 0)["sha256"]}
 
 
-def provenance(config: Config, classes: list[str] | None, train: SampleList | None, global_batch: int) -> dict:
+def _val_set(val: SampleList | None, classes: list[str] | None, synthetic_size: int) -> dict:
+    if val is None:  # the synthetic backend's validation: a quarter of its training size
+        return {"images": max(1, synthetic_size // 4), "samples": "synthetic"}
+    return identity(val, classes, ordered=False)
+
+
+def provenance(config: Config, classes: list[str] | None, train: SampleList | None, val: SampleList | None,
+               global_batch: int) -> dict:
     values = to_dict(config)
     recipe = {section: values[section] for section in RECIPE}
     recipe["train"] = {"global_batch": global_batch, **{key: values["train"][key] for key in TRAIN_RECIPE}}
-    return {"classes": list(classes) if classes is not None else None,
-            "train_set": _train_set(train, classes, config.data.synthetic_size), "recipe": recipe}
+    size = config.data.synthetic_size
+    return {"classes": list(classes) if classes is not None else None, "train_set": _train_set(train, classes, size),
+            "val_set": _val_set(val, classes, size), "recipe": recipe}
 
 
 def _first_difference(old: list[str], new: list[str]) -> str:
@@ -89,8 +101,8 @@ def _first_difference(old: list[str], new: list[str]) -> str:
 
 
 def blocking_changes(saved: dict, current: dict, *, mid_epoch: bool = False) -> list[str]:
-    """What makes the checkpoint's run another run: architecture, class names, training set, and, in the
-    middle of an epoch, the seed that dealt the epoch's order."""
+    """What makes the checkpoint's run another run: architecture, class names, training set, validation
+    data, and, in the middle of an epoch, the seed that dealt the epoch's order."""
     changes = []
     old_model, new_model = saved["recipe"]["model"], current["recipe"]["model"]
     for key in ARCHITECTURE:
@@ -108,14 +120,24 @@ def blocking_changes(saved: dict, current: dict, *, mid_epoch: bool = False) -> 
 
 
 def _data_changes(saved: dict, current: dict) -> list[str]:
-    """The training set, by the identity when the checkpoint holds one, else by its path hash."""
+    """The training set, by the identity when the checkpoint holds one, else by its path hash; the
+    validation data where the checkpoint records it."""
     changes = []
     old_set, new_set = saved["train_set"], current["train_set"]
     form = "samples" if "samples" in old_set else "sha256"
     if (old_set["images"], old_set[form]) != (new_set["images"], new_set.get(form)):
         changes.append(f"training set {old_set['images']} images ({old_set[form]}) -> {new_set['images']} images "
                        f"({new_set.get(form)})")
+    if validation_changed(saved, current):
+        old_val, new_val = saved["val_set"], current["val_set"]
+        changes.append(f"{VALIDATION_CHANGED} ({old_val['images']} -> {new_val['images']} images; "
+                       f"{old_val['samples']} -> {new_val['samples']})")
     return changes
+
+
+def validation_changed(saved: dict, current: dict) -> bool:
+    """Other validation data than the checkpoint's (never for a checkpoint written before `val_set`)."""
+    return None not in (saved.get("val_set"), current.get("val_set")) and saved["val_set"] != current["val_set"]
 
 
 def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:

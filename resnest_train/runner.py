@@ -117,11 +117,11 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
     if summary is not None:
         resume.check_layout(summary, plan.layout)
     trained_on = provenance(config, index.classes if index else None, index.train if index else None,
-                            plan.global_batch)
-    changes = resume.check_provenance(state, trained_on, to_dict(config), allow=config.checkpoint.allow_changes,
-                                      dist=dist)
+                            index.val if index else None, plan.global_batch)
+    changes, new_validation = resume.check_provenance(state, trained_on, to_dict(config),
+                                                      allow=config.checkpoint.allow_changes, dist=dist)
     rank_state = resume.rank_states(state, summary, dist, plan.layout)
-    progress = resume.start_progress(summary, plan)
+    progress = resume.start_progress(summary, plan, new_validation=new_validation)
     order = TrainOrder(train_cfg.seed, num_images, plan.layout, plan.steps_per_epoch, dist.rank,
                        summary.epoch_seed(train_cfg.seed) if summary else None)
     train_loader, val_loader = _loaders(config, data, index, order, progress, rank_state, dist, stack)
