@@ -26,7 +26,7 @@ from resnest_train.schedule import BatchLayout, TrainPlan, learning_rate
 log = logging.getLogger("resnest_train")
 
 SUMMARY = ("epoch", "batch", "step", "world_size", "global_batch", "micro_batch", "steps_per_epoch", "best_top1",
-           "scaler", "epoch_loss")
+           "scaler", "epoch_loss", "epoch_metrics")
 
 
 @dataclass
@@ -54,6 +54,9 @@ class ResumeSummary:
     steps_per_epoch: int | None = None
     seed: int | None = None  # the seed that dealt the checkpoint's epoch (train.seed, or an earlier one)
     epoch_loss: tuple[float, int] = (0.0, 0)  # the epoch's loss before the checkpoint (reporting.RunReporter)
+    # at an epoch's end, checkpointed before its evaluation: the epoch's metrics row so far, the evaluation
+    # this run owes first (epoch_end.py); None when evaluated (or not due), and in checkpoints written before
+    epoch_metrics: dict | None = None
 
     def epoch_seed(self, seed: int) -> tuple[int, int] | None:
         """(epoch, seed) when the epoch resumed mid-way was dealt by another seed than `seed` (allowed by
