@@ -225,7 +225,7 @@ class CheckpointConfig:
     keep_last: int = 3
     interval_steps: int = 0
     overwrite: bool = False  # true: a fresh run (resume=null) may replace the checkpoints in output_dir
-    allow_changes: bool = False  # true: resume although the model, class names or training set changed
+    allow_changes: bool = False  # true: resume although the model, classes, training or validation data changed
 
     def __post_init__(self):
         _check_range("checkpoint.keep_last", self.keep_last, 0)

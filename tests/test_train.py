@@ -125,6 +125,41 @@ def test_image_broken_inside_stops_every_process_at_once(image_root, tmp_path):
     assert errors[0][0].startswith(f"error: cannot decode {broken} (")
 
 
+def sampled_epochs(record: Path) -> set[int]:
+    """The epochs a run trained, from its sample record (RESNEST_TRAIN_SAMPLE_LOG)."""
+    rows = [json.loads(line) for path in record.glob("rank*.jsonl") for line in path.read_text().splitlines()]
+    return {row["epoch"] for row in rows}
+
+
+@pytest.mark.slow
+def test_an_undecodable_validation_image_loses_no_training(image_root, tmp_path):
+    """The first evaluation meets a validation image DALI cannot decode (the last of the list: the loader's
+    first batches decode when it is built): the run stops with one line, but the epoch's checkpoint is
+    already written. A rerun leaves the recorded image out, evaluates that epoch (also when it is the last:
+    not "already complete") without training it again, and a longer run continues from it."""
+    root = tmp_path / "data"
+    shutil.copytree(image_root, root)
+    broken = root / "val" / "class_003" / "val_003_00004.jpg"
+    data = bytearray(broken.read_bytes())
+    data[400:1200] = bytes(800)
+    broken.write_bytes(bytes(data))
+    out, records = tmp_path / "run", [tmp_path / "evaluate", tmp_path / "continue"]
+    failed = run_script(train_args(root, out, "train.epochs=1"), expect=2)
+    assert f"error: cannot decode {broken} (" in failed.stderr and "Traceback" not in failed.stderr
+    state = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 0, 6) and not (out / "metrics.jsonl").exists()
+    for record, epochs in zip(records, (1, 2)):
+        record.mkdir()
+        result = run_script(train_args(root, out, f"train.epochs={epochs}"),
+                            env=script_env(RESNEST_TRAIN_SAMPLE_LOG=str(record)))
+        assert "already complete" not in result.stdout
+    assert sampled_epochs(records[0]) == set() and sampled_epochs(records[1]) == {1}  # epoch 0 trained once
+    rows = metrics(out)
+    assert [(r["epoch"], r["step"], r["val_images"]) for r in rows] == [(1, 6, 19), (2, 12, 19)]
+    assert rows[0]["train_loss"] == pytest.approx(state["epoch_metrics"]["train_loss"])
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch_metrics"] is None
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_two_gloo_processes_train_one_run(image_root, tmp_path):

@@ -26,7 +26,7 @@ from resnest_train.recipe.schedule import BatchLayout, TrainPlan, learning_rate
 log = logging.getLogger("resnest_train")
 
 SUMMARY = ("epoch", "batch", "step", "world_size", "global_batch", "micro_batch", "steps_per_epoch", "best_top1",
-           "scaler", "epoch_loss")
+           "scaler", "epoch_loss", "epoch_metrics")
 
 
 @dataclass
@@ -54,6 +54,9 @@ class ResumeSummary:
     steps_per_epoch: int | None = None
     seed: int | None = None  # the seed that dealt the checkpoint's epoch (train.seed, or an earlier one)
     epoch_loss: tuple[float, int] = (0.0, 0)  # the epoch's loss before the checkpoint (reporting.RunReporter)
+    # at an epoch's end, checkpointed before its evaluation: the epoch's metrics row so far, the evaluation
+    # this run owes first (epoch_end.py); None when evaluated (or not due), and in checkpoints written before
+    epoch_metrics: dict | None = None
 
     def epoch_seed(self, seed: int) -> tuple[int, int] | None:
         """(epoch, seed) when the epoch resumed mid-way was dealt by another seed than `seed` (allowed by
@@ -97,14 +100,16 @@ def rank_states(state: dict | None, summary: ResumeSummary | None, dist: DistInf
     return scatter_object(state["ranks"] if dist.is_main else None, dist)
 
 
-def check_provenance(state: dict | None, current: dict, config: dict, *, allow: bool, dist: DistInfo) -> list[str]:
+def check_provenance(state: dict | None, current: dict, config: dict, *, allow: bool,
+                     dist: DistInfo) -> tuple[list[str], bool]:
     """Rank 0 compares what the checkpoint was trained on with this run (provenance.py); another model,
-    other class names, another training set or, mid-epoch, another seed is an error on every rank unless
-    `allow`. Every other changed key of the config (`config`: this run's, resolved) is logged old -> new.
-    Returns the changes allowed (to be recorded)."""
-    def compare() -> list[str]:
+    other class names, another training set, other validation data or, mid-epoch, another seed is an error
+    on every rank unless `allow`. Every other changed key of the config (`config`: this run's, resolved) is
+    logged old -> new. Returns the changes allowed (to be recorded) and whether the validation data is new
+    (the best top-1 so far is then of other images: `start_progress` forgets it)."""
+    def compare() -> tuple[list[str], bool]:
         if state is None or "provenance" not in state:
-            return []
+            return [], False
         changes = provenance.blocking_changes(state["provenance"], current, mid_epoch=state["batch"] > 0)
         if changes and not allow:
             raise ckpt.CheckpointError(
@@ -115,7 +120,7 @@ def check_provenance(state: dict | None, current: dict, config: dict, *, allow: 
             log.info("changed since the checkpoint: %s", change)
         if changes:
             log.warning("continuing with changes (checkpoint.allow_changes=true): %s", "; ".join(changes))
-        return changes
+        return changes, provenance.validation_changed(state["provenance"], current)
 
     return rank0_acts(compare, dist)
 
@@ -145,13 +150,18 @@ def say_epochs_change(state: dict, plan: TrainPlan, progress: Progress) -> None:
                 before, plan.lr(progress.step))
 
 
-def start_progress(summary: ResumeSummary | None, plan: TrainPlan) -> Progress:
+def start_progress(summary: ResumeSummary | None, plan: TrainPlan, *, new_validation: bool = False) -> Progress:
     """Where training continues. A checkpoint of another global batch (only at an epoch boundary: checked
     before), or of a training set of another size (checkpoint.allow_changes), places the schedule at the
-    same position in the new steps per epoch."""
+    same position in the new steps per epoch. `new_validation`: the validation data changed (allowed), so
+    the best top-1 so far, measured on other images, no longer chooses `best.pt`."""
     if summary is None:
         return Progress()
     progress = Progress(summary.epoch, summary.batch, summary.step, summary.best_top1)
+    if new_validation and progress.best_top1 >= 0:
+        log.info("best.pt is chosen anew from the next evaluation: its val top-1 %.2f was measured on the old "
+                 "validation data", progress.best_top1)
+        progress.best_top1 = -1.0  # none yet, as in a fresh run
     if (summary.global_batch is not None and summary.global_batch != plan.global_batch) or \
             summary.steps_per_epoch not in (None, plan.steps_per_epoch):
         progress.batch = min(progress.batch, plan.steps_per_epoch)

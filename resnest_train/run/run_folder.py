@@ -80,13 +80,15 @@ def prepare_run_folder(config: Config, model: nn.Module, stack: contextlib.ExitS
     return state
 
 
-def write_resolved_config(config: Config, derived: dict, epoch: int, changes: list[str] = ()) -> None:
+def write_resolved_config(config: Config, derived: dict, epoch: int, changes: list[str] = (), *,
+                          evaluated: int | None = None) -> None:
     """`config.yaml`, with what the run derives from it (global batch, accumulation, lr, steps) and the
     changes it was resumed with (checkpoint.allow_changes) in its header; `metrics.jsonl` cut back to the
-    epoch the run continues from."""
+    epoch the run continues from, or to `evaluated` (the last epoch whose row the checkpoint knows of: a
+    resumed run that owes the evaluation of `epoch` writes its row again)."""
     header = "resolved config of this run: a valid --config for train.py (continues it) and evaluate.py\n"
     header += "derived: " + ", ".join(f"{k} {v}" for k, v in derived.items())
     if changes:
         header += f"\nresumed at epoch {epoch} with changes: " + "; ".join(changes)
     (Path(config.output_dir) / "config.yaml").write_text(to_yaml(config, header))
-    truncate_metrics(config.output_dir, epoch)
+    truncate_metrics(config.output_dir, epoch if evaluated is None else evaluated)

@@ -2,15 +2,15 @@
 
 Read top to bottom: `train()` sets up the process group, `_prepare()` builds the model, lets rank 0 decide
 what to resume (resume.py), builds data, plan, optimizer and wrappers, and writes `config.yaml`; `_fit()`
-runs epochs of steps, evaluates, checkpoints and reports. Rank 0 alone touches the run folder; every rank
-takes part in the collectives (resume state, evaluation counts, checkpoint state, stop requests).
+runs epochs of steps, checkpoints and reports, and ends each epoch (epoch_end.py: its checkpoint, then its
+evaluation, best.pt and metrics row). Rank 0 alone touches the run folder; every rank takes part in the
+collectives (resume state, evaluation counts, checkpoint state, stop requests).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,14 +39,15 @@ from resnest_train.data import (
 )
 from resnest_train.data.undecodable import add_to_record
 from resnest_train.errors import UserError
-from resnest_train.recipe.averaging import WeightEma, build_ema, distribute_bn, restore_averages
-from resnest_train.recipe.engine import Precision, forward_backward, optimizer_step, resolve_precision, validate
+from resnest_train.recipe.averaging import WeightEma, build_ema, restore_averages
+from resnest_train.recipe.engine import Precision, forward_backward, optimizer_step, resolve_precision
 from resnest_train.recipe.loss import build_criterion, build_mixup
 from resnest_train.recipe.mixing import BatchMix
 from resnest_train.recipe.optim import build_optimizer
 from resnest_train.recipe.randomness import micro_batch_generator, seed_micro_batch
 from resnest_train.recipe.schedule import TrainPlan, build_train_plan, micro_batch_warning
 from resnest_train.run import resume
+from resnest_train.run.epoch_end import end_epoch, finish_epoch
 from resnest_train.run.reporting import RunReporter, SampleRecord, configure_logging, start_summary
 from resnest_train.run.resume import Progress
 from resnest_train.run.run_folder import prepare_run_folder, write_resolved_config
@@ -79,6 +80,7 @@ class Run:
     summary: list[str]  # the start-up summary's lines
     resumed_loss: tuple[float, int]  # the resumed epoch's loss before its checkpoint (RunReporter)
     ema: WeightEma | None  # the weight EMA (train.ema > 0)
+    owed: dict | None  # the metrics row of the epoch the checkpoint ended but did not evaluate (epoch_end.py)
 
 
 def train(config: Config) -> Path:
@@ -106,7 +108,8 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
     cpu_speed_settings(dist.device)
     model = build_model(config.model, pretrained=False)
     summary, state = _decide_resume(config, model, dist, stack)
-    if summary is not None and summary.epoch >= train_cfg.epochs:
+    owed = summary.epoch_metrics if summary is not None else None
+    if summary is not None and summary.epoch >= train_cfg.epochs and owed is None:
         log.info("run in %s is already complete (%d epochs); nothing to do", config.output_dir, summary.epoch)
         return None
     data = build_data_plan(config, dist)
@@ -119,11 +122,11 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
     if summary is not None:
         resume.check_layout(summary, plan.layout)
     trained_on = provenance(config, index.classes if index else None, index.train if index else None,
-                            plan.global_batch)
-    changes = resume.check_provenance(state, trained_on, to_dict(config), allow=config.checkpoint.allow_changes,
-                                      dist=dist)
+                            index.val if index else None, plan.global_batch)
+    changes, new_validation = resume.check_provenance(state, trained_on, to_dict(config),
+                                                      allow=config.checkpoint.allow_changes, dist=dist)
     rank_state = resume.rank_states(state, summary, dist, plan.layout)
-    progress = resume.start_progress(summary, plan)
+    progress = resume.start_progress(summary, plan, new_validation=new_validation)
     order = TrainOrder(train_cfg.seed, num_images, plan.layout, plan.steps_per_epoch, dist.rank,
                        summary.epoch_seed(train_cfg.seed) if summary else None)
     train_loader, val_loader = _loaders(config, data, index, order, progress, rank_state, dist, stack)
@@ -142,10 +145,10 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
               trained_on, changes, start_summary(config, dist, data, index, plan, summary, progress),
               tuple(summary.epoch_loss or (0.0, 0)) if summary is not None and progress.batch > 0 else (0.0, 0),
               build_ema(unwrap(model), train_cfg.ema, warmup=train_cfg.ema_warmup, device_setting=train_cfg.ema_device,
-                        device=dist.device))
+                        device=dist.device), owed)
     if summary is not None:
         _restore(run, state, summary, rank_state, progress)
-    rank0_acts(lambda: _record_start(config, plan, progress, changes, state), dist)
+    rank0_acts(lambda: _record_start(run, progress, state), dist)
     return run, progress
 
 
@@ -162,11 +165,12 @@ def _decide_resume(config: Config, model: nn.Module, dist: DistInfo,
     return rank0_acts(decide, dist), prepared.get("state")
 
 
-def _record_start(config: Config, plan: TrainPlan, progress: Progress, changes: list[str], state: dict | None) -> None:
+def _record_start(run: Run, progress: Progress, state: dict | None) -> None:
     """Rank 0: config.yaml of this run, and what a changed train.epochs does to the schedule."""
-    write_resolved_config(config, plan.derived(), progress.epoch, changes)
+    evaluated = progress.epoch - 1 if run.owed is not None else None  # the owed evaluation writes its row again
+    write_resolved_config(run.config, run.plan.derived(), progress.epoch, run.changes, evaluated=evaluated)
     if state is not None:
-        resume.say_epochs_change(state, plan, progress)
+        resume.say_epochs_change(state, run.plan, progress)
 
 
 def _loaders(config: Config, data: DataPlan, index, order: TrainOrder, progress: Progress, rank_state: dict,
@@ -297,25 +301,15 @@ def _train_epoch(run: Run, progress: Progress, reporter: RunReporter, stop) -> b
     return True
 
 
-def _evaluate(run: Run) -> dict:
-    """The model and its EMA, each with its BN statistics made the same on every rank first (dist_bn), so
-    that what is evaluated is what rank 0 saves."""
-    models = {"": unwrap(run.model), **({"_ema": run.ema.module} if run.ema is not None else {})}
-    metrics, started = {}, time.perf_counter()
-    for suffix, module in models.items():
-        distribute_bn(module, run.dist, run.config.train.dist_bn)
-        on_device = module if suffix == "" else run.ema.on(run.dist.device)
-        result = validate(on_device, run.val_loader, run.dist, run.precision)
-        metrics.update({f"val_top1{suffix}": result.top1, f"val_top5{suffix}": result.top5})
-    return {**metrics, "val_images": result.num_images, "val_seconds": time.perf_counter() - started}
-
-
 def _fit(run: Run, progress: Progress, stop) -> None:
     config = run.config
     reporter = RunReporter(config.output_dir, run.dist, run.plan, log_interval=config.train.log_interval,
                            changes=run.changes, resumed_loss=run.resumed_loss)
     reporter.summary(run.summary)
     try:
+        if run.owed is not None:  # resumed at an epoch's end checkpointed before its evaluation
+            log.info("evaluating epoch %d, checkpointed before its evaluation", progress.epoch)
+            finish_epoch(run, progress, reporter, run.owed)
         while progress.epoch < config.train.epochs:
             if not _train_epoch(run, progress, reporter, stop):
                 wait_for_writes(run)
@@ -326,17 +320,7 @@ def _fit(run: Run, progress: Progress, stop) -> None:
                        **reporter.end_epoch(progress.step, run.optimizer.param_groups[0]["lr"])}
             progress.epoch += 1
             progress.batch = 0
-            is_best = False
-            if progress.epoch % config.train.eval_interval == 0 or progress.epoch == config.train.epochs:
-                metrics.update(_evaluate(run))
-                # best.pt: the best EMA top-1 when the EMA is on (the weights such recipes report), else the model's
-                chosen = metrics["val_top1_ema" if run.ema is not None else "val_top1"]
-                is_best = chosen > progress.best_top1
-                progress.best_top1 = max(progress.best_top1, chosen)
-            else:
-                metrics.update(val_top1=None, val_top5=None)
-            reporter.epoch_metrics(metrics)
-            save(run, progress, is_best=is_best)
+            end_epoch(run, progress, reporter, metrics)
             if _should_stop(run, stop.requested):
                 wait_for_writes(run)
                 log.info("stopped after epoch %d; rerun the same command to continue", progress.epoch)

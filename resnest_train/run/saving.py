@@ -14,11 +14,14 @@ from resnest_train.run.resume import Progress
 from resnest_train.run.wrapping import unwrap
 
 
-def save(run, progress: Progress, *, is_best: bool = False, epoch_loss: tuple[float, int] = (0.0, 0)) -> None:
+def save(run, progress: Progress, *, is_best: bool = False, epoch_loss: tuple[float, int] = (0.0, 0),
+         epoch_metrics: dict | None = None) -> None:
     """Every rank contributes its data position and its BN statistics (each rank's own between evaluations;
     randomness is seeded per step and sample, so no generator state is needed); rank 0 copies the state to
     host memory and writes it in the background. `epoch_loss`: mid-epoch, the epoch's loss so far
-    (`RunReporter.epoch_loss`), continued by a resumed run."""
+    (`RunReporter.epoch_loss`), continued by a resumed run. `epoch_metrics`: at an epoch's end, before its
+    evaluation, the epoch's metrics row so far, which a run resumed from this checkpoint evaluates and
+    completes (epoch_end.py)."""
     mine = {"data": run.train_loader.state(), "buffers": rank_buffers(unwrap(run.model)),
             **({"ema_buffers": rank_buffers(run.ema.module)} if run.ema is not None else {})}
     gathered = gather_object((mine, run.train_loader.newly_undecodable()), run.dist)
@@ -37,7 +40,7 @@ def save(run, progress: Progress, *, is_best: bool = False, epoch_loss: tuple[fl
                  "world_size": run.dist.world_size, "global_batch": run.plan.global_batch,
                  "micro_batch": run.plan.layout.micro_batch, "steps_per_epoch": run.plan.steps_per_epoch,
                  "provenance": run.provenance, "ranks": ranks, "epoch_loss": tuple(epoch_loss),
-                 "epoch_seed": run.order.epoch_seed(progress.epoch),
+                 "epoch_seed": run.order.epoch_seed(progress.epoch), "epoch_metrics": epoch_metrics,
                  **({"ema": {**run.ema.state_dict(), **ema_statistics}} if run.ema is not None else {})}
         run.writer.save(state, is_best=is_best)  # first waits for the write in flight
 
