@@ -84,13 +84,17 @@ def test_keys_the_optimizer_does_not_read_are_named_once(caplog):
 
 
 @pytest.mark.parametrize("weight_decay", [1e-2, 0.0])
-def test_lars_adapts_the_weights_and_never_the_bn_and_bias_groups(weight_decay):
+@pytest.mark.parametrize("foreach", [False, True])
+def test_lars_adapts_the_weights_and_never_the_bn_and_bias_groups(weight_decay, foreach):
     """MLPerf's skip list: BN parameters and biases take plain momentum-SGD steps; conv and linear weights
-    take lr x trust ratio, eta |w| / (|g| + wd |w| + eps) (arXiv 1708.03888), at weight_decay 0 too."""
+    take lr x trust ratio, eta |w| / (|g| + wd |w| + eps) (arXiv 1708.03888), at weight_decay 0 too. Both of
+    timm's paths: per tensor (its CPU default) and multi-tensor (its CUDA default)."""
     model = tiny_model()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     cfg = OptimConfig(name="lars", nesterov=False, weight_decay=weight_decay, trust_coeff=0.01)
     optimizer = build_optimizer(model, cfg, 0.5)
+    for group in optimizer.param_groups:
+        group["foreach"] = foreach
     backward(model)
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     optimizer.step()  # the first step: the momentum buffer is the (adapted) gradient itself
