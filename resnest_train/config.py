@@ -122,32 +122,57 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "sgd"
+    name: str = "sgd"  # sgd | lars | lamb | adamw (recipe/optim.py: which keys each one reads)
     lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
+    momentum: float = 0.9  # sgd, lars
+    nesterov: bool = True  # sgd, lars
     weight_decay: float = 1.0e-4
     no_bn_bias_decay: bool = True
     head_lr_scale: float = 1.0  # the classifier's lr = this x the schedule's lr (fine-tuning: a fresh head)
+    betas: tuple[float, float] = (0.9, 0.999)  # lamb, adamw
+    eps: float | None = None  # lars, lamb, adamw; None: the optimizer's own (1e-8, 1e-6, 1e-8)
+    trust_coeff: float = 0.001  # lars: the trust ratio's coefficient (eta of arXiv 1708.03888)
+    clip_grad: float | None = None  # the global L2 norm of the gradients is clipped to it; None or 0: off
 
     def __post_init__(self):
-        _check_choice("optim.name", self.name, ("sgd",))
+        # Imported here: the optimizer table pulls in torch, which the config itself does not need.
+        from resnest_train.recipe.optim import OPTIMIZERS
+        _check_choice("optim.name", self.name, tuple(OPTIMIZERS))
         _check_range("optim.lr", self.lr, 0.0, low_open=True)
         _check_range("optim.momentum", self.momentum, 0.0, 1.0)
         _check_range("optim.weight_decay", self.weight_decay, 0.0)
         _check_range("optim.head_lr_scale", self.head_lr_scale, 0.0, 1000.0)
+        if not all(0.0 <= beta < 1.0 for beta in self.betas):  # 1 would never forget the first gradient
+            raise ConfigError(f"'optim.betas' must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.eps is not None:
+            _check_range("optim.eps", self.eps, 0.0, 1.0, low_open=True)
+        _check_range("optim.trust_coeff", self.trust_coeff, 0.0, low_open=True)
+        if self.clip_grad is not None:
+            _check_range("optim.clip_grad", self.clip_grad, 0.0)
+        if self.nesterov and self.momentum == 0 and "nesterov" in OPTIMIZERS[self.name].keys:
+            # torch's SGD and timm's Lars refuse it with a traceback; said here with the keys to change
+            raise ConfigError(f"'optim.nesterov' needs optim.momentum > 0 with optim.name={self.name}: set "
+                              "optim.nesterov=false or a momentum")
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
     warmup_epochs: float = 5
-    name: str = "cosine"
+    name: str = "cosine"  # cosine | step | poly | linear after the warmup (recipe/schedule.py)
     min_lr: float = 0.0
+    decay_epochs: float = 30  # step: epochs between two decays, counted from the start (timm's StepLRScheduler)
+    decay_rate: float = 0.1  # step: the lr's factor at each decay
+    power: float = 2.0  # poly: (1 - progress) ** power (MLPerf's ResNet-50 LARS reference uses 2)
 
     def __post_init__(self):
-        _check_choice("schedule.name", self.name, ("cosine",))
+        # Imported here, as the optimizer table: recipe/schedule.py imports this module.
+        from resnest_train.recipe.schedule import SCHEDULES
+        _check_choice("schedule.name", self.name, tuple(SCHEDULES))
         _check_range("schedule.warmup_epochs", self.warmup_epochs, 0.0)
         _check_range("schedule.min_lr", self.min_lr, 0.0)
+        _check_range("schedule.decay_epochs", self.decay_epochs, 0.0, low_open=True)
+        _check_range("schedule.decay_rate", self.decay_rate, 0.0, 1.0, low_open=True)
+        _check_range("schedule.power", self.power, 0.0, 100.0, low_open=True)
 
 
 @dataclass(frozen=True)

@@ -127,11 +127,35 @@ def test_resolved_config_round_trips(tmp_path):
     (["train.mixup_alpha=0", "train.cutmix_alpha=1", "train.batch_size=7"], "even with mixup or CutMix"),
     (["model.drop_path=1.0"], "'model.drop_path' must be in [0.0, 1.0)"),
     (["model.drop_pat=0.1"], "did you mean 'model.drop_path'"),
+    (["optim.name=adam"], "'optim.name' must be one of sgd, lars, lamb, adamw, got 'adam'"),
+    (["optim.betas=[0.9]"], "'optim.betas' must be a list of 2 values"),
+    (["optim.betas=[0.9, 1.0]"], "'optim.betas' must be two numbers in [0, 1), got [0.9, 1.0]"),
+    (["optim.eps=0"], "'optim.eps' must be in (0.0, 1.0]"),
+    (["optim.eps=abc"], "'optim.eps' must be a number"),
+    (["optim.trust_coeff=0"], "'optim.trust_coeff' must be in (0.0, inf]"),
+    (["optim.clip_grad=-1"], "'optim.clip_grad' must be in [0.0, inf]"),
+    (["optim.momentum=0"], "'optim.nesterov' needs optim.momentum > 0 with optim.name=sgd"),
+    (["optim.name=lars", "optim.momentum=0"], "'optim.nesterov' needs optim.momentum > 0 with optim.name=lars"),
+    (["optim.trust_coef=0.01"], "did you mean 'optim.trust_coeff'"),
+    (["schedule.name=exponential"], "'schedule.name' must be one of cosine, step, poly, linear"),
+    (["schedule.decay_epochs=0"], "'schedule.decay_epochs' must be in (0.0, inf]"),
+    (["schedule.decay_rate=1.5"], "'schedule.decay_rate' must be in (0.0, 1.0]"),
+    (["schedule.power=0"], "'schedule.power' must be in (0.0, 100.0]"),
 ])
 def test_bad_values_are_config_errors(overrides, message):
     with pytest.raises(ConfigError) as info:
         load_config(CONFIGS / "resnest50.yaml", overrides)
     assert message in str(info.value)
+
+
+def test_optimizer_and_schedule_keys_load():
+    config = load_config(CONFIGS / "resnest50.yaml", [
+        "optim.name=lamb", "optim.betas=[0.9, 0.95]", "optim.eps=1e-6", "optim.clip_grad=1", "optim.momentum=0",
+        "schedule.name=step", "schedule.decay_epochs=2.4", "schedule.decay_rate=0.97"])
+    assert config.optim.betas == (0.9, 0.95) and config.optim.eps == 1e-6 and config.optim.clip_grad == 1.0
+    assert (config.schedule.name, config.schedule.decay_epochs, config.schedule.decay_rate) == ("step", 2.4, 0.97)
+    defaults = load_config(CONFIGS / "resnest50.yaml")
+    assert defaults.optim.eps is None and defaults.optim.clip_grad is None and defaults.schedule.name == "cosine"
 
 
 def test_unknown_key_in_yaml_file(tmp_path):
@@ -150,6 +174,7 @@ def _cli(*args):
     (["--config", "configs/resnest50.yaml", "train.epochs=abc"], "train.epochs"),
     (["--config", "configs/nope.yaml"], "configs/nope.yaml"),
     (["--config", "configs/resnest50.yaml", "data.backend=ffcv"], "data.backend"),
+    (["--config", "configs/resnest50.yaml", "optim.name=lars", "optim.trust_coeff=-1"], "optim.trust_coeff"),
     (["--config", "configs/resnest50.yaml", "data.root=/does/not/exist"], "/does/not/exist"),
 ])
 def test_cli_errors_exit_2_with_one_line(args, needle):

@@ -1,6 +1,8 @@
-"""The step plan and the learning rate: warmup from 0 to the peak, cosine to min_lr at the last step."""
+"""The step plan and the learning rate: warmup from 0 to the peak, then cosine, step, poly or linear."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 
@@ -96,3 +98,62 @@ def test_a_micro_batch_below_16_without_sync_bn_is_warned_about():
     assert "train.batch_size=8 per process is below 16" in micro_batch_warning(8, sync_bn=False)
     assert "model.sync_bn=true" in micro_batch_warning(8, sync_bn=False)
     assert micro_batch_warning(8, sync_bn=True) is None and micro_batch_warning(16, sync_bn=False) is None
+
+
+def _todays_cosine(step: int, *, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float) -> float:
+    """The lr before schedule.name had a choice, kept verbatim: the defaults must reproduce it bit for bit."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    decay_steps = max(1, total_steps - 1 - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize("config,overrides", [("resnest50.yaml", []), ("demo.yaml", ["schedule.min_lr=0.003"])])
+def test_default_schedule_is_todays_cosine_bit_for_bit(config, overrides):
+    plan = build_train_plan(load_config(ROOT / "configs" / config, overrides), 64, IMAGENET_TRAIN)
+    kw = dict(total_steps=plan.total_steps, warmup_steps=plan.warmup_steps, peak_lr=plan.peak_lr, min_lr=plan.min_lr)
+    assert plan.decay.name == "cosine" and plan.warmup_steps > 0
+    assert [plan.lr(s) for s in range(plan.total_steps)] == [_todays_cosine(s, **kw) for s in range(plan.total_steps)]
+    # resume.say_epochs_change calls learning_rate with these keywords only: the cosine still
+    assert learning_rate(123, **kw) == _todays_cosine(123, **kw)
+
+
+# demo.yaml on 320 images: batch 32, 10 steps per epoch, 12 epochs = 120 steps, 1 warmup epoch, peak 0.05
+PEAK, WARMUP, TOTAL, MIN_LR = 0.4 * 32 / 256, 10, 120, 0.004
+
+
+def _expected(name: str, step: int) -> float:
+    """Each schedule written out from its source, independently of recipe/schedule.py."""
+    if step < WARMUP:
+        return PEAK * step / WARMUP
+    progress = min(1.0, (step - WARMUP) / (TOTAL - 1 - WARMUP))
+    if name == "step":  # timm's StepLRScheduler: t from the start of training, decay_t = 2.5 epochs = 25 steps
+        return max(MIN_LR, PEAK * 0.5 ** math.floor(step / 25))
+    if name == "poly":  # MLPerf: (peak - end) (1 - t/T)^power + end
+        return (PEAK - MIN_LR) * (1 - progress) ** 3 + MIN_LR
+    if name == "linear":
+        return PEAK - (PEAK - MIN_LR) * progress
+    return MIN_LR + (PEAK - MIN_LR) * (1 + math.cos(math.pi * progress)) / 2
+
+
+@pytest.mark.parametrize("name", ["cosine", "step", "poly", "linear"])
+def test_each_schedule_is_its_formula_at_every_step(name):
+    overrides = [f"schedule.name={name}", f"schedule.min_lr={MIN_LR}", "schedule.decay_epochs=2.5",
+                 "schedule.decay_rate=0.5", "schedule.power=3"]
+    plan = build_train_plan(load_config(ROOT / "configs" / "demo.yaml", overrides), 1, 320)
+    assert (plan.peak_lr, plan.warmup_steps, plan.total_steps) == (PEAK, WARMUP, TOTAL)
+    lrs = [plan.lr(s) for s in range(TOTAL)]
+    assert lrs == pytest.approx([_expected(name, s) for s in range(TOTAL)], rel=1e-12, abs=1e-15)
+    assert lrs[0] == 0.0 and lrs[WARMUP] == pytest.approx(PEAK) and min(lrs[WARMUP:]) >= MIN_LR - 1e-15
+    assert all(a >= b for a, b in zip(lrs[WARMUP:], lrs[WARMUP + 1:]))
+    if name != "step":
+        assert lrs[-1] == pytest.approx(MIN_LR)
+
+
+def test_step_schedule_decays_on_its_interval_and_stops_at_min_lr():
+    plan = build_train_plan(load_config(ROOT / "configs" / "demo.yaml", [
+        "schedule.name=step", f"schedule.min_lr={MIN_LR}", "schedule.decay_epochs=2.5", "schedule.decay_rate=0.5"]),
+        1, 320)
+    assert plan.lr(24) == PEAK and plan.lr(25) == PEAK / 2 and plan.lr(99) == PEAK / 8
+    assert plan.lr(100) == MIN_LR  # PEAK / 16 = 0.003125 is below it

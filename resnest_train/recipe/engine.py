@@ -69,8 +69,18 @@ def forward_backward(model: nn.Module, images: torch.Tensor, targets: torch.Tens
     return loss.detach()
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
-    """One update from the accumulated gradients: one GradScaler step per optimizer step."""
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   clip_grad: float | None = None) -> None:
+    """One update from the accumulated gradients: one GradScaler step per optimizer step. `clip_grad`
+    (optim.clip_grad; None or 0: off) clips the global L2 norm of every parameter the optimizer updates.
+    Under DDP the last micro-step's backward has all-reduced the gradients by now, so that norm is the
+    global batch's, the same on every rank."""
+    if clip_grad:
+        # Unscaled first (fp16): the norm of the true gradients, not of the scaled ones (PyTorch's AMP
+        # examples, "gradient clipping"); scaler.step then does not unscale them twice and still skips a step
+        # whose gradients overflowed (their norm is inf or nan, and clipping leaves them so).
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip_grad)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

@@ -7,6 +7,10 @@ The global batch is the recipe's invariant (`train.global_batch`; the published 
 epoch, warmup and total steps, the DropBlock ramp) comes from it, so it does not change with the number of
 processes. Processes x micro-batch (`train.batch_size`) x accumulation steps = global batch. Both lr phases
 update every iteration (docs/RECIPE.md; "Bag of Tricks", arXiv 1812.01187); resuming needs only the step.
+
+The lr is computed in one place, `learning_rate` (`TrainPlan.lr`): a linear warmup from 0 over
+`schedule.warmup_epochs`, then the decay `schedule.name` picks from `SCHEDULES` (cosine, step, poly, linear);
+the runner sets it before every step and logs it (TensorBoard `train/lr`), so the curve is the formula.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from resnest_train.config import Config, ConfigError
+from resnest_train.config import Config, ConfigError, ScheduleConfig
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,65 @@ def micro_batch_warning(micro_batch: int, *, sync_bn: bool) -> str | None:
 
 
 @dataclass(frozen=True)
+class DecayShape:
+    """The lr after the warmup: `name` (a key of SCHEDULES) and the parameters of its own, in steps."""
+
+    name: str = "cosine"
+    decay_steps: float = 1.0  # step: optimizer steps between two decays (schedule.decay_epochs x steps per epoch)
+    decay_rate: float = 0.1  # step: the factor at each decay
+    power: float = 2.0  # poly: the exponent
+
+
+COSINE = DecayShape()
+
+
+def decay_shape(schedule: ScheduleConfig, steps_per_epoch: int) -> DecayShape:
+    return DecayShape(schedule.name, decay_steps=schedule.decay_epochs * steps_per_epoch,
+                      decay_rate=schedule.decay_rate, power=schedule.power)
+
+
+def _progress(step: int, warmup_steps: int, total_steps: int) -> float:
+    """0 at the end of the warmup, 1 at the last step (total_steps - 1)."""
+    decay_steps = max(1, total_steps - 1 - warmup_steps)
+    return min(1.0, (step - warmup_steps) / decay_steps)
+
+
+def _cosine(step: int, *, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float,
+            decay: DecayShape) -> float:
+    """The released recipe's cosine (SGDR without restarts, arXiv 1608.03983), every iteration."""
+    progress = _progress(step, warmup_steps, total_steps)
+    return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def _step(step: int, *, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float,
+          decay: DecayShape) -> float:
+    """timm's StepLRScheduler: peak x decay_rate ** (t // decay_t), with t counted from the start of training
+    (timm's create_scheduler_v2 default warmup_prefix=False: the warmup is part of the first interval) and,
+    per update, t = step and decay_t = decay_epochs x steps per epoch (timm's sched_on_updates). FFCV's step
+    schedule is the same rule per epoch. timm's has no floor; here the lr stays at or above min_lr."""
+    return max(min_lr, peak_lr * decay.decay_rate ** (step // decay.decay_steps))
+
+
+def _poly(step: int, *, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float,
+          decay: DecayShape) -> float:
+    """MLPerf's ResNet-50 LARS reference: TF's polynomial_decay after the warmup,
+    (peak - end) x (1 - progress) ** power + end, here with end = min_lr."""
+    progress = _progress(step, warmup_steps, total_steps)
+    return min_lr + (peak_lr - min_lr) * (1.0 - progress) ** decay.power
+
+
+def _linear(step: int, *, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float,
+            decay: DecayShape) -> float:
+    """FFCV's ImageNet example: after the peak a straight line down (its 'triangular' schedule, which ends at
+    0 after the last epoch); here it reaches min_lr at the last step, as the cosine does."""
+    progress = _progress(step, warmup_steps, total_steps)
+    return min_lr + (peak_lr - min_lr) * (1.0 - progress)
+
+
+SCHEDULES = {"cosine": _cosine, "step": _step, "poly": _poly, "linear": _linear}
+
+
+@dataclass(frozen=True)
 class TrainPlan:
     layout: BatchLayout
     peak_lr: float  # optim.lr per 256 images, scaled to the global batch
@@ -87,6 +150,7 @@ class TrainPlan:
     warmup_steps: int
     min_lr: float
     dropblock_prob: float
+    decay: DecayShape = COSINE  # what follows the warmup (schedule.name and its own keys)
 
     @property
     def world_size(self) -> int:
@@ -98,7 +162,7 @@ class TrainPlan:
 
     def lr(self, step: int) -> float:
         return learning_rate(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
-                             peak_lr=self.peak_lr, min_lr=self.min_lr)
+                             peak_lr=self.peak_lr, min_lr=self.min_lr, decay=self.decay)
 
     def dropblock(self, step: int) -> float:
         return self.dropblock_prob * step / self.total_steps
@@ -125,14 +189,15 @@ def build_train_plan(config: Config, world_size: int, num_images: int) -> TrainP
     return TrainPlan(layout=layout, peak_lr=config.optim.lr * layout.global_batch / 256,
                      steps_per_epoch=steps_per_epoch, total_steps=train.epochs * steps_per_epoch,
                      warmup_steps=round(config.schedule.warmup_epochs * steps_per_epoch),
-                     min_lr=config.schedule.min_lr, dropblock_prob=config.model.dropblock_prob)
+                     min_lr=config.schedule.min_lr, dropblock_prob=config.model.dropblock_prob,
+                     decay=decay_shape(config.schedule, steps_per_epoch))
 
 
-def learning_rate(step: int, *, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
-    """lr for the update at `step` (0-based): warmup reaches peak_lr at step == warmup_steps, and the
-    cosine reaches min_lr at the last step (total_steps - 1)."""
+def learning_rate(step: int, *, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0,
+                  decay: DecayShape = COSINE) -> float:
+    """lr for the update at `step` (0-based): warmup reaches peak_lr at step == warmup_steps, then `decay`
+    (cosine, linear and poly reach min_lr at the last step, total_steps - 1; step never goes below it)."""
     if step < warmup_steps:
         return peak_lr * step / warmup_steps
-    decay_steps = max(1, total_steps - 1 - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+    return SCHEDULES[decay.name](step, total_steps=total_steps, warmup_steps=warmup_steps, peak_lr=peak_lr,
+                                 min_lr=min_lr, decay=decay)

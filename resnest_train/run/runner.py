@@ -277,7 +277,7 @@ def _train_epoch(run: Run, progress: Progress, reporter: RunReporter, stop) -> b
         if len(losses) < accumulation:
             reporter.micro_step_done()
             continue
-        optimizer_step(run.optimizer, run.scaler)
+        optimizer_step(run.optimizer, run.scaler, run.config.optim.clip_grad)
         if run.ema is not None:
             run.ema.update(unwrap(run.model), progress.step + 1)
         # a failed background write is written again now; failing twice, it stops the run at the next agreement
