@@ -161,17 +161,7 @@ def _trainer_run(args, out: Path, accumulation: int = 1, *, bare: bool, profile:
     config = _config(args, out, accumulation)
     beside = BareLoop(args, out).step if bare else None
     clock = StepClock(args.steps, accumulation, block=_block(args), beside=beside, profile=profile)
-    trainer_step = runner.optimizer_step
-
-    def optimizer_step(*step_args, **kwargs):  # the trainer's own step, then the clock
-        trainer_step(*step_args, **kwargs)
-        clock()
-
-    runner.optimizer_step = optimizer_step
-    try:
-        runner.train(config)
-    finally:
-        runner.optimizer_step = trainer_step
+    runner.train(config, on_step=clock)  # the clock after each optimizer step
     # The trainer's own figure for the second epoch: its bare steps beside it included, when there are any.
     epoch = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     return {"epoch_images_per_sec": epoch["images_per_sec"], **clock.done()}

@@ -115,7 +115,6 @@ def test_default_schedule_is_todays_cosine_bit_for_bit(config, overrides):
     kw = dict(total_steps=plan.total_steps, warmup_steps=plan.warmup_steps, peak_lr=plan.peak_lr, min_lr=plan.min_lr)
     assert plan.decay.name == "cosine" and plan.warmup_steps > 0
     assert [plan.lr(s) for s in range(plan.total_steps)] == [_todays_cosine(s, **kw) for s in range(plan.total_steps)]
-    # resume.say_epochs_change calls learning_rate with these keywords only: the cosine still
     assert learning_rate(123, **kw) == _todays_cosine(123, **kw)
 
 

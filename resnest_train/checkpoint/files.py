@@ -5,10 +5,8 @@ Rank 0 writes `checkpoints/last.pt` once, through a temporary file in the same f
 `os.replace`; `step-N.pt` and `best.pt` are hard links to that file (a copy where links are not
 supported), so a save costs one write whatever `keep_last` is; `checkpoint_writer.py` runs that write in
 a background thread, on a host copy of the state. A failed save (full disk, torch's RuntimeError from its
-zip writer, Ctrl-C) removes its temporary file and leaves the previous checkpoint intact. A checkpoint is
-plain data, loadable with `weights_only=True`: model, optimizer, GradScaler, epoch, global step, the
-position inside the epoch, the resolved config, the world size and global batch, and each rank's RNG and
-data-pipeline state. Resuming reads only the chosen file (memory-mapped).
+zip writer, Ctrl-C) removes its temporary file and leaves the previous checkpoint intact. What a checkpoint
+holds is `format.py`'s; resuming reads only the chosen file (memory-mapped).
 """
 
 from __future__ import annotations
@@ -27,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from resnest_train.checkpoint.format import Checkpoint, FormatError, position_of
 from resnest_train.cluster.agreement import describe, free_bytes
 from resnest_train.errors import UserError
 
 log = logging.getLogger("resnest_train")
 
 _STEP_NAME = re.compile(r"step-(\d+)\.pt$")
-REQUIRED = ("model", "optimizer", "epoch", "batch", "step", "ranks")
 
 
 class CheckpointError(UserError):
@@ -131,7 +129,7 @@ def save_checkpoint(state: dict, output_dir: str | Path, *, keep_last: int, is_b
     last = folder / "last.pt"
     atomic_save(state, last)
     if keep_last > 0:
-        _link(last, folder / f"step-{state['step']:09d}.pt")
+        _link(last, folder / f"step-{position_of(state)[1]:09d}.pt")
         try:
             for old in step_checkpoints(folder)[:-keep_last]:
                 old.unlink(missing_ok=True)
@@ -158,15 +156,16 @@ def remove_stale_temporaries(output_dir: str | Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def read_checkpoint(path: Path) -> tuple[dict | None, str]:
-    """(state, "") or (None, why it cannot be used)."""
+def read_checkpoint(path: Path) -> tuple[Checkpoint | None, str]:
+    """(checkpoint, "") or (None, why it cannot be used)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - a truncated/corrupt file fails in many ways
         return None, f"unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-    if not isinstance(state, dict) or any(key not in state for key in REQUIRED):
-        return None, "not a training checkpoint of this trainer (no resume state)"
-    return state, ""
+    try:
+        return Checkpoint.from_state(state), ""
+    except FormatError as exc:
+        return None, str(exc)
 
 
 def _candidates(folder: Path) -> list[Path]:
@@ -179,7 +178,7 @@ def _candidates(folder: Path) -> list[Path]:
     return paths
 
 
-def find_resume_state(resume: str | None, output_dir: str | Path, *, overwrite: bool = False) -> dict | None:
+def find_resume_state(resume: str | None, output_dir: str | Path, *, overwrite: bool = False) -> Checkpoint | None:
     """`auto`: the newest readable checkpoint of output_dir (None when the folder holds none); a path: that
     file; None: a fresh run, which may not replace another run's checkpoints unless `overwrite`."""
     folder = checkpoint_dir(output_dir)
@@ -199,7 +198,7 @@ def find_resume_state(resume: str | None, output_dir: str | Path, *, overwrite: 
             if problems:
                 log.warning("checkpoints that cannot be used: %s; resuming from the older %s",
                             "; ".join(problems), path.name)
-            log.info("resuming from %s (epoch %d, step %d)", path, state["epoch"], state["step"])
+            log.info("resuming from %s (epoch %d, step %d)", path, state.epoch, state.step)
             return state
         problems.append(f"{path.name}: {why}")
     if problems and not overwrite:
@@ -208,7 +207,7 @@ def find_resume_state(resume: str | None, output_dir: str | Path, *, overwrite: 
     return None
 
 
-def _read_given(path: Path) -> dict:
+def _read_given(path: Path) -> Checkpoint:
     if path.is_dir():
         raise CheckpointError(f"checkpoint.resume: {path} is a directory, not a checkpoint file")
     if not path.is_file():
@@ -216,7 +215,7 @@ def _read_given(path: Path) -> dict:
     state, why = read_checkpoint(path)
     if state is None:
         raise CheckpointError(f"checkpoint.resume: {path} cannot be resumed: {why}")
-    log.info("resuming from %s (epoch %d, step %d)", path, state["epoch"], state["step"])
+    log.info("resuming from %s (epoch %d, step %d)", path, state.epoch, state.step)
     return state
 
 

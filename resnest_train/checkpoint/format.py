@@ -18,6 +18,8 @@ from resnest_train.errors import UserError
 
 FORMAT = 2
 REQUIRED = ("model", "optimizer", "epoch", "batch", "step", "ranks")
+KEYS = {"batch": "epoch_step"}  # key in the file -> field, where they differ
+RENAMED = set(KEYS.values())
 
 
 class FormatError(UserError):
@@ -46,7 +48,7 @@ class Checkpoint:
     model: dict
     optimizer: dict
     epoch: int
-    batch: int  # optimizer steps done in `epoch`
+    epoch_step: int  # optimizer steps done in `epoch` (key "batch")
     step: int
     ranks: list[RankPart]
     scaler: dict = field(default_factory=dict)  # empty: the run did not use fp16
@@ -63,7 +65,8 @@ class Checkpoint:
     ema: dict | None = None  # the weight EMA's state dict (train.ema > 0)
 
     def to_state(self) -> dict:
-        state = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("ranks", "ema")}
+        state = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RENAMED and f.name != "ema"}
+        state.update({key: getattr(self, name) for key, name in KEYS.items()})
         state.update(format=FORMAT, ranks=[part.to_state() for part in self.ranks],
                      epoch_loss=tuple(self.epoch_loss))
         if self.ema is not None:
@@ -81,8 +84,9 @@ class Checkpoint:
         if state.get("format", 1) > FORMAT:
             raise FormatError(f"checkpoint format {state['format']} is newer than this trainer reads ({FORMAT}): "
                               "update the trainer")
-        known = {f.name for f in fields(cls)} - {"ranks"}
+        known = {f.name for f in fields(cls)} - {"ranks"} - RENAMED
         values = {key: state[key] for key in known if key in state and state[key] is not None}
+        values.update({name: state[key] for key, name in KEYS.items()})
         if "epoch_seed" not in values:  # format 1 before the seed was recorded: the run's own seed dealt it
             values["epoch_seed"] = state.get("config", {}).get("train", {}).get("seed")
         values["epoch_loss"] = tuple(values.get("epoch_loss", (0.0, 0)))
@@ -100,6 +104,11 @@ class Checkpoint:
     @property
     def model_name(self) -> str:
         return self.config["model"]["name"]
+
+
+def position_of(state: Mapping) -> tuple[int, int]:
+    """(epoch, step) of a checkpoint's state (what its file names and log lines say)."""
+    return int(state["epoch"]), int(state["step"])
 
 
 def weights_of(obj: object, which: str = "model") -> object:

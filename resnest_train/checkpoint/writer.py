@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from resnest_train.checkpoint.files import CheckpointError, save_checkpoint
+from resnest_train.checkpoint.format import position_of
 
 log = logging.getLogger("resnest_train")
 
@@ -160,5 +161,5 @@ class CheckpointWriter:
 
     def _write(self, state: dict, is_best: bool) -> Path:
         path = save_checkpoint(state, self.output_dir, keep_last=self.keep_last, is_best=is_best)
-        log.info("saved %s (epoch %d, step %d)", path, state["epoch"], state["step"])
+        log.info("saved %s (epoch %d, step %d)", path, *position_of(state))
         return path

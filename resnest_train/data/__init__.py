@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 
 __all__ = ["TrainLoader", "ValLoader", "DataPlan", "DatasetError", "DatasetIndex", "TrainOrder", "build_data_plan",
-           "build_train_loader", "build_val_loader", "known_undecodable", "load_dataset_index", "num_train_images",
-           "resize_size"]
+           "build_train_loader", "build_val_loader", "check_classes", "known_undecodable", "load_dataset_index",
+           "num_train_images", "resize_size"]
 
 
 def __getattr__(name: str):

@@ -32,8 +32,8 @@ from resnest_train.data.plan import DataPlan, build_data_plan, resize_size
 from resnest_train.data.undecodable import RECORD, Replacement, known_positions, read_record
 
 __all__ = ["TrainLoader", "ValLoader", "DataPlan", "DatasetError", "DatasetIndex", "TrainOrder", "build_data_plan",
-           "build_train_loader", "build_val_loader", "known_undecodable", "load_dataset_index", "num_train_images",
-           "resize_size"]
+           "build_train_loader", "build_val_loader", "check_classes", "known_undecodable", "load_dataset_index",
+           "num_train_images", "resize_size"]
 
 log = logging.getLogger("resnest_train")
 
@@ -132,6 +132,16 @@ def load_dataset_index(plan: DataPlan, dist: DistInfo, *, classes: list[str] | N
 
 def num_train_images(plan: DataPlan, index: DatasetIndex | None) -> int:
     return plan.synthetic_size if plan.backend == "synthetic" else len(index.train)
+
+
+def check_classes(index: DatasetIndex | None, num_classes: int, root: str) -> None:
+    """The data's classes against `model.num_classes`: more is an error, fewer a warning."""
+    if index is not None and len(index.classes) > num_classes:
+        raise DatasetError(f"{root} has {len(index.classes)} classes but model.num_classes={num_classes}; set "
+                           f"model.num_classes={len(index.classes)}")
+    if index is not None and len(index.classes) < num_classes:
+        log.warning("model.num_classes=%d but %s has %d classes: %d outputs of the classifier never get a "
+                    "training image", num_classes, root, len(index.classes), num_classes - len(index.classes))
 
 
 def known_undecodable(index: DatasetIndex | None, output_dir: str, dist: DistInfo) -> dict[str, list[int]]:

@@ -7,7 +7,7 @@ padding. An image that cannot be decoded (broken inside despite a valid header a
 decompression-bomb limit, deleted since the scan) is named in the log; in training it is replaced by the
 next decodable image of the training list (micro-batches keep their size, every rank their count), in
 validation it is dropped, never replaced: evaluation counts each decodable image exactly once.
-Workers ignore the stop signals, which the main process turns into a checkpoint (runner.py): a signal to
+Workers ignore the stop signals, which the main process turns into a checkpoint (run/loop.py): a signal to
 the whole process group (systemd, `scancel`, GNU `timeout`, Ctrl-C) must not kill them first.
 """
 

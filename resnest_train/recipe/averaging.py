@@ -24,7 +24,7 @@ import logging
 import torch
 from torch import nn
 
-from resnest_train.cluster.distributed import DistInfo, broadcast_object
+from resnest_train.cluster.distributed import DistInfo
 
 log = logging.getLogger("resnest_train")
 
@@ -127,20 +127,3 @@ def build_ema(model: nn.Module, decay: float, *, warmup: bool, device_setting: s
     if decay <= 0:
         return None
     return WeightEma(model, decay, warmup=warmup, device=torch.device("cpu") if device_setting == "cpu" else device)
-
-
-def restore_averages(model: nn.Module, ema: WeightEma | None, state: dict | None, rank_state: dict,
-                     dist: DistInfo) -> None:
-    """At resume: the EMA from the checkpoint (rank 0's file, sent to every rank) and, with the layout the
-    checkpoint was taken in, each rank's own BN statistics of the model and of the EMA."""
-    if ema is not None:
-        saved = broadcast_object(state.get("ema") if dist.is_main else None, dist)
-        if saved is None:
-            log.warning("train.ema=%g starts at this resume, from the current weights (the checkpoint has no "
-                        "EMA)", ema.decay)
-        else:
-            ema.load_state_dict(saved)
-        if "ema_buffers" in rank_state:
-            load_rank_buffers(ema.module, rank_state["ema_buffers"])
-    if "buffers" in rank_state:
-        load_rank_buffers(model, rank_state["buffers"])

@@ -7,7 +7,7 @@ epoch's training. That checkpoint carries the epoch's metrics row without its va
 evaluation nor training the epoch again. Once evaluated, the row is written and the checkpoint written
 again, without `epoch_metrics`, with the best top-1 so far and, where it is the best, as `best.pt` (which
 needs the evaluation's result). A run stopped between the row and that second checkpoint evaluates the
-epoch again at resume, where `metrics.jsonl` is first cut back before it (`runner._record_start`): every
+epoch again at resume, where `metrics.jsonl` is first cut back before it (`setup._record_start`): every
 epoch has one row.
 """
 

@@ -198,16 +198,19 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def start_summary(config, dist: DistInfo, data, index, plan: TrainPlan, resumed, progress) -> list[str]:
-    """The start-up summary's lines: backend, data, batch layout, schedule, where the run starts (`resumed`:
-    the resume summary or None, `progress`: where training continues)."""
+def start_summary(dist: DistInfo, data, index, plan: TrainPlan, resumed_world_size: int | None,
+                  progress) -> list[str]:
+    """The start-up summary's lines: backend, data, batch layout, schedule, where the run starts
+    (`resumed_world_size`: the processes of the run resumed, None for a fresh run; `progress`: where
+    training continues)."""
     layout = "webdataset shards" if index is not None and index.layout == "shards" else "class folders"
     images = (f"{len(index.classes)} classes, {len(index.train)} training / {len(index.val)} validation images in "
               f"{data.root} ({layout})" if index is not None
               else f"synthetic: {plan.steps_per_epoch * plan.global_batch} images")
     decoder = f" (decoding on the {data.decoder.upper()})" if data.backend == "dali" else ""
-    start = (f"resumed at epoch {progress.epoch + 1}, step {progress.batch}/{plan.steps_per_epoch} (global step "
-             f"{progress.step}) of a run on {resumed.world_size} processes" if resumed else "a fresh run")
+    start = (f"resumed at epoch {progress.epoch + 1}, step {progress.epoch_step}/{plan.steps_per_epoch} (global "
+             f"step {progress.step}) of a run on {resumed_world_size} processes" if resumed_world_size is not None
+             else "a fresh run")
     return [f"backend {data.backend}{decoder}, device {dist.device}, {dist.world_size} processes", images,
             f"global batch {plan.global_batch} = {dist.world_size} processes x micro-batch {plan.layout.micro_batch} "
             f"x {plan.layout.accumulation} accumulation steps",

@@ -13,6 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from resnest_train.checkpoint import files as ckpt
+from resnest_train.checkpoint.format import Checkpoint
 from resnest_train.config import Config
 from resnest_train.config_yaml import to_yaml
 from resnest_train.errors import UserError
@@ -45,28 +46,28 @@ def _replace_old_run(folder: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _load_start(config: Config, model: nn.Module, state: dict | None) -> None:
+def _load_start(config: Config, model: nn.Module, state: Checkpoint | None) -> None:
     if state is None:
         if config.model.pretrained:
             load_starting_weights(model, config.model)
         return
     try:
-        check_fit(model, state["model"])
+        check_fit(model, state.model)
     except WeightsMismatchError as exc:
         raise ckpt.CheckpointError(
             f"checkpoint in {config.output_dir} does not fit model {config.model.name}: {exc}; continue that "
             "run with its own config, or use another output_dir") from None
-    trained = state["config"]["model"]["name"]
+    trained = state.model_name
     if trained != config.model.name and not config.checkpoint.allow_changes:
         # Same keys and shapes (7 groups of the zoo share them) but another network: refused before loading.
         raise ckpt.CheckpointError(
             f"checkpoint in {config.output_dir} was trained as model {trained} (model.name {trained} -> "
             f"{config.model.name}); continue it with model.name={trained}, use another output_dir, or set "
             "checkpoint.allow_changes=true to continue it as the other model")
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state.model)
 
 
-def prepare_run_folder(config: Config, model: nn.Module, stack: contextlib.ExitStack) -> dict | None:
+def prepare_run_folder(config: Config, model: nn.Module, stack: contextlib.ExitStack) -> Checkpoint | None:
     """The resume state (None: a fresh run); the lock stays held until `stack` closes. Rank 0 alone calls it,
     through `agreement.rank0_acts`, which hands any error to every rank."""
     folder = Path(config.output_dir)
