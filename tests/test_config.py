@@ -127,6 +127,12 @@ def test_resolved_config_round_trips(tmp_path):
     (["train.mixup_alpha=0", "train.cutmix_alpha=1", "train.batch_size=7"], "even with mixup or CutMix"),
     (["model.drop_path=1.0"], "'model.drop_path' must be in [0.0, 1.0)"),
     (["model.drop_pat=0.1"], "did you mean 'model.drop_path'"),
+    (["data.crop=center"], "'data.crop' must be one of random_resized, inception, efficientnet, got 'center'"),
+    (["data.crop_min_area=0"], "'data.crop_min_area' must be in (0.0, 1.0], got 0.0"),
+    (["data.crop_min_area=1.5"], "'data.crop_min_area' must be in (0.0, 1.0]"),
+    (["train.repeated_augment=0"], "'train.repeated_augment' must be in [1, 64], got 0"),
+    (["train.repeated_augment=2.5"], "'train.repeated_augment' must be an integer"),
+    (["train.repeated_aug=3"], "did you mean 'train.repeated_augment'"),
 ])
 def test_bad_values_are_config_errors(overrides, message):
     with pytest.raises(ConfigError) as info:

@@ -125,7 +125,7 @@ def _prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tup
     rank_state = resume.rank_states(state, summary, dist, plan.layout)
     progress = resume.start_progress(summary, plan)
     order = TrainOrder(train_cfg.seed, num_images, plan.layout, plan.steps_per_epoch, dist.rank,
-                       summary.epoch_seed(train_cfg.seed) if summary else None)
+                       summary.epoch_seed(train_cfg.seed) if summary else None, repeats=train_cfg.repeated_augment)
     train_loader, val_loader = _loaders(config, data, index, order, progress, rank_state, dist, stack)
     # DDP's constructor broadcasts rank 0's parameters and buffers: the weights rank 0 loaded reach all.
     model = wrap_for_training(place(model, dist, channels_last=train_cfg.channels_last), dist,
