@@ -90,6 +90,8 @@ class DataConfig:
     workers: int = 4
     crop_size: int = 224
     rrc_scale: tuple[float, float] = (0.08, 1.0)
+    crop: str = "random_resized"  # random_resized | inception | efficientnet (data/crops.py)
+    crop_min_area: float = 0.1  # efficientnet: the smallest area fraction (ResNeSt's ERandomCrop: 0.1)
     hflip: bool = True
     autoaugment: str = "imagenet"
     autoaugment_on: str = "image"
@@ -106,6 +108,8 @@ class DataConfig:
         _check_autoaugment(self.autoaugment)
         _check_choice("data.autoaugment_on", self.autoaugment_on, ("image", "crop"))
         _check_choice("data.interpolation", self.interpolation, ("bilinear", "bicubic"))
+        _check_choice("data.crop", self.crop, ("random_resized", "inception", "efficientnet"))
+        _check_range("data.crop_min_area", self.crop_min_area, 0.0, 1.0, low_open=True)
         _check_range("data.synthetic_size", self.synthetic_size, 1)
         _check_range("data.workers", self.workers, 0, 256)
         _check_range("data.crop_size", self.crop_size, 8, MAX_IMAGE_SIZE)
@@ -202,6 +206,7 @@ class TrainConfig:
     ema_warmup: bool = False  # the decay ramps up over the first steps (timm's ModelEmaV3 warm-up)
     ema_device: str = "auto"  # auto: the training device; cpu: host memory (slower, frees GPU memory)
     dist_bn: str = "reduce"  # BN running statistics before evaluation and saving: mean over ranks, or rank 0's
+    repeated_augment: int = 1  # each image k times per epoch, epoch length kept (data/order.py); 1: off
 
     def __post_init__(self):
         _check_range("train.epochs", self.epochs, 1, 100_000)
@@ -221,6 +226,7 @@ class TrainConfig:
             raise ConfigError("'train.ema' must be below 1 (1 would keep the initial weights forever), got 1.0")
         _check_choice("train.ema_device", self.ema_device, ("auto", "cpu"))
         _check_choice("train.dist_bn", self.dist_bn, ("reduce", "broadcast"))
+        _check_range("train.repeated_augment", self.repeated_augment, 1, 64)
         self._check_mixing_and_loss()
 
     @property

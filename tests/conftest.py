@@ -108,11 +108,11 @@ def make_plan(root, *, rank: int = 0, world_size: int = 1, seed: int = 0, channe
 
 
 def make_order(num_samples: int, batch_size: int, *, world_size: int = 1, rank: int = 0,
-               global_batch: int | None = None, seed: int = 0) -> TrainOrder:
+               global_batch: int | None = None, seed: int = 0, repeats: int = 1) -> TrainOrder:
     """Process `rank`'s data order over `num_samples` training samples (global batch: one micro-batch per
-    process unless given)."""
+    process unless given; `repeats`: train.repeated_augment)."""
     layout = BatchLayout(global_batch or batch_size * world_size, batch_size, world_size)
-    return TrainOrder(seed, num_samples, layout, num_samples // layout.global_batch, rank)
+    return TrainOrder(seed, num_samples, layout, num_samples // layout.global_batch, rank, repeats=repeats)
 
 
 @pytest.fixture(scope="session")

@@ -141,6 +141,12 @@ def test_resolved_config_round_trips(tmp_path):
     (["schedule.decay_epochs=0"], "'schedule.decay_epochs' must be in (0.0, inf]"),
     (["schedule.decay_rate=1.5"], "'schedule.decay_rate' must be in (0.0, 1.0]"),
     (["schedule.power=0"], "'schedule.power' must be in (0.0, 100.0]"),
+    (["data.crop=center"], "'data.crop' must be one of random_resized, inception, efficientnet, got 'center'"),
+    (["data.crop_min_area=0"], "'data.crop_min_area' must be in (0.0, 1.0], got 0.0"),
+    (["data.crop_min_area=1.5"], "'data.crop_min_area' must be in (0.0, 1.0]"),
+    (["train.repeated_augment=0"], "'train.repeated_augment' must be in [1, 64], got 0"),
+    (["train.repeated_augment=2.5"], "'train.repeated_augment' must be an integer"),
+    (["train.repeated_aug=3"], "did you mean 'train.repeated_augment'"),
 ])
 def test_bad_values_are_config_errors(overrides, message):
     with pytest.raises(ConfigError) as info:

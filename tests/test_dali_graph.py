@@ -125,3 +125,12 @@ def test_the_check_catches_a_cpu_only_op_on_the_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(dali_autoaugment.AUGMENTATIONS["contrast"], "_op", contrast_with_ones_like)
     pipe = train_pipeline(gpu_plan(tmp_path, autoaugment="imagenet"))
     assert "OnesLike has no gpu implementation" in graph_problems(pipe)
+
+
+@pytest.mark.parametrize("decoder", ["gpu", "cpu"])
+@pytest.mark.parametrize("autoaugment_on", ["image", "crop"])
+def test_drawn_interpolation_of_the_inception_crop_fits_both_gpu_graphs(tmp_path, decoder, autoaugment_on):
+    """`data.crop=inception` feeds each image's interpolation; DALI reads it as an argument input (on the
+    CPU) of the GPU resize, the host ops as an input of theirs."""
+    plan = gpu_plan(tmp_path, decoder=decoder, crop="inception", autoaugment_on=autoaugment_on)
+    assert graph_problems(train_pipeline(plan)) == []

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnest_train.data.draws import crop_window, draw_batch, image_size
+from resnest_train.data.crops import crop_window
+from resnest_train.data.draws import draw_batch, image_size
 from resnest_train.data.index import load_index
 from resnest_train.data.sample_read import read_sample
 from resnest_train.data.torchvision import TrainAugment, build_torch_train

@@ -35,7 +35,7 @@ RECIPE = ("model", "data", "optim", "schedule")
 # train.* keys of the recipe (the rest, device, logging, compile, are how a run goes, not what it trains):
 # the seed deals the data order, so a mid-epoch resume with another seed would re-deal the epoch.
 TRAIN_RECIPE = ("epochs", "label_smoothing", "mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob", "loss",
-                "bce_target_threshold", "amp", "seed", "deterministic")
+                "bce_target_threshold", "amp", "seed", "deterministic", "repeated_augment")
 VALIDATION_CHANGED = "validation data changed"
 
 

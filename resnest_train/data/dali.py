@@ -26,6 +26,7 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from resnest_train.data.autograph_files import delete_autograph_files_after_loading
+from resnest_train.data.crops import INTERPOLATIONS
 from resnest_train.data.dali_autoaugment import dali_auto_augment
 from resnest_train.data.dali_cpu import HostOps
 from resnest_train.data.dali_randaugment import dali_rand_augment
@@ -49,8 +50,10 @@ class DaliOps:
         self.policy = autoaugment
         self.rand_augment = parse_rand_augment(autoaugment) if is_rand_augment(autoaugment) else None
 
-    def resize(self, images, size: int):
-        return fn.resize(images, resize_x=size, resize_y=size, interp_type=self.interp, antialias=True)
+    def resize(self, images, size: int, interp=None):
+        """To size x size; `interp`: a per-image index into crops.INTERPOLATIONS (data.crop=inception)."""
+        interp_type = self.interp if interp is None else drawn_interp_type(interp)
+        return fn.resize(images, resize_x=size, resize_y=size, interp_type=interp_type, antialias=True)
 
     def resize_shorter(self, images, size: int):
         height, width = _shorter_side_size(images, size)
@@ -71,6 +74,13 @@ def graph_ops(plan: DataPlan, ops: str = "auto"):
     if ops == "auto" and plan.decoder == "cpu":
         return HostOps(interpolation=plan.interpolation, threads=max(1, plan.workers), autoaugment=plan.autoaugment)
     return DaliOps(interpolation=plan.interpolation, autoaugment=plan.autoaugment)
+
+
+def drawn_interp_type(interp):
+    """Per-image DALIInterpType from the framework's interpolation draw (crops.INTERPOLATIONS indices)."""
+    codes = [int(_DALI_INTERP[name]) for name in INTERPOLATIONS]
+    return fn.cast(fn.lookup_table(interp, keys=list(range(len(codes))), values=codes, dtype=types.INT32),
+                   dtype=types.INTERP_TYPE)
 
 
 def _shorter_side_size(images, size: int):

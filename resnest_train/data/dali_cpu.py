@@ -22,6 +22,7 @@ from nvidia.dali.pipeline import do_not_convert
 from PIL import Image
 
 from resnest_train.data.autoaugment import POLICIES, apply_sub_policy, resolve
+from resnest_train.data.crops import INTERPOLATIONS
 from resnest_train.data.randaugment import RandAugmentSpec, apply_rand_augment, is_rand_augment, parse_rand_augment
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -54,6 +55,11 @@ def _resize(image: np.ndarray, height: int, width: int, mode: str) -> np.ndarray
 def resize_one(image: np.ndarray, size: int, mode: str) -> np.ndarray:
     """(H, W, 3) uint8 -> (size, size, 3) uint8, antialiased as PIL/torchvision resize."""
     return _resize(image, size, size, mode)
+
+
+def resize_drawn_one(image: np.ndarray, interp: np.ndarray, size: int) -> np.ndarray:
+    """`resize_one` with the image's drawn interpolation (an index into crops.INTERPOLATIONS)."""
+    return _resize(image, size, size, INTERPOLATIONS[int(interp)])
 
 
 def resize_shorter_one(image: np.ndarray, size: int, mode: str) -> np.ndarray:
@@ -131,7 +137,11 @@ class HostOps:
         self._saturate = _host(per_image(saturate_one, threads))
         self._autoaugment = None  # built on first use: the table lookups are not free
 
-    def resize(self, images, size: int):
+    def resize(self, images, size: int, interp=None):
+        if interp is not None:  # data.crop=inception: each image's drawn interpolation
+            resize = per_image(functools.partial(resize_drawn_one, size=size), self.threads)
+            return fn.python_function(images, interp, function=_host(resize), batch_processing=True,
+                                      output_layouts="HWC")
         resize = per_image(functools.partial(resize_one, size=size, mode=self.interpolation), self.threads)
         return fn.python_function(images, function=_host(resize), batch_processing=True, output_layouts="HWC")
 

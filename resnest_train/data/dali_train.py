@@ -40,21 +40,22 @@ from resnest_train.data.samples import SampleList
 from resnest_train.data.undecodable import Replacement, undecodable_error
 
 
-def _crop(jpegs, start, shape, plan: DataPlan, ops, augment):
-    """The drawn window, resized to the crop size; AutoAugment on the crop or, before it, on the image."""
+def _crop(jpegs, start, shape, plan: DataPlan, ops, augment, interp=None):
+    """The drawn window, resized to the crop size (with the drawn interpolation where `data.crop` draws one);
+    AutoAugment on the crop or, before it, on the image."""
     if plan.autoaugment == "none" or plan.autoaugment_on == "crop":
         images = fn.decoders.image_slice(jpegs, start=start, shape=shape, axis_names="HW", **_decode_common(plan))
-        images = ops.resize(images, plan.crop_size)
+        images = ops.resize(images, plan.crop_size, interp)
         return augment(images) if plan.autoaugment != "none" else images
     images = augment(fn.decoders.image(jpegs, **_decode_common(plan)))
-    return ops.resize(fn.slice(images, start=start, shape=shape, axis_names="HW"), plan.crop_size)
+    return ops.resize(fn.slice(images, start=start, shape=shape, axis_names="HW"), plan.crop_size, interp)
 
 
 @pipeline_def(enable_conditionals=True)
 def _train_pipeline(*, plan: DataPlan, feed, ops):
     fed = dict(zip(feed.names, fn.external_source(source=feed, num_outputs=len(feed.names), batch=True)))
     augment = (lambda images: ops.autoaugment(images, *(fed[name] for name in augment_inputs(plan.autoaugment))))
-    images = _crop(fed["encoded"], fed["start"], fed["shape"], plan, ops, augment)
+    images = _crop(fed["encoded"], fed["start"], fed["shape"], plan, ops, augment, fed.get("interp"))
     if plan.color_jitter > 0:
         jitter = fed["jitter"]
         images = ops.color_twist(images, brightness=jitter[0], contrast=jitter[1], saturation=jitter[2])
@@ -89,7 +90,7 @@ class DaliTrainLoader(ReaderLoader):
         self.last_draws = None
 
     def set_epoch(self, epoch: int) -> None:
-        self.feed.point_at(epoch, self.reader.set_epoch(epoch))
+        self.feed.point_at(epoch, self.reader.set_epoch(epoch), self.reader.repeats)
         try:  # the iterator runs the first batches already
             if self.iterator is None:
                 self.iterator = DALIGenericIterator(self.pipe, ["data", "sample"], size=-1, auto_reset=False,

@@ -1,34 +1,36 @@
 """Every training sample's augmentation draws, made by the framework from (seed, epoch, sample) alone.
 
-The random-resized-crop window, the flip, the colour-jitter factors, the PCA-lighting coefficients and the
-AutoAugment sub-policy, stage uniforms and signs of one image are drawn here, in Python, from a generator
-seeded by (`train.seed`, epoch, training-list position) (`randomness.py`), and handed to whichever backend
-decodes the image: DALI receives them as per-sample arguments, the torchvision transforms apply them. The
-same image therefore gets the same augmentation on any number of processes, after any resume, on either
-backend. The crop follows torchvision's `RandomResizedCrop.get_params` (ten tries of a scale and a
-log-uniform aspect ratio, then a centre crop of the clamped ratio) on the image's size, read from its
-header before it is decoded; AutoAugment's draws are those `autoaugment.AutoAugment.draw` documents,
-RandAugment's (`data.autoaugment: rand-...`) those `randaugment.draw` documents, drawn after the same crop,
-flip, jitter and lighting draws (the AutoAugment and no-augment draws are unchanged by it), with each layer's
-argument (`arg`) computed from them once, for both backends.
+The crop window (and `inception`'s interpolation), the flip, the colour-jitter factors, the PCA-lighting
+coefficients and the AutoAugment sub-policy, stage uniforms and signs of one image are drawn here, in
+Python, from a generator seeded by (`train.seed`, epoch, training-list position) (`randomness.py`), and
+handed to whichever backend decodes the image: DALI receives them as per-sample arguments, the torchvision
+transforms apply them. The same image therefore gets the same augmentation on any number of processes,
+after any resume, on either backend. The crop window follows the rule `data.crop` names (crops.py; by
+default torchvision's `RandomResizedCrop.get_params`) on the image's size, read from its header before it
+is decoded; AutoAugment's draws are those `autoaugment.AutoAugment.draw` documents, RandAugment's
+(`data.autoaugment: rand-...`) those `randaugment.draw` documents, drawn after the same crop, flip, jitter
+and lighting draws (the AutoAugment and no-augment draws are unchanged by it), with each layer's argument
+(`arg`) computed from them once, for both backends.
+
+With `train.repeated_augment` = k > 1 an image appears up to k times in an epoch (order.py); copy r > 0 is
+drawn from (seed, epoch, sample, r), copy 0 from (seed, epoch, sample) as every image is without repeats, so
+the copies are augmented independently and k = 1 draws exactly what it drew before.
 """
 
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass, fields
 
 import numpy as np
 from PIL import Image
 
 from resnest_train.data.autoaugment import POLICIES
+from resnest_train.data.crops import draw_crop
 from resnest_train.data.plan import DataPlan
 from resnest_train.data.randaugment import draw as draw_rand_augment
 from resnest_train.data.randaugment import is_rand_augment, op_args, parse_rand_augment
 from resnest_train.recipe.randomness import AUGMENT, derive_seed
-
-RATIO = (3 / 4, 4 / 3)  # random-resized crop's aspect ratios (torchvision's default, the recipe's)
 
 
 @dataclass
@@ -46,6 +48,8 @@ class Draws:
     op: np.ndarray | None = None  # (B, layers) int32: RandAugment's op of each layer (index into timm's table)
     magnitude: np.ndarray | None = None  # (B, layers) float32: its magnitude, noise added and clipped
     arg: np.ndarray | None = None  # (B, layers) float32: the op's argument both backends apply
+    interp: np.ndarray | None = None  # (B,) int32: data.crop=inception's resize (crops.INTERPOLATIONS index)
+    repeat: np.ndarray | None = None  # (B,) int32: which copy of its image (train.repeated_augment > 1)
 
     def row(self, i: int) -> dict:
         """Sample i's draws as plain values (the per-sample record, and the torchvision transforms)."""
@@ -53,7 +57,8 @@ class Draws:
 
 
 _DTYPES = {"crop": np.int32, "flip": np.int32, "jitter": np.float32, "lighting": np.float32, "sub_policy": np.int32,
-           "run": np.float32, "negate": np.int32, "op": np.int32, "magnitude": np.float32, "arg": np.float32}
+           "run": np.float32, "negate": np.int32, "op": np.int32, "magnitude": np.float32, "arg": np.float32,
+           "interp": np.int32, "repeat": np.int32}
 
 
 def augment_inputs(autoaugment: str) -> tuple[str, ...]:
@@ -70,40 +75,22 @@ def image_size(data: bytes) -> tuple[int, int]:
     return height, width
 
 
-def crop_window(rng: np.random.Generator, height: int, width: int, scale: tuple[float, float]) -> list[int]:
-    """torchvision's RandomResizedCrop.get_params with numpy's generator: [top, left, height, width]."""
-    area = height * width
-    log_ratio = (math.log(RATIO[0]), math.log(RATIO[1]))
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return [int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w]
-    ratio = width / height  # fallback: the whole image's centre at the nearest allowed ratio
-    if ratio < RATIO[0]:
-        w, h = width, int(round(width / RATIO[0]))
-    elif ratio > RATIO[1]:
-        h, w = height, int(round(height * RATIO[1]))
-    else:
-        w, h = width, height
-    return [(height - h) // 2, (width - w) // 2, h, w]
-
-
 def stages(plan: DataPlan) -> int:
     return max(len(sub) for sub in POLICIES[plan.autoaugment]) if plan.autoaugment != "none" else 2
 
 
-def draw_sample(plan: DataPlan, epoch: int, sample: int, height: int, width: int) -> dict:
-    """One sample's draws, in a fixed sequence from its own generator (the order of draws is the format)."""
-    rng = np.random.Generator(np.random.Philox(derive_seed(plan.seed, AUGMENT, epoch, sample)))
-    crop = crop_window(rng, height, width, plan.rrc_scale)
+def draw_sample(plan: DataPlan, epoch: int, sample: int, height: int, width: int, repeat: int = 0) -> dict:
+    """One sample's draws, in a fixed sequence from its own generator (the order of draws is the format).
+    `repeat`: the copy of the image (train.repeated_augment); copy 0 keeps the key of an unrepeated image."""
+    keys = (epoch, sample) if repeat == 0 else (epoch, sample, repeat)
+    rng = np.random.Generator(np.random.Philox(derive_seed(plan.seed, AUGMENT, *keys)))
+    drawn = draw_crop(rng, plan.crop, height, width, scale=plan.rrc_scale, min_area=plan.crop_min_area,
+                      crop_size=plan.crop_size)
     flip = int(rng.random() < 0.5) if plan.hflip else 0
     low, high = 1 - plan.color_jitter, 1 + plan.color_jitter
     jitter = rng.uniform(low, high, 3) if plan.color_jitter > 0 else np.ones(3)
     lighting = rng.normal(0.0, plan.lighting, 3) if plan.lighting > 0 else np.zeros(3)
-    drawn = {"crop": crop, "flip": flip, "jitter": jitter, "lighting": lighting}
+    drawn.update(flip=flip, jitter=jitter, lighting=lighting)
     if is_rand_augment(plan.autoaugment):
         spec = parse_rand_augment(plan.autoaugment)
         drawn.update(draw_rand_augment(rng, spec))
@@ -116,6 +103,13 @@ def draw_sample(plan: DataPlan, epoch: int, sample: int, height: int, width: int
     return drawn
 
 
-def draw_batch(plan: DataPlan, epoch: int, samples: list[int], sizes: list[tuple[int, int]]) -> Draws:
-    rows = [draw_sample(plan, epoch, sample, h, w) for sample, (h, w) in zip(samples, sizes)]
+def draw_batch(plan: DataPlan, epoch: int, samples: list[int], sizes: list[tuple[int, int]],
+               repeats: list[int] | None = None) -> Draws:
+    """The draws of a micro-batch; `repeats` (with train.repeated_augment > 1) each sample's copy, recorded
+    beside its draws."""
+    rows = [draw_sample(plan, epoch, sample, h, w, repeat)
+            for sample, (h, w), repeat in zip(samples, sizes, repeats or [0] * len(samples))]
+    if repeats is not None:
+        for row, repeat in zip(rows, repeats):
+            row["repeat"] = repeat
     return Draws(**{key: np.array([row[key] for row in rows], dtype=_DTYPES[key]) for key in rows[0]})

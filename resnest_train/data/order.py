@@ -8,6 +8,20 @@ is dropped). The step's G images are cut into G / b micro-batches of b consecuti
 The micro-batches of every step are then the same for any process count, and the rest of an epoch can be
 dealt to any number of processes from the step reached: every image of the epoch's order (up to its last
 full global batch) is used exactly once.
+
+Repeated augmentation (`train.repeated_augment` = k > 1; Hoffer et al., arXiv 1901.09335, dealt as DeiT's
+RASampler and timm's RepeatAugSampler deal it): the epoch's list is the permutation with each image
+repeated k times in a row ([a, a, a, b, b, b, ...], timm's `repeat_interleave`), cut to the training list's
+length N, so an epoch keeps its number of images and of steps and trains the first ceil(N / k) images of
+the permutation k times each (timm and DeiT keep the first N of the repeated list, rounded down to a
+multiple of 256; here the epoch's last partial global batch is dropped, as without repeats). timm deals the
+repeated list to its ranks in turn so that "each augmented version of a sample will be visible to a
+different process"; a step's G positions are dealt the same way to its M = G / b micro-batches: micro-batch
+m holds the step's positions m, m + M, m + 2M, ..., so the copies of an image train in the same step (or
+two consecutive ones where k does not divide G), in different micro-batches (other processes or
+micro-steps; never normalised together by BatchNorm when M >= k), whatever the process count. A copy is
+named by its position mod k, and its augmentation is drawn from it (draws.py). k = 1 is the order above,
+unchanged.
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ class TrainOrder:
     # (epoch, seed): that epoch keeps the order its seed dealt (a mid-epoch resume with another train.seed,
     # allowed by checkpoint.allow_changes: every image of the epoch still once; the new seed from the next)
     earlier_seed: tuple[int, int] | None = None
+    repeats: int = 1  # train.repeated_augment: copies of each image in the epoch's list
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -43,17 +58,34 @@ class TrainOrder:
         return micro_step * self.layout.world_size + self.rank
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
-        return epoch_permutation(self.epoch_seed(epoch), epoch, self.num_samples)
+        """The epoch's list of training-list indices (N long): the permutation, each image repeated."""
+        order = epoch_permutation(self.epoch_seed(epoch), epoch, self.num_samples)
+        if self.repeats == 1:
+            return order
+        # (N,) -> (N * k,): [a, a, a, b, b, b, ...] as timm's torch.repeat_interleave, then its first N
+        return order.repeat_interleave(self.repeats)[:self.num_samples]
 
     def epoch_seed(self, epoch: int) -> int:
         """The seed that deals `epoch`'s order (checkpoints record it: a later mid-epoch resume keeps it)."""
         return self.earlier_seed[1] if self.earlier_seed and epoch == self.earlier_seed[0] else self.seed
 
+    def rank_positions(self, start_step: int = 0) -> torch.Tensor:
+        """Positions in the epoch's list this process reads from `start_step` to the end of an epoch, in
+        reading order (micro-batches of `layout.micro_batch`)."""
+        layout = self.layout
+        used = torch.arange(start_step * layout.global_batch, self.steps_per_epoch * layout.global_batch)
+        if self.repeats > 1:
+            # (steps * G,) -> (steps, b, M) -> (steps, M, b): micro-batch m holds the step's m, m + M, ...
+            used = used.view(-1, layout.micro_batch, layout.global_batch // layout.micro_batch).transpose(1, 2)
+        # (steps * G,) -> (steps, accumulation, W, b): micro-batch m = micro_step * W + rank
+        steps = used.reshape(-1, layout.accumulation, layout.world_size, layout.micro_batch)
+        return steps[:, :, self.rank, :].reshape(-1)
+
     def rank_samples(self, epoch: int, start_step: int = 0) -> torch.Tensor:
         """Indices into the training list this process reads from `start_step` to the end of `epoch`, in
-        reading order (micro-batches of `layout.micro_batch` consecutive samples)."""
-        layout = self.layout
-        used = self.epoch_order(epoch)[start_step * layout.global_batch:self.steps_per_epoch * layout.global_batch]
-        # (steps * G,) -> (steps, accumulation, W, b): micro-batch m = micro_step * W + rank
-        steps = used.view(-1, layout.accumulation, layout.world_size, layout.micro_batch)
-        return steps[:, :, self.rank, :].reshape(-1)
+        reading order (micro-batches of `layout.micro_batch`)."""
+        return self.epoch_order(epoch)[self.rank_positions(start_step)]
+
+    def rank_repeats(self, start_step: int = 0) -> torch.Tensor | None:
+        """Which copy of its image each of `rank_samples` is (None without repeats): its position mod k."""
+        return self.rank_positions(start_step) % self.repeats if self.repeats > 1 else None

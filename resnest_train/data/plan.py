@@ -47,6 +47,8 @@ class DataPlan:
     interpolation: str  # bilinear | bicubic: torchvision's InterpolationMode values and torch's modes
     val_crop_size: int
     val_resize_size: int
+    crop: str = "random_resized"  # the training crop's window rule (crops.py)
+    crop_min_area: float = 0.1  # the efficientnet crop's smallest area fraction
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -81,4 +83,5 @@ def build_data_plan(config: Config, dist: DistInfo) -> DataPlan:
         hflip=data.hflip, autoaugment=data.autoaugment, autoaugment_on=data.autoaugment_on,
         color_jitter=data.color_jitter, lighting=data.lighting, interpolation=data.interpolation,
         val_crop_size=data.val_crop_size,
-        val_resize_size=data.val_resize_size or resize_size(data.val_crop_size, data.val_resize_ratio))
+        val_resize_size=data.val_resize_size or resize_size(data.val_crop_size, data.val_resize_ratio),
+        crop=data.crop, crop_min_area=data.crop_min_area)

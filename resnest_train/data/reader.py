@@ -14,6 +14,7 @@ pipeline serves the whole run.
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -34,6 +35,7 @@ class EpochReader:
         self.order, self.start = order, start  # start: (epoch, optimizer steps done in it)
         self.epoch, self.start_step, self.position = start[0], start[1], 0
         self.rows = np.zeros((0, order.layout.micro_batch), dtype=np.int64)
+        self.repeats: np.ndarray | None = None  # each row entry's copy of its image (train.repeated_augment)
         self.last_samples = torch.empty(0, dtype=torch.long)
 
     def __len__(self) -> int:
@@ -46,6 +48,8 @@ class EpochReader:
         self.epoch, self.position = epoch, 0
         samples = self.order.rank_samples(epoch, self.start_step)
         self.rows = samples.view(-1, self.order.layout.micro_batch).numpy()
+        repeats = self.order.rank_repeats(self.start_step)
+        self.repeats = repeats.view(self.rows.shape).numpy() if repeats is not None else None
         return self.rows
 
     def delivered(self, samples: torch.Tensor | None) -> None:
@@ -94,14 +98,18 @@ class MicroBatchFeed:
         self.replacement = replacement or Replacement(len(samples))  # known undecodable samples' stand-ins
         # the outputs the graph uses: the draws of disabled augmentations are not sent
         self.names = ("encoded", "sample", "start", "shape", "flip") + ("jitter",) * (plan.color_jitter > 0) \
-            + ("lighting",) * (plan.lighting > 0) + augment_inputs(plan.autoaugment)
+            + ("lighting",) * (plan.lighting > 0) + augment_inputs(plan.autoaugment) \
+            + ("interp",) * (plan.crop == "inception")
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="feed")  # reads and header parses overlap
         self.epoch, self.rows, self.cursor = 0, np.zeros((0, 0), dtype=np.int64), 0
-        self.issued: dict[tuple, Draws] = {}  # draws of the micro-batches DALI has not delivered yet
+        self.repeats: np.ndarray | None = None
+        # draws of the micro-batches DALI has not delivered yet, first issued first for equal samples (with
+        # repeats, two micro-batches of a step can hold the same images: order.py)
+        self.issued: dict[tuple, deque[Draws]] = {}
         self.error: Exception | None = None
 
-    def point_at(self, epoch: int, rows: np.ndarray) -> None:
-        self.epoch, self.rows, self.cursor = epoch, rows, 0
+    def point_at(self, epoch: int, rows: np.ndarray, repeats: np.ndarray | None = None) -> None:
+        self.epoch, self.rows, self.repeats, self.cursor = epoch, rows, repeats, 0
         self.issued.clear()
 
     def _read(self, position: int) -> bytes:
@@ -115,14 +123,15 @@ class MicroBatchFeed:
         if self.cursor >= len(self.rows):
             raise StopIteration
         positions = self.rows[self.cursor].tolist()
+        repeats = self.repeats[self.cursor].tolist() if self.repeats is not None else None
         self.cursor += 1
         try:
             encoded = list(self.pool.map(self._read, positions))
-            draws = draw_batch(self.plan, self.epoch, positions, list(self.pool.map(image_size, encoded)))
+            draws = draw_batch(self.plan, self.epoch, positions, list(self.pool.map(image_size, encoded)), repeats)
         except (OSError, ValueError, SampleReadError) as exc:  # DALI would report it without the file: kept
             self.error = exc
             raise
-        self.issued[tuple(positions)] = draws
+        self.issued.setdefault(tuple(positions), deque()).append(draws)
         return self.outputs(encoded, positions, draws)
 
     def outputs(self, encoded: list[bytes], positions: list[int], draws: Draws) -> tuple:
@@ -130,9 +139,15 @@ class MicroBatchFeed:
                   "sample": np.array(positions, dtype=np.int64).reshape(-1, 1), "start": draws.crop[:, :2].copy(),
                   "shape": draws.crop[:, 2:].copy(), "flip": draws.flip, "jitter": draws.jitter,
                   "lighting": draws.lighting, "sub_policy": draws.sub_policy, "run": draws.run, "negate": draws.negate,
-                  "op": draws.op, "arg": draws.arg}
+                  "op": draws.op, "arg": draws.arg, "interp": draws.interp}
         return tuple(values[name] for name in self.names)
 
     def delivered(self, positions: list[int]) -> Draws | None:
         """The draws of the micro-batch `positions`, now delivered to the loop."""
-        return self.issued.pop(tuple(positions), None)
+        waiting = self.issued.get(tuple(positions))
+        if not waiting:
+            return None
+        draws = waiting.popleft()
+        if not waiting:
+            del self.issued[tuple(positions)]
+        return draws

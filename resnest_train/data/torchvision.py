@@ -27,6 +27,7 @@ from torchvision.transforms import functional as F
 
 from resnest_train.cluster.distributed import tcp_connections
 from resnest_train.data.autoaugment import POLICIES, apply_sub_policy, resolve
+from resnest_train.data.crops import INTERPOLATIONS
 from resnest_train.data.draws import draw_batch
 from resnest_train.data.index import DatasetError
 from resnest_train.data.order import TrainOrder
@@ -131,8 +132,11 @@ class TrainAugment:
         if plan.autoaugment_on == "image":
             image = self.augment(image, draws)
         top, left, height, width = draws["crop"]
+        # data.crop=inception draws each image's interpolation (crops.py); the others use data.interpolation
+        interpolation = T.InterpolationMode(INTERPOLATIONS[draws["interp"]]) if "interp" in draws \
+            else self.interpolation
         image = F.resized_crop(image, top, left, height, width, [plan.crop_size, plan.crop_size],
-                               interpolation=self.interpolation, antialias=True)
+                               interpolation=interpolation, antialias=True)
         if plan.autoaugment_on == "crop":
             image = self.augment(image, draws)
         if draws["flip"]:
@@ -152,12 +156,12 @@ def val_transform(crop_size: int, resize_size: int, interpolation: str) -> T.Com
 
 
 class EpochSamples:
-    """The sampler of a training DataLoader: (epoch, sample) pairs of this process's part of the epoch, in
-    the framework's order (`order.py`); replaced for each epoch (sampling runs in the main process, so
-    persistent workers see the new epoch)."""
+    """The sampler of a training DataLoader: (epoch, sample, copy) keys of this process's part of the epoch,
+    in the framework's order (`order.py`; copy: None without repeated augmentation); replaced for each
+    epoch (sampling runs in the main process, so persistent workers see the new epoch)."""
 
     def __init__(self):
-        self.pairs: list[tuple[int, int]] = []
+        self.pairs: list[tuple[int, int, int | None]] = []
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -170,7 +174,7 @@ FALLBACK_TRIES = 64  # training-list positions tried after an undecodable image 
 
 
 class TrainImageDataset(ImageListDataset):
-    """Training images by (epoch, sample), augmented with the framework's draws for that sample, so the
+    """Training images by (epoch, sample, copy), augmented with the framework's draws for that key, so the
     result does not depend on the process or worker that reads it (draws.py). Returns (image, label,
     position, draws).
 
@@ -188,8 +192,8 @@ class TrainImageDataset(ImageListDataset):
         with Image.open(io.BytesIO(read_sample(self.root, self.samples, item))) as image:
             return to_rgb(image)
 
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, item = key
+    def __getitem__(self, key: tuple[int, int, int | None]):
+        epoch, item, repeat = key  # repeat: the image's copy (train.repeated_augment), None without repeats
         source, failed = item, []
         for _ in range(FALLBACK_TRIES):
             source = self.replacement.source(source)  # known undecodable images are not tried again
@@ -204,7 +208,8 @@ class TrainImageDataset(ImageListDataset):
         else:
             raise OSError(f"{FALLBACK_TRIES} consecutive training images from {self.samples.path(item)} cannot "
                           "be decoded")
-        draws = draw_batch(self.plan, epoch, [item], [(rgb.height, rgb.width)]).row(0)
+        draws = draw_batch(self.plan, epoch, [item], [(rgb.height, rgb.width)],
+                           None if repeat is None else [repeat]).row(0)
         image = self.transform(rgb, draws)
         if source != item:
             draws["replaced_by"] = source
@@ -223,7 +228,9 @@ class TorchTrainLoader(ReaderLoader):
 
     def set_epoch(self, epoch: int) -> None:
         rows = self.reader.set_epoch(epoch)
-        self.loader.sampler.pairs = [(epoch, item) for item in rows.reshape(-1).tolist()]
+        items = rows.reshape(-1).tolist()
+        copies = self.reader.repeats.reshape(-1).tolist() if self.reader.repeats is not None else [None] * len(items)
+        self.loader.sampler.pairs = [(epoch, item, copy) for item, copy in zip(items, copies)]
 
     def __iter__(self):
         batches = iter(self.loader)

@@ -79,7 +79,7 @@ def prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tupl
         if found is not None else None
     progress = decision.progress if decision is not None else resume.Progress()
     order = TrainOrder(config.train.seed, num_images, plan.layout, plan.steps_per_epoch, dist.rank,
-                       decision.order_seed if decision else None)
+                       decision.order_seed if decision else None, repeats=config.train.repeated_augment)
     train_loader, val_loader = _loaders(config, data, index, order, progress, dist, stack)
     # Closed (the write in flight finished) whatever ends the run; rank 0 alone writes.
     writer = stack.enter_context(CheckpointWriter(config.output_dir, keep_last=config.checkpoint.keep_last)) \
