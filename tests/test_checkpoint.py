@@ -70,7 +70,7 @@ def test_one_write_per_save_the_rest_are_links(tmp_path):
     assert files(folder) == ["best.pt", "last.pt", "step-000000004.pt", "step-000000005.pt"]
     assert os.path.samefile(folder / "last.pt", folder / "step-000000005.pt")
     assert torch.load(folder / "best.pt", weights_only=True)["step"] == 3
-    assert ckpt.find_resume_state("auto", tmp_path)["step"] == 5
+    assert ckpt.find_resume_state("auto", tmp_path).step == 5
     with pytest.raises(ckpt.CheckpointError, match="file not found"):
         ckpt.find_resume_state(str(tmp_path / "nope.pt"), tmp_path)
     with pytest.raises(ckpt.CheckpointError, match="is a directory"):
@@ -90,7 +90,7 @@ def test_unreadable_checkpoints_fall_back_to_best_or_fail(tmp_path):
     ckpt.save_checkpoint(state(5), tmp_path, keep_last=0, is_best=False)
     folder = ckpt.checkpoint_dir(tmp_path)
     (folder / "last.pt").write_bytes((folder / "last.pt").read_bytes()[:500])
-    assert ckpt.find_resume_state("auto", tmp_path)["step"] == 3  # best.pt holds a resume state too
+    assert ckpt.find_resume_state("auto", tmp_path).step == 3  # best.pt holds a resume state too
     (folder / "best.pt").write_bytes(b"")
     with pytest.raises(ckpt.CheckpointError, match="no checkpoint in .* can be resumed .*last.pt: unreadable"):
         ckpt.find_resume_state("auto", tmp_path)

@@ -91,7 +91,7 @@ def test_files_are_atomic_linked_and_pruned_as_a_synchronous_save(tmp_path, capl
     assert files(folder) == ["best.pt", "last.pt", "step-000000004.pt", "step-000000005.pt"]
     assert os.path.samefile(folder / "last.pt", folder / "step-000000005.pt")
     assert torch.load(folder / "best.pt", weights_only=True)["step"] == 3
-    assert ckpt.find_resume_state("auto", tmp_path)["step"] == 5
+    assert ckpt.find_resume_state("auto", tmp_path).step == 5
     assert f"saved {folder / 'last.pt'} (epoch 0, step 5)" in caplog.messages
 
 

@@ -87,7 +87,7 @@ class Checkpoint:
         known = {f.name for f in fields(cls)} - {"ranks"} - RENAMED
         values = {key: state[key] for key in known if key in state and state[key] is not None}
         values.update({name: state[key] for key, name in KEYS.items()})
-        if "epoch_seed" not in values:  # format 1 before the seed was recorded: the run's own seed dealt it
+        if "epoch_seed" not in state:  # format 1 before the seed was recorded: the run's own seed dealt it
             values["epoch_seed"] = state.get("config", {}).get("train", {}).get("seed")
         values["epoch_loss"] = tuple(values.get("epoch_loss", (0.0, 0)))
         return cls(ranks=[RankPart.from_state(part) for part in state["ranks"]], **values)
