@@ -14,7 +14,13 @@ import torch
 from resnest_train.checkpoint.format import FORMAT, Checkpoint, FormatError, RankPart, weights_of
 from tests.conftest import ROOT, script_env
 from tests.test_resume import (  # noqa: F401 - fixtures
-    assert_bit_identical, final_weights, reference, reference_run, run_train, tiny_args, wait_for,
+    assert_bit_identical,
+    final_weights,
+    reference,
+    reference_run,
+    run_train,
+    tiny_args,
+    wait_for,
 )
 
 FORMAT_1_COMMIT = "620cf1d"  # the last release that wrote format 1
