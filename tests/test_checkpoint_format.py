@@ -71,7 +71,7 @@ def format_1_tree(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_a_format_1_checkpoint_resumes_bit_identical(image_root, tmp_path, reference, format_1_tree):
+def test_a_format_1_checkpoint_resumes_bit_identical(image_root, tmp_path, reference, format_1_tree):  # noqa: F811
     out = tmp_path / "run"
     args = tiny_args(image_root, out, "checkpoint.interval_steps=1")
     old = [str(format_1_tree / Path(arg).relative_to(ROOT)) if arg.startswith(str(ROOT)) else arg for arg in args]
