@@ -7,6 +7,7 @@ selects it (models, optimizers, schedules, augmentation policies) where it check
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "resnest_train"
@@ -110,3 +111,12 @@ def test_no_subpackage_imports_a_layer_above_it():
 
 def test_late_lookups_upward_only_where_named():
     assert function_level_upward() == []
+
+
+def test_every_module_architecture_names_exists():
+    text = (PACKAGE.parent / "ARCHITECTURE.md").read_text()
+    named = set(re.findall(r"`(?:[a-z_]+/)*([a-z_]+\.py)", text))
+    existing = {path.name for path in PACKAGE.rglob("*.py")} | {path.name for path in PACKAGE.parent.glob("*.py")}
+    assert named - existing == set()
+    packages = set(re.findall(r"`([a-z_]+)/`", text))
+    assert all((PACKAGE / name).is_dir() for name in packages), packages
