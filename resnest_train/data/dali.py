@@ -49,7 +49,9 @@ class DaliOps:
         self.policy = autoaugment
         self.rand_augment = parse_rand_augment(autoaugment) if is_rand_augment(autoaugment) else None
 
-    def resize(self, images, size: int):
+    def resize(self, images, size):
+        """`size`: an int, or a per-sample input (the epoch's crop under progressive resizing): DALI's resize
+        takes its arguments as per-sample inputs, so one pipeline serves every size."""
         return fn.resize(images, resize_x=size, resize_y=size, interp_type=self.interp, antialias=True)
 
     def resize_shorter(self, images, size: int):

@@ -56,6 +56,12 @@ def resize_one(image: np.ndarray, size: int, mode: str) -> np.ndarray:
     return _resize(image, size, size, mode)
 
 
+def resize_fed_one(image: np.ndarray, size: np.ndarray, mode: str) -> np.ndarray:
+    """`resize_one` to a size fed per sample (progressive resizing: the epoch's crop, one float per image)."""
+    side = int(size.reshape(-1)[0])
+    return _resize(image, side, side, mode)
+
+
 def resize_shorter_one(image: np.ndarray, size: int, mode: str) -> np.ndarray:
     """Shorter side to `size`, the longer one as torchvision's Resize(int) computes it (truncated)."""
     height, width = image.shape[:2]
@@ -131,7 +137,12 @@ class HostOps:
         self._saturate = _host(per_image(saturate_one, threads))
         self._autoaugment = None  # built on first use: the table lookups are not free
 
-    def resize(self, images, size: int):
+    def resize(self, images, size):
+        """`size`: an int, or a per-sample input (the epoch's crop under progressive resizing)."""
+        if not isinstance(size, int):
+            resize = per_image(functools.partial(resize_fed_one, mode=self.interpolation), self.threads)
+            return fn.python_function(images, size, function=_host(resize), batch_processing=True,
+                                      output_layouts="HWC")
         resize = per_image(functools.partial(resize_one, size=size, mode=self.interpolation), self.threads)
         return fn.python_function(images, function=_host(resize), batch_processing=True, output_layouts="HWC")
 

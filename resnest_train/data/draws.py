@@ -10,7 +10,9 @@ log-uniform aspect ratio, then a centre crop of the clamped ratio) on the image'
 header before it is decoded; AutoAugment's draws are those `autoaugment.AutoAugment.draw` documents,
 RandAugment's (`data.autoaugment: rand-...`) those `randaugment.draw` documents, drawn after the same crop,
 flip, jitter and lighting draws (the AutoAugment and no-augment draws are unchanged by it), with each layer's
-argument (`arg`) computed from them once, for both backends.
+argument (`arg`) computed from them once, for both backends. The crop window is in the image's own pixels,
+whatever size it is resized to, so progressive resizing (`DataPlan.train_size`) changes no draw; only
+RandAugment's translation on the crop (`autoaugment_on: crop`) is computed for the epoch's crop size.
 """
 
 from __future__ import annotations
@@ -107,7 +109,8 @@ def draw_sample(plan: DataPlan, epoch: int, sample: int, height: int, width: int
     if is_rand_augment(plan.autoaugment):
         spec = parse_rand_augment(plan.autoaugment)
         drawn.update(draw_rand_augment(rng, spec))
-        size = (height, width) if plan.autoaugment_on == "image" else (plan.crop_size, plan.crop_size)
+        side = plan.train_size(epoch)  # the epoch's crop (progressive resizing): still a function of the epoch
+        size = (height, width) if plan.autoaugment_on == "image" else (side, side)
         drawn["arg"] = op_args(spec, drawn["op"], drawn["magnitude"], drawn["negate"], *size)
         return drawn
     count = len(POLICIES[plan.autoaugment]) if plan.autoaugment != "none" else 1

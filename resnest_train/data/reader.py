@@ -7,9 +7,9 @@ optimizer step: a resumed reader starts at that step, whatever the backend). The
 synthetic training loaders hold one and only decode the micro-batches it gives them (`ReaderLoader`).
 
 `MicroBatchFeed` is what DALI's `fn.external_source` calls: the next micro-batch's encoded bytes (a file's,
-or a shard member's), its training-list positions and its augmentation draws (`draws.py`); it raises
-StopIteration at the end of the epoch, and is pointed at the next epoch before the pipeline is reset, so one
-pipeline serves the whole run.
+or a shard member's), its training-list positions and its augmentation draws (`draws.py`), and under
+progressive resizing the epoch's crop size per image; it raises StopIteration at the end of the epoch, and is
+pointed at the next epoch before the pipeline is reset, so one pipeline serves the whole run, every size.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ class MicroBatchFeed:
         self.replacement = replacement or Replacement(len(samples))  # known undecodable samples' stand-ins
         # the outputs the graph uses: the draws of disabled augmentations are not sent
         self.names = ("encoded", "sample", "start", "shape", "flip") + ("jitter",) * (plan.color_jitter > 0) \
-            + ("lighting",) * (plan.lighting > 0) + augment_inputs(plan.autoaugment)
+            + ("lighting",) * (plan.lighting > 0) + augment_inputs(plan.autoaugment) \
+            + ("size",) * (plan.progressive_resize is not None)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="feed")  # reads and header parses overlap
         self.epoch, self.rows, self.cursor = 0, np.zeros((0, 0), dtype=np.int64), 0
         self.issued: dict[tuple, Draws] = {}  # draws of the micro-batches DALI has not delivered yet
@@ -130,7 +131,9 @@ class MicroBatchFeed:
                   "sample": np.array(positions, dtype=np.int64).reshape(-1, 1), "start": draws.crop[:, :2].copy(),
                   "shape": draws.crop[:, 2:].copy(), "flip": draws.flip, "jitter": draws.jitter,
                   "lighting": draws.lighting, "sub_policy": draws.sub_policy, "run": draws.run, "negate": draws.negate,
-                  "op": draws.op, "arg": draws.arg}
+                  "op": draws.op, "arg": draws.arg,
+                  # the epoch's crop side, one float per image (DALI's resize takes float arguments)
+                  "size": np.full(len(positions), self.plan.train_size(self.epoch), dtype=np.float32)}
         return tuple(values[name] for name in self.names)
 
     def delivered(self, positions: list[int]) -> Draws | None:

@@ -126,13 +126,15 @@ class TrainAugment:
             return apply_sub_policy(image, self.sub_policies[draws["sub_policy"]], draws["run"], draws["negate"])
         return image
 
-    def __call__(self, image: Image.Image, draws: dict) -> torch.Tensor:
+    def __call__(self, image: Image.Image, draws: dict, size: int | None = None) -> torch.Tensor:
+        """`size`: the epoch's crop (`DataPlan.train_size`); None: `crop_size`."""
         plan = self.plan
+        size = size or plan.crop_size
         if plan.autoaugment_on == "image":
             image = self.augment(image, draws)
         top, left, height, width = draws["crop"]
-        image = F.resized_crop(image, top, left, height, width, [plan.crop_size, plan.crop_size],
-                               interpolation=self.interpolation, antialias=True)
+        image = F.resized_crop(image, top, left, height, width, [size, size], interpolation=self.interpolation,
+                               antialias=True)
         if plan.autoaugment_on == "crop":
             image = self.augment(image, draws)
         if draws["flip"]:
@@ -170,7 +172,8 @@ FALLBACK_TRIES = 64  # training-list positions tried after an undecodable image 
 
 
 class TrainImageDataset(ImageListDataset):
-    """Training images by (epoch, sample), augmented with the framework's draws for that sample, so the
+    """Training images by (epoch, sample), at the epoch's crop size (`DataPlan.train_size`: progressive
+    resizing needs nothing but the key), augmented with the framework's draws for that sample, so the
     result does not depend on the process or worker that reads it (draws.py). Returns (image, label,
     position, draws).
 
@@ -205,7 +208,7 @@ class TrainImageDataset(ImageListDataset):
             raise OSError(f"{FALLBACK_TRIES} consecutive training images from {self.samples.path(item)} cannot "
                           "be decoded")
         draws = draw_batch(self.plan, epoch, [item], [(rgb.height, rgb.width)]).row(0)
-        image = self.transform(rgb, draws)
+        image = self.transform(rgb, draws, self.plan.train_size(epoch))  # the epoch's size: progressive resizing
         if source != item:
             draws["replaced_by"] = source
         if failed:

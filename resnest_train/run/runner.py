@@ -322,7 +322,7 @@ def _fit(run: Run, progress: Progress, stop) -> None:
                 log.info("stopped at step %d; rerun the same command to continue (from epoch %d  step %d/%d)",
                          progress.step, progress.epoch + 1, progress.batch, run.plan.steps_per_epoch)
                 return
-            metrics = {"epoch": progress.epoch + 1,
+            metrics = {"epoch": progress.epoch + 1, "train_size": run.data.train_size(progress.epoch),
                        **reporter.end_epoch(progress.step, run.optimizer.param_groups[0]["lr"])}
             progress.epoch += 1
             progress.batch = 0
