@@ -58,6 +58,8 @@ def _evaluate(argv) -> int:
                         "index, 0 to N-1 (ImageNet-V2): folder i is class i")
     parser.add_argument("--classes", metavar="FILE", help="the model's class names in label order, one per line "
                         "(for weights that do not name them, on a val/ folder without every class)")
+    parser.add_argument("--flip", action="store_true", help="test-time horizontal flip: score each image by the "
+                        "mean of its softmax and its mirror's (each image still counted once)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     # KEY=VALUE words are taken out first, in order: `--crop-size 224 256 data.root=X` would otherwise
     # hand the override to the greedy crop-size list.
@@ -73,7 +75,7 @@ def _evaluate(argv) -> int:
     evaluate_checkpoint(config, args.checkpoint, EvalOptions(
         crop_sizes=args.crop_size, output=args.output, predictions=args.predictions, batch_size=args.batch_size,
         classes_file=args.classes, weights=args.weights, real_labels=args.real_labels,
-        class_index_folders=args.class_index_folders))
+        class_index_folders=args.class_index_folders, flip=args.flip))
     return 0
 
 

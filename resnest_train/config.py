@@ -54,6 +54,17 @@ def _check_autoaugment(value: str) -> None:
         raise ConfigError(f"'data.autoaugment': {exc}") from None
 
 
+def _check_progressive_resize(value: tuple[int, int, int, int]) -> None:
+    """Sizes multiples of 32, as every size of the ramp then is (FFCV's rounding); epochs counted from 1."""
+    start_size, end_size, start_epoch, end_epoch = value
+    if any(size % 32 or not 32 <= size <= MAX_IMAGE_SIZE for size in (start_size, end_size)):
+        raise ConfigError(f"'data.progressive_resize' sizes must be multiples of 32 from 32 to {MAX_IMAGE_SIZE}, "
+                          f"got {list(value)}")
+    if not 0 <= start_epoch < end_epoch:
+        raise ConfigError(f"'data.progressive_resize' epochs must satisfy 0 <= start_epoch < end_epoch, "
+                          f"got {list(value)}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "resnest50"
@@ -101,6 +112,8 @@ class DataConfig:
     val_resize_ratio: float = 0.875
     val_resize_size: int | None = None
     interpolation: str = "bilinear"
+    # [start_size, end_size, start_epoch, end_epoch]: the training crop ramps between them (data/plan.py)
+    progressive_resize: tuple[int, int, int, int] | None = None
 
     def __post_init__(self):
         _check_choice("data.backend", self.backend, ("dali", "torchvision", "synthetic"))
@@ -122,6 +135,8 @@ class DataConfig:
         low, high = self.rrc_scale
         if not 0.0 < low <= high <= 1.0:
             raise ConfigError(f"'data.rrc_scale' must satisfy 0 < min <= max <= 1, got {list(self.rrc_scale)}")
+        if self.progressive_resize is not None:
+            _check_progressive_resize(self.progressive_resize)
 
 
 @dataclass(frozen=True)
@@ -272,6 +287,11 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self):
+        ramp = self.data.progressive_resize
+        if ramp is not None and ramp[3] > self.train.epochs:
+            raise ConfigError(f"'data.progressive_resize' end_epoch {ramp[3]} is past train.epochs={self.train.epochs}")
 
 
 __all__ = ["Config", "ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "ScheduleConfig", "TrainConfig",

@@ -1,8 +1,10 @@
 """evaluate.py's work: a checkpoint measured at one or more crop sizes, every image counted exactly once.
 
 For each crop: resize the shorter side to `data.val_resize_size`, or ceil(crop / data.val_resize_ratio)
-(224 -> 256), center crop, normalize. Each rank reads its own shard of the val list with no padding and the
-counts are summed across ranks, so the numbers are identical on any number of processes. The dataset
+(224 -> 256), center crop, normalize; with `--flip`, each image is also scored with its horizontal mirror
+(the mean of the two softmaxes: engine.py) and still counted once. Each rank reads its own shard of the val
+list with no padding and the counts are summed across ranks, so the numbers are identical on any number of
+processes. The dataset
 index and the model come from the same builders as the trainer's; `--predictions` are collected during
 the first crop's pass, not by a second one.
 """
@@ -45,6 +47,7 @@ class EvalOptions:
     weights: str = "model"
     real_labels: str | None = None
     class_index_folders: bool = False
+    flip: bool = False
 
 
 def evaluate_checkpoint(config: Config, checkpoint: str, options: EvalOptions = EvalOptions()) -> dict:
@@ -122,7 +125,7 @@ def _measure(config: Config, dist: DistInfo, checkpoint: str, crop_sizes: list[i
         keep = real is not None or (bool(options.predictions) and number == 0)
         started = time.perf_counter()
         with contextlib.closing(loader):  # an error must not leave the workers to their shutdown grace
-            result = validate(model, loader, dist, precision, predictions=keep)
+            result = validate(model, loader, dist, precision, predictions=keep, flip=options.flip)
         seconds = time.perf_counter() - started
         results.append({"crop_size": crop, "resize_size": crop_plan.val_resize_size, "top1": result.top1,
                         "top5": result.top5, "num_images": result.num_images,
@@ -134,7 +137,7 @@ def _measure(config: Config, dist: DistInfo, checkpoint: str, crop_sizes: list[i
             rows = [(samples[p] if samples is not None else (str(p), -1), row)
                     for p, row in zip(loader.delivered, result.predictions)]
     report = {"model": config.model.name, "checkpoint": str(checkpoint), "weights": options.weights,
-              "results": results}
+              "flip": options.flip, "results": results}
     if dist.is_main:
         _print_table(report)
         if options.output:
@@ -162,7 +165,8 @@ def trained_classes(checkpoint: str) -> list[str] | None:
 
 def _print_table(report: dict) -> None:
     real = "real_top1" in report["results"][0]
-    print(f"{report['model']}  {report['checkpoint']}" + ("  (EMA weights)" if report["weights"] == "ema" else ""))
+    print(f"{report['model']}  {report['checkpoint']}" + ("  (EMA weights)" if report["weights"] == "ema" else "")
+          + ("  (test-time flip)" if report["flip"] else ""))
     print(f"{'crop':>6} {'resize':>6} {'top-1':>7} {'top-5':>7}" + (f" {'ReaL-1':>7} {'ReaL-5':>7}" if real else "")
           + f" {'images':>8} {'img/s':>8}")
     for row in report["results"]:

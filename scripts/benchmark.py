@@ -2,7 +2,9 @@
 """Benchmarks, each printing its figures as one JSON line last (BENCHMARKS.md records what they showed).
 
   benchmark.py model --model NAME [--batch-size 16] [--image-size 224] [--channels-last] [--compile] [--compare]
-      forward+backward+SGD step; --compare interleaves timm's equivalent model in the same process.
+                     [--image-sizes N [N ...]]
+      forward+backward+SGD step; --compare interleaves timm's equivalent model in the same process;
+      --image-sizes times the step at each size instead, rounds interleaved (data.progressive_resize's gain).
   benchmark.py data --root DIR --backend {dali,torchvision} [--batch-size 32] [--workers 2] [--crop-size 224]
                     [--autoaugment {none,imagenet}] [--seconds 10] [--color-jitter 0.4] [--lighting 0.1] [--compare]
                     [--rounds 4] [--settle 1.0]
@@ -39,14 +41,15 @@ from resnest_train.models import create_model  # noqa: E402
 from resnest_train.models.zoo import TIMM_NAMES  # noqa: E402
 
 
-def _step_fn(model, args):
+def _step_fn(model, args, size: int | None = None):
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    size = size or args.image_size
     device = torch.device(args.device)
     model = model.to(device, memory_format=fmt).train()
     if args.compile:
         model = torch.compile(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    images = torch.randn(args.batch_size, 3, size, size, device=device)
     images = images.contiguous(memory_format=fmt)
     targets = torch.randint(0, 1000, (args.batch_size,), device=device)
     criterion = torch.nn.CrossEntropyLoss()
@@ -75,22 +78,47 @@ def _time(step, steps: int) -> float:
     return time.perf_counter() - started
 
 
-def bench_model(args) -> dict:
-    torch.set_num_threads(args.threads)
-    # Denormal gradients slow CPU element-wise kernels by up to 3x depending on the random draw of weights
-    # (GPUs flush them); flushing makes the comparison independent of that draw.
-    torch.set_flush_denormal(args.flush_denormal)
-    sides = {"ours": create_model(args.model)}
-    if args.compare:
-        import timm
-        sides["timm"] = timm.create_model(TIMM_NAMES[args.model])
-    steps = {name: _step_fn(model, args) for name, model in sides.items()}
+def _interleaved(steps: dict, args) -> dict:
+    """Each side's seconds per round of `args.steps` steps, rounds interleaved (the machines are shared)."""
     for step in steps.values():  # warm-up (allocator, compile)
         _time(step, 2)
     times = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
             times[name].append(_time(step, args.steps))
+    return times
+
+
+def bench_sizes(args) -> dict:
+    """One model's training step at each of `--image-sizes`: the images/s progressive resizing trains its
+    smaller epochs at, and each size's speed-up over the largest."""
+    def fresh(size: int):
+        torch.manual_seed(0)  # the same initial weights for every size: each side trains its own copy
+        return _step_fn(create_model(args.model), args, size)
+    times = _interleaved({size: fresh(size) for size in args.image_sizes}, args)
+    images, largest = args.batch_size * args.steps, str(max(args.image_sizes))
+    result = {"model": args.model, "batch_size": args.batch_size, "threads": args.threads, "device": args.device,
+              "amp": args.amp, "channels_last": args.channels_last}
+    # The median round, and the best one: what the code can do when the shared machine lets it.
+    for name, pick in (("", statistics.median), ("best_", min)):
+        rates = {str(size): images / pick(values) for size, values in times.items()}
+        result[f"{name}images_per_sec"] = rates
+        result[f"{name}speedup_vs_largest"] = {size: rate / rates[largest] for size, rate in rates.items()}
+    return result
+
+
+def bench_model(args) -> dict:
+    torch.set_num_threads(args.threads)
+    # Denormal gradients slow CPU element-wise kernels by up to 3x depending on the random draw of weights
+    # (GPUs flush them); flushing makes the comparison independent of that draw.
+    torch.set_flush_denormal(args.flush_denormal)
+    if args.image_sizes:
+        return bench_sizes(args)
+    sides = {"ours": create_model(args.model)}
+    if args.compare:
+        import timm
+        sides["timm"] = timm.create_model(TIMM_NAMES[args.model])
+    times = _interleaved({name: _step_fn(model, args) for name, model in sides.items()}, args)
     result = {"model": args.model, "batch_size": args.batch_size, "image_size": args.image_size,
               "channels_last": args.channels_last, "threads": args.threads, "flush_denormal": args.flush_denormal,
               "device": args.device, "amp": args.amp}
@@ -245,6 +273,8 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True) for both")
     model.add_argument("--device", default="cpu", help="cpu or cuda")
     model.add_argument("--amp", choices=["none", "bf16"], default="none")
+    model.add_argument("--image-sizes", type=int, nargs="+", metavar="N",
+                       help="time the step at each size, rounds interleaved (progressive resizing's sizes)")
     data = sub.add_parser("data")
     data.add_argument("--root", required=True)
     data.add_argument("--backend", choices=["dali", "torchvision"], required=True)

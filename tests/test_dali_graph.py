@@ -134,3 +134,18 @@ def test_drawn_interpolation_of_the_inception_crop_fits_both_gpu_graphs(tmp_path
     CPU) of the GPU resize, the host ops as an input of theirs."""
     plan = gpu_plan(tmp_path, decoder=decoder, crop="inception", autoaugment_on=autoaugment_on)
     assert graph_problems(train_pipeline(plan)) == []
+
+@pytest.mark.parametrize("decoder", ["gpu", "cpu"])
+@pytest.mark.parametrize("autoaugment_on", ["image", "crop"])
+def test_progressive_resizing_feeds_the_size_as_an_argument_input(tmp_path, decoder, autoaugment_on):
+    """data.progressive_resize: the epoch's size is one more output of the external source, which DALI's
+    resize (the GPU graph's) takes as per-sample argument inputs, read on the host; the CPU graph's host
+    resize takes it as an input. One training pipeline then serves every size."""
+    plan = gpu_plan(tmp_path, decoder=decoder, autoaugment="imagenet", autoaugment_on=autoaugment_on,
+                    progressive_resize=(32, 64, 1, 3))
+    pipe = train_pipeline(plan)
+    assert graph_problems(pipe) == []
+    resizes = [op for op in pipe._ops if getattr(op._op, "schema_name", "") == "Resize"]
+    fed = [op.spec.InputName(i) for op in resizes for i in range(op.spec.NumRegularInput(), op.spec.NumInput())]
+    assert len(fed) == (2 if decoder == "gpu" else 0)  # resize_x and resize_y (the host resize: a regular input)
+    assert all(name.startswith("__ExternalSource") for name in fed)

@@ -1,5 +1,5 @@
-"""evaluate.py: exact-once counting on any number of processes, crop/resize sizes, backends agree,
-and a checkpoint that does not fit is a clear error."""
+"""evaluate.py: exact-once counting on any number of processes (with and without test-time flip), crop/resize
+sizes, backends agree, and a checkpoint that does not fit is a clear error."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from resnest_train.cluster.distributed import DistInfo
 from resnest_train.models import create_model
+from resnest_train.recipe.engine import resolve_precision, validate
 from tests.conftest import ROOT, TORCHRUN, run_script, train_args
 
 
@@ -52,6 +54,39 @@ def test_every_image_counted_once_on_1_2_3_processes(odd_root, weights, tmp_path
     rows = [report["results"][0] for report in reports]
     assert [r["num_images"] for r in rows] == [65, 65, 65]
     assert len({(r["top1"], r["top5"]) for r in rows}) == 1
+
+
+def test_flip_scores_each_image_by_the_mean_of_its_and_its_mirrors_softmax():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 6, 7))  # not mirror-symmetric
+    images, targets = torch.randn(10, 3, 4, 6), torch.randint(0, 7, (10,))
+    loader = [(images[:4], targets[:4]), (images[4:], targets[4:])]
+    dist, precision = DistInfo(0, 0, 1, torch.device("cpu")), resolve_precision("none", torch.device("cpu"))
+    plain = validate(model, loader, dist, precision, predictions=True)
+    flipped = validate(model, loader, dist, precision, predictions=True, flip=True)
+    with torch.no_grad():
+        expected = (model(images).softmax(dim=1) + model(images.flip(3)).softmax(dim=1)) / 2
+    top5 = expected.topk(5, dim=1)
+    assert flipped.num_images == plain.num_images == 10  # each image counted once, mirror or not
+    assert [classes for classes, _ in flipped.predictions] == top5.indices.tolist()
+    torch.testing.assert_close(torch.tensor([probs for _, probs in flipped.predictions]), top5.values)
+    assert flipped.top1 == pytest.approx(100.0 * (top5.indices[:, 0] == targets).sum().item() / 10)
+    assert [probs for _, probs in plain.predictions] != [probs for _, probs in flipped.predictions]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_flip_counts_every_image_once_on_1_and_2_processes(odd_root, weights, tmp_path):
+    plain = evaluate(odd_root, weights, tmp_path / "plain.json", "--crop-size", "32", "--predictions",
+                     str(tmp_path / "plain.csv"))
+    flipped = [evaluate(odd_root, weights, tmp_path / f"flip{n}.json", "--crop-size", "32", "--flip",
+                        *(["--predictions", str(tmp_path / "flip.csv")] if n == 1 else []), nproc=n) for n in (1, 2)]
+    rows = [report["results"][0] for report in flipped]
+    assert [r["num_images"] for r in rows] == [65, 65] and len({(r["top1"], r["top5"]) for r in rows}) == 1
+    assert plain["flip"] is False and flipped[0]["flip"] is True and flipped[1]["flip"] is True
+    probs = [[row["top5_probs"] for row in csv.DictReader(open(tmp_path / name))] for name in ("plain.csv", "flip.csv")]
+    assert len(probs[0]) == len(probs[1]) == 65
+    assert sum(a != b for a, b in zip(*probs)) > 60  # the mirror changes the scores of a model that is not symmetric
 
 
 @pytest.mark.slow

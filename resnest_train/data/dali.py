@@ -50,8 +50,10 @@ class DaliOps:
         self.policy = autoaugment
         self.rand_augment = parse_rand_augment(autoaugment) if is_rand_augment(autoaugment) else None
 
-    def resize(self, images, size: int, interp=None):
-        """To size x size; `interp`: a per-image index into crops.INTERPOLATIONS (data.crop=inception)."""
+    def resize(self, images, size, interp=None):
+        """To size x size. `size`: an int, or a per-sample input (the epoch's crop under progressive resizing:
+        DALI's resize takes its arguments as per-sample inputs, so one pipeline serves every size); `interp`:
+        a per-image index into crops.INTERPOLATIONS (data.crop=inception)."""
         interp_type = self.interp if interp is None else drawn_interp_type(interp)
         return fn.resize(images, resize_x=size, resize_y=size, interp_type=interp_type, antialias=True)
 

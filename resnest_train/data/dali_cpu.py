@@ -57,9 +57,13 @@ def resize_one(image: np.ndarray, size: int, mode: str) -> np.ndarray:
     return _resize(image, size, size, mode)
 
 
-def resize_drawn_one(image: np.ndarray, interp: np.ndarray, size: int) -> np.ndarray:
-    """`resize_one` with the image's drawn interpolation (an index into crops.INTERPOLATIONS)."""
-    return _resize(image, size, size, INTERPOLATIONS[int(interp)])
+def resize_fed_one(image: np.ndarray, *fed: np.ndarray, size: int | None, mode: str, fed_size: bool,
+                   fed_interp: bool) -> np.ndarray:
+    """`resize_one` with what is fed per sample: the epoch's size (progressive resizing, one float per image;
+    first) and the image's drawn interpolation (data.crop=inception, an index into crops.INTERPOLATIONS)."""
+    values = list(fed)
+    side = int(values.pop(0).reshape(-1)[0]) if fed_size else size
+    return _resize(image, side, side, INTERPOLATIONS[int(values.pop(0))] if fed_interp else mode)
 
 
 def resize_shorter_one(image: np.ndarray, size: int, mode: str) -> np.ndarray:
@@ -137,10 +141,16 @@ class HostOps:
         self._saturate = _host(per_image(saturate_one, threads))
         self._autoaugment = None  # built on first use: the table lookups are not free
 
-    def resize(self, images, size: int, interp=None):
-        if interp is not None:  # data.crop=inception: each image's drawn interpolation
-            resize = per_image(functools.partial(resize_drawn_one, size=size), self.threads)
-            return fn.python_function(images, interp, function=_host(resize), batch_processing=True,
+    def resize(self, images, size, interp=None):
+        """`size`: an int, or a per-sample input (the epoch's crop under progressive resizing); `interp`: each
+        image's drawn interpolation (data.crop=inception)."""
+        fed_size = not isinstance(size, int)
+        if fed_size or interp is not None:
+            inputs = [value for value in (size if fed_size else None, interp) if value is not None]
+            resize = per_image(functools.partial(resize_fed_one, size=None if fed_size else size,
+                                                 mode=self.interpolation, fed_size=fed_size,
+                                                 fed_interp=interp is not None), self.threads)
+            return fn.python_function(images, *inputs, function=_host(resize), batch_processing=True,
                                       output_layouts="HWC")
         resize = per_image(functools.partial(resize_one, size=size, mode=self.interpolation), self.threads)
         return fn.python_function(images, function=_host(resize), batch_processing=True, output_layouts="HWC")

@@ -9,7 +9,8 @@ and arguments), jitters colour with the drawn factors, flips, and folds the draw
 normalisation. DALI draws nothing itself, so the same image is augmented the same way on any process count
 and after any resume, and a resume needs no DALI checkpoint: the reader starts at the step. The pipeline is
 built once; an epoch points the feed at its micro-batches and resets the iterator (BENCHMARKS.md, "ImageNet
-scale": no per-epoch rebuild).
+scale": no per-epoch rebuild). Under progressive resizing the feed also sends each image's output size, the
+epoch's (`DataPlan.train_size`), which the resize takes as a per-sample input: no rebuild for a new size.
 """
 
 from __future__ import annotations
@@ -40,22 +41,24 @@ from resnest_train.data.samples import SampleList
 from resnest_train.data.undecodable import Replacement, undecodable_error
 
 
-def _crop(jpegs, start, shape, plan: DataPlan, ops, augment, interp=None):
-    """The drawn window, resized to the crop size (with the drawn interpolation where `data.crop` draws one);
-    AutoAugment on the crop or, before it, on the image."""
+def _crop(jpegs, start, shape, size, plan: DataPlan, ops, augment, interp=None):
+    """The drawn window, resized to `size` (the crop size, or the epoch's, fed per sample; with the drawn
+    interpolation where `data.crop` draws one); AutoAugment on the crop or, before it, on the image."""
     if plan.autoaugment == "none" or plan.autoaugment_on == "crop":
         images = fn.decoders.image_slice(jpegs, start=start, shape=shape, axis_names="HW", **_decode_common(plan))
-        images = ops.resize(images, plan.crop_size, interp)
+        images = ops.resize(images, size, interp)
         return augment(images) if plan.autoaugment != "none" else images
     images = augment(fn.decoders.image(jpegs, **_decode_common(plan)))
-    return ops.resize(fn.slice(images, start=start, shape=shape, axis_names="HW"), plan.crop_size, interp)
+    return ops.resize(fn.slice(images, start=start, shape=shape, axis_names="HW"), size, interp)
 
 
 @pipeline_def(enable_conditionals=True)
 def _train_pipeline(*, plan: DataPlan, feed, ops):
     fed = dict(zip(feed.names, fn.external_source(source=feed, num_outputs=len(feed.names), batch=True)))
     augment = (lambda images: ops.autoaugment(images, *(fed[name] for name in augment_inputs(plan.autoaugment))))
-    images = _crop(fed["encoded"], fed["start"], fed["shape"], plan, ops, augment, fed.get("interp"))
+    # Progressive resizing feeds each micro-batch's size (the feed's epoch's): the graph is built once.
+    size = fed.get("size", plan.crop_size)
+    images = _crop(fed["encoded"], fed["start"], fed["shape"], size, plan, ops, augment, fed.get("interp"))
     if plan.color_jitter > 0:
         jitter = fed["jitter"]
         images = ops.color_twist(images, brightness=jitter[0], contrast=jitter[1], saturation=jitter[2])

@@ -14,7 +14,10 @@ and lighting draws (the AutoAugment and no-augment draws are unchanged by it), w
 
 With `train.repeated_augment` = k > 1 an image appears up to k times in an epoch (order.py); copy r > 0 is
 drawn from (seed, epoch, sample, r), copy 0 from (seed, epoch, sample) as every image is without repeats, so
-the copies are augmented independently and k = 1 draws exactly what it drew before.
+the copies are augmented independently and k = 1 draws exactly what it drew before. The crop window is in
+the image's own pixels, whatever size it is resized to, so progressive resizing (`DataPlan.train_size`)
+changes no draw; only RandAugment's translation on the crop (`autoaugment_on: crop`) is computed for the
+epoch's crop size.
 """
 
 from __future__ import annotations
@@ -94,7 +97,8 @@ def draw_sample(plan: DataPlan, epoch: int, sample: int, height: int, width: int
     if is_rand_augment(plan.autoaugment):
         spec = parse_rand_augment(plan.autoaugment)
         drawn.update(draw_rand_augment(rng, spec))
-        size = (height, width) if plan.autoaugment_on == "image" else (plan.crop_size, plan.crop_size)
+        side = plan.train_size(epoch)  # the epoch's crop (progressive resizing): still a function of the epoch
+        size = (height, width) if plan.autoaugment_on == "image" else (side, side)
         drawn["arg"] = op_args(spec, drawn["op"], drawn["magnitude"], drawn["negate"], *size)
         return drawn
     count = len(POLICIES[plan.autoaugment]) if plan.autoaugment != "none" else 1

@@ -1,9 +1,10 @@
 """The resolved data plan: every value a backend needs, derived once from `DataConfig` + `DistInfo`.
 
 Backends receive this frozen value and nothing else from the config: crop and resize sizes (the
-crop -> resize rule lives here), interpolation, the memory layout batches arrive in, the device they arrive
-on, where DALI decodes, and the shard rule of the validation list. Trainer and evaluator build the same
-plan, so they cannot disagree on any of it.
+crop -> resize rule lives here, and so does the training crop of each epoch under progressive resizing,
+`train_size`, which every backend, the draws and the metrics ask), interpolation, the memory layout batches
+arrive in, the device they arrive on, where DALI decodes, and the shard rule of the validation list. Trainer
+and evaluator build the same plan, so they cannot disagree on any of it.
 """
 
 from __future__ import annotations
@@ -12,11 +13,35 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from resnest_train.cluster.distributed import DistInfo
 from resnest_train.config import Config
 from resnest_train.errors import UserError
+
+SIZE_STEP = 32  # progressive resizing's sizes are multiples of 32 (FFCV's ImageNet example rounds to them)
+
+
+def progressive_size(progressive: tuple[int, int, int, int] | None, crop_size: int, epoch: int) -> int:
+    """The training crop of epoch index `epoch` (0 for the first epoch, as `set_epoch` counts).
+
+    `progressive` = (start_size, end_size, start_epoch, end_epoch), epochs numbered from 1 as metrics.jsonl
+    numbers them: epochs 1..start_epoch train at start_size, epochs end_epoch.. at end_size, and those
+    between at the linear interpolation rounded to the nearest multiple of 32 (half to even), the rule of
+    FFCV's ImageNet example (`get_resolution` in libffcv/ffcv-imagenet's train_imagenet.py, which counts
+    epochs from 0: its start_ramp/end_ramp are start_epoch - 1 / end_epoch - 1 here). None: `crop_size`.
+    A function of the epoch alone, so a resume anywhere in an epoch continues at its size."""
+    if progressive is None:
+        return crop_size
+    start_size, end_size, start_epoch, end_epoch = progressive
+    number = epoch + 1
+    if number <= start_epoch:
+        return start_size
+    if number >= end_epoch:
+        return end_size
+    size = np.interp(number, [start_epoch, end_epoch], [start_size, end_size])  # FFCV's arithmetic, float64
+    return int(np.round(size / SIZE_STEP)) * SIZE_STEP
 
 
 def resize_size(crop_size: int, ratio: float) -> int:
@@ -49,10 +74,15 @@ class DataPlan:
     val_resize_size: int
     crop: str = "random_resized"  # the training crop's window rule (crops.py)
     crop_min_area: float = 0.1  # the efficientnet crop's smallest area fraction
+    progressive_resize: tuple[int, int, int, int] | None = None  # data.progressive_resize: see `train_size`
 
     @property
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def train_size(self, epoch: int) -> int:
+        """The training crop of epoch index `epoch`: `crop_size`, or the progressive-resizing ramp's size."""
+        return progressive_size(self.progressive_resize, self.crop_size, epoch)
 
     def shard(self, samples: list) -> list:
         """This rank's slice of an evaluation list: no padding, so every sample is counted exactly once."""
@@ -84,4 +114,5 @@ def build_data_plan(config: Config, dist: DistInfo) -> DataPlan:
         color_jitter=data.color_jitter, lighting=data.lighting, interpolation=data.interpolation,
         val_crop_size=data.val_crop_size,
         val_resize_size=data.val_resize_size or resize_size(data.val_crop_size, data.val_resize_ratio),
-        crop=data.crop, crop_min_area=data.crop_min_area)
+        crop=data.crop, crop_min_area=data.crop_min_area,
+        progressive_resize=data.progressive_resize)

@@ -7,9 +7,9 @@ optimizer step: a resumed reader starts at that step, whatever the backend). The
 synthetic training loaders hold one and only decode the micro-batches it gives them (`ReaderLoader`).
 
 `MicroBatchFeed` is what DALI's `fn.external_source` calls: the next micro-batch's encoded bytes (a file's,
-or a shard member's), its training-list positions and its augmentation draws (`draws.py`); it raises
-StopIteration at the end of the epoch, and is pointed at the next epoch before the pipeline is reset, so one
-pipeline serves the whole run.
+or a shard member's), its training-list positions and its augmentation draws (`draws.py`), and under
+progressive resizing the epoch's crop size per image; it raises StopIteration at the end of the epoch, and is
+pointed at the next epoch before the pipeline is reset, so one pipeline serves the whole run, every size.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ class MicroBatchFeed:
         # the outputs the graph uses: the draws of disabled augmentations are not sent
         self.names = ("encoded", "sample", "start", "shape", "flip") + ("jitter",) * (plan.color_jitter > 0) \
             + ("lighting",) * (plan.lighting > 0) + augment_inputs(plan.autoaugment) \
-            + ("interp",) * (plan.crop == "inception")
+            + ("interp",) * (plan.crop == "inception") \
+            + ("size",) * (plan.progressive_resize is not None)
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="feed")  # reads and header parses overlap
         self.epoch, self.rows, self.cursor = 0, np.zeros((0, 0), dtype=np.int64), 0
         self.repeats: np.ndarray | None = None
@@ -139,7 +140,9 @@ class MicroBatchFeed:
                   "sample": np.array(positions, dtype=np.int64).reshape(-1, 1), "start": draws.crop[:, :2].copy(),
                   "shape": draws.crop[:, 2:].copy(), "flip": draws.flip, "jitter": draws.jitter,
                   "lighting": draws.lighting, "sub_policy": draws.sub_policy, "run": draws.run, "negate": draws.negate,
-                  "op": draws.op, "arg": draws.arg, "interp": draws.interp}
+                  "op": draws.op, "arg": draws.arg, "interp": draws.interp,
+                  # the epoch's crop side, one float per image (DALI's resize takes float arguments)
+                  "size": np.full(len(positions), self.plan.train_size(self.epoch), dtype=np.float32)}
         return tuple(values[name] for name in self.names)
 
     def delivered(self, positions: list[int]) -> Draws | None:

@@ -1,8 +1,8 @@
 """The synthetic backend: random tensors of the right shape and labels, to measure the trainer without any
 decoding cost. Training sample i is pool image i mod P with its own random label: a small pool of random
-images made on the training device once, gathered per micro-batch of the reader (`reader.py`), so the
-synthetic backend reads the same samples as the others, and a gather is a fresh tensor (in-place work
-downstream, mixup, never changes what later batches hold)."""
+images made on the training device once (again for each new size under progressive resizing), gathered per
+micro-batch of the reader (`reader.py`), so the synthetic backend reads the same samples as the others, and a
+gather is a fresh tensor (in-place work downstream, mixup, never changes what later batches hold)."""
 
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ class SyntheticTrainLoader(ReaderLoader):
     """The `Loader` over the reader's micro-batches: pool images, labelled per sample."""
 
     def __init__(self, plan: DataPlan, order: TrainOrder, *, start: tuple[int, int] = (0, 0)):
-        self.reader = EpochReader(order, start)
-        self.pool, _ = _random_images(plan, min(POOL, order.num_samples), plan.crop_size,
-                                      derive_seed(plan.seed, SYNTHETIC, 0))
+        self.reader, self.plan = EpochReader(order, start), plan
+        self.pool_count = min(POOL, order.num_samples)
+        self.pool, _ = _random_images(plan, self.pool_count, plan.crop_size, derive_seed(plan.seed, SYNTHETIC, 0))
         generator = torch.Generator().manual_seed(derive_seed(plan.seed, SYNTHETIC, 1))
         self.labels = torch.randint(0, plan.num_classes, (order.num_samples,), generator=generator).to(plan.device)
         self.memory_format = plan.memory_format
@@ -37,6 +37,9 @@ class SyntheticTrainLoader(ReaderLoader):
 
     def set_epoch(self, epoch: int) -> None:
         self.samples = torch.from_numpy(self.reader.set_epoch(epoch))
+        size = self.plan.train_size(epoch)
+        if size != self.pool.shape[-1]:  # progressive resizing: a pool of the epoch's size, from the same seed
+            self.pool, _ = _random_images(self.plan, self.pool_count, size, derive_seed(self.plan.seed, SYNTHETIC, 0))
 
     def __iter__(self):
         pool_index = (self.samples % self.pool.shape[0]).to(self.pool.device)

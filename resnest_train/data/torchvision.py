@@ -127,15 +127,17 @@ class TrainAugment:
             return apply_sub_policy(image, self.sub_policies[draws["sub_policy"]], draws["run"], draws["negate"])
         return image
 
-    def __call__(self, image: Image.Image, draws: dict) -> torch.Tensor:
+    def __call__(self, image: Image.Image, draws: dict, size: int | None = None) -> torch.Tensor:
+        """`size`: the epoch's crop (`DataPlan.train_size`); None: `crop_size`."""
         plan = self.plan
+        size = size or plan.crop_size
         if plan.autoaugment_on == "image":
             image = self.augment(image, draws)
         top, left, height, width = draws["crop"]
         # data.crop=inception draws each image's interpolation (crops.py); the others use data.interpolation
         interpolation = T.InterpolationMode(INTERPOLATIONS[draws["interp"]]) if "interp" in draws \
             else self.interpolation
-        image = F.resized_crop(image, top, left, height, width, [plan.crop_size, plan.crop_size],
+        image = F.resized_crop(image, top, left, height, width, [size, size],
                                interpolation=interpolation, antialias=True)
         if plan.autoaugment_on == "crop":
             image = self.augment(image, draws)
@@ -174,7 +176,8 @@ FALLBACK_TRIES = 64  # training-list positions tried after an undecodable image 
 
 
 class TrainImageDataset(ImageListDataset):
-    """Training images by (epoch, sample, copy), augmented with the framework's draws for that key, so the
+    """Training images by (epoch, sample, copy), at the epoch's crop size (`DataPlan.train_size`: progressive
+    resizing needs nothing but the key), augmented with the framework's draws for that key, so the
     result does not depend on the process or worker that reads it (draws.py). Returns (image, label,
     position, draws).
 
@@ -210,7 +213,7 @@ class TrainImageDataset(ImageListDataset):
                           "be decoded")
         draws = draw_batch(self.plan, epoch, [item], [(rgb.height, rgb.width)],
                            None if repeat is None else [repeat]).row(0)
-        image = self.transform(rgb, draws)
+        image = self.transform(rgb, draws, self.plan.train_size(epoch))  # the epoch's size: progressive resizing
         if source != item:
             draws["replaced_by"] = source
         if failed:

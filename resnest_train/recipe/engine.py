@@ -94,24 +94,37 @@ class Validation:
     predictions: list  # (top-5 classes, top-5 probabilities) per image of this rank, when asked for
 
 
+def _scores(model: nn.Module, images: torch.Tensor, precision: Precision, flip: bool) -> torch.Tensor:
+    """The logits (float32); with `flip`, the probabilities: the mean of the softmaxes of the image and its
+    horizontal mirror. Averaging probabilities is how an ensemble of two views is usually combined; FFCV's
+    ImageNet example (`lr_tta`) sums the two logits instead, which can rank classes differently when the
+    views disagree."""
+    with precision.autocast():
+        logits = model(images).float()
+        if not flip:
+            return logits
+        mirrored = model(images.flip(3)).float()  # (B, C, H, W): W reversed
+    return (logits.softmax(dim=1) + mirrored.softmax(dim=1)) / 2
+
+
 @torch.no_grad()
 def validate(model: nn.Module, loader, dist: DistInfo, precision: Precision, *,
-             predictions: bool = False) -> Validation:
-    """Top-1 / top-5 in percent from counts summed across ranks; every image counted once."""
+             predictions: bool = False, flip: bool = False) -> Validation:
+    """Top-1 / top-5 in percent from counts summed across ranks; every image counted once (with `flip`, once
+    with its mirror: test-time flip, `_scores`)."""
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=dist.device)  # correct@1, correct@5, images
     images_seen = 0  # on the host: the batch sizes are known without a device sync
     rows = []
     for images, targets in loader:
-        with precision.autocast():
-            logits = model(images).float()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1)
+        scores = _scores(model, images, precision, flip)
+        top5 = scores.topk(min(5, scores.shape[1]), dim=1)
         hits = top5.indices == targets[:, None]
         counts[0] += hits[:, 0].sum()
         counts[1] += hits.any(dim=1).sum()
         images_seen += targets.numel()
         if predictions:
-            probs = logits.softmax(dim=1).gather(1, top5.indices)
+            probs = (scores if flip else scores.softmax(dim=1)).gather(1, top5.indices)
             rows.extend(zip(top5.indices.tolist(), probs.tolist()))
     counts[2] = images_seen
     all_reduce_sum(counts, dist)

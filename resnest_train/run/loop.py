@@ -42,7 +42,7 @@ def fit(run: Run, progress: Progress, stop, on_step: StepHook | None = None) -> 
                 log.info("stopped at step %d; rerun the same command to continue (from epoch %d  step %d/%d)",
                          progress.step, progress.epoch + 1, progress.epoch_step, run.plan.steps_per_epoch)
                 return
-            metrics = {"epoch": progress.epoch + 1,
+            metrics = {"epoch": progress.epoch + 1, "train_size": run.data.train_size(progress.epoch),
                        **reporter.end_epoch(progress.step, run.optimizer.param_groups[0]["lr"])}
             progress.epoch, progress.epoch_step = progress.epoch + 1, 0
             end_epoch(run, progress, reporter, metrics)

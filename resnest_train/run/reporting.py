@@ -151,6 +151,8 @@ class RunReporter:
         # Every scalar on one x-axis, the global step: epoch-level ones at the step that ends the epoch.
         self.writer.add_scalar("train/epoch_loss", metrics["train_loss"], metrics["step"])
         self.writer.add_scalar("train/epoch", metrics["epoch"], metrics["step"])
+        if metrics.get("train_size") is not None:  # the epoch's training crop (data.progressive_resize)
+            self.writer.add_scalar("train/size", metrics["train_size"], metrics["step"])
         self.writer.flush()
         if self.changes:
             metrics, self.changes = {**metrics, "resumed_with_changes": self.changes}, []
@@ -211,7 +213,12 @@ def start_summary(dist: DistInfo, data, index, plan: TrainPlan, resumed_world_si
     start = (f"resumed at epoch {progress.epoch + 1}, step {progress.epoch_step}/{plan.steps_per_epoch} (global "
              f"step {progress.step}) of a run on {resumed_world_size} processes" if resumed_world_size is not None
              else "a fresh run")
-    return [f"backend {data.backend}{decoder}, device {dist.device}, {dist.world_size} processes", images,
+    sizes = ""
+    if data.progressive_resize is not None:
+        start_size, end_size, start_epoch, end_epoch = data.progressive_resize
+        sizes = (f", training crop {start_size} px to epoch {start_epoch}, {end_size} px from epoch {end_epoch} "
+                 "(progressive resizing)")
+    return [f"backend {data.backend}{decoder}, device {dist.device}, {dist.world_size} processes{sizes}", images,
             f"global batch {plan.global_batch} = {dist.world_size} processes x micro-batch {plan.layout.micro_batch} "
             f"x {plan.layout.accumulation} accumulation steps",
             f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} in all ({plan.warmup_steps} warmup), peak "
