@@ -14,7 +14,8 @@ from PIL import Image
 from resnest_train.data.crops import INTERPOLATIONS, center_window, efficientnet_window
 from resnest_train.data.draws import draw_batch
 from resnest_train.data.index import load_index
-from resnest_train.data.torchvision import TrainAugment, build_torch_train
+from resnest_train.data.torchvision import build_torch_train
+from resnest_train.data.torchvision_augment import TrainAugment
 from tests.conftest import dali_importable, make_order, make_plan
 
 PLAIN = {"autoaugment": "none", "color_jitter": 0.0, "lighting": 0.0}

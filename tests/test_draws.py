@@ -15,7 +15,8 @@ from resnest_train.data.crops import crop_window
 from resnest_train.data.draws import draw_batch, image_size
 from resnest_train.data.index import load_index
 from resnest_train.data.sample_read import read_sample
-from resnest_train.data.torchvision import TrainAugment, build_torch_train
+from resnest_train.data.torchvision import build_torch_train
+from resnest_train.data.torchvision_augment import TrainAugment
 from tests.conftest import dali_importable, make_order, make_plan
 
 
