@@ -116,7 +116,9 @@ def test_late_lookups_upward_only_where_named():
 def test_every_module_architecture_names_exists():
     text = (PACKAGE.parent / "ARCHITECTURE.md").read_text()
     named = set(re.findall(r"`(?:[a-z_]+/)*([a-z_]+\.py)", text))
-    existing = {path.name for path in PACKAGE.rglob("*.py")} | {path.name for path in PACKAGE.parent.glob("*.py")}
+    root = PACKAGE.parent
+    existing = {path.name for folder in (PACKAGE, root / "tests", root / "scripts") for path in folder.rglob("*.py")}
+    existing |= {path.name for path in root.glob("*.py")}
     assert named - existing == set()
     packages = set(re.findall(r"`([a-z_]+)/`", text))
     assert all((PACKAGE / name).is_dir() for name in packages), packages
