@@ -20,10 +20,11 @@ pytest.importorskip("nvidia.dali")
 
 from nvidia.dali.ops import _registry  # noqa: E402
 
+from resnest_train.config_yaml import load_config  # noqa: E402
 from resnest_train.data import dali, dali_train  # noqa: E402
 from resnest_train.data.reader import MicroBatchFeed  # noqa: E402
 from resnest_train.data.samples import SampleList  # noqa: E402
-from tests.conftest import make_plan  # noqa: E402
+from tests.conftest import ROOT, make_plan  # noqa: E402
 
 SAMPLE_LIST = SampleList.from_pairs("folder", ["a", "b"], [(0, "0.jpg", 0), (1, "1.jpg", 1)])
 
@@ -61,7 +62,10 @@ def gpu_plan(root, decoder: str = "gpu", **data):
     return dataclasses.replace(plan, device=torch.device("cuda", 0), decoder=decoder)
 
 
-RAND_AUGMENT = ["rand-m9-n2-mstd0.5", "rand-m6-mstd0.5-inc1"]  # timm's strings the recipe configs use
+# timm's strings: the common ones and every one a recipe config uses (configs/*.yaml, read here)
+RAND_AUGMENT = sorted({"rand-m9-n2-mstd0.5", "rand-m6-mstd0.5-inc1"} | {
+    load_config(path).data.autoaugment for path in sorted((ROOT / "configs").glob("*.yaml"))
+    if load_config(path).data.autoaugment.startswith("rand-")})
 TRAIN_VARIANTS = [
     dict(autoaugment=policy, autoaugment_on=where, channels_last=layout, interpolation=interp)
     for (policy, where), layout, interp in itertools.product(
