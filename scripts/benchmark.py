@@ -17,6 +17,8 @@
   benchmark.py scan / checkpoint: the dataset index scan and checkpoint saves (benchmark_io.py).
   benchmark.py scale --out DIR: the data path at ImageNet's 1.33M files (benchmark_scale.py).
   benchmark.py trace-check [--model resnest50]: what split attention's torch.fx check costs eager training.
+  benchmark.py recipes: each optimizer's step, each augmentation policy and crop rule, mixup vs CutMix
+      (benchmark_recipes.py).
 Ratios are measured in one run, rounds interleaved, because the machines are shared and noisy.
 """
 
@@ -34,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import benchmark_io  # noqa: E402  (scripts/ is on sys.path when this file runs)
+import benchmark_recipes  # noqa: E402
 import benchmark_scale  # noqa: E402
 import benchmark_trainer  # noqa: E402
 
@@ -295,6 +298,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="also time the backend with AutoAugment on the other side of the crop")
     benchmark_trainer.add_parsers(sub)
     benchmark_io.add_parsers(sub)
+    benchmark_recipes.add_parsers(sub)
     benchmark_scale.add_parsers(sub)
     attention = sub.add_parser("attention")
     attention.add_argument("--batch-size", type=int, default=16)
@@ -314,7 +318,7 @@ def main(argv=None) -> int:
     result = {"model": bench_model, "data": bench_data, "trainer": benchmark_trainer.bench_trainer,
               "attention": bench_attention, "scan": benchmark_io.bench_scan,
               "checkpoint": benchmark_io.bench_checkpoint, "scale": benchmark_scale.bench_scale,
-              "trace-check": bench_trace_check}[args.what](args)
+              "trace-check": bench_trace_check, "recipes": benchmark_recipes.bench_recipes}[args.what](args)
     print(json.dumps(result))
     return 0
 
