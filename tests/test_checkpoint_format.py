@@ -86,3 +86,17 @@ def test_a_format_1_checkpoint_resumes_bit_identical(image_root, tmp_path, refer
     assert result.returncode == 0, result.stdout + result.stderr
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["format"] == FORMAT
     assert_bit_identical(final_weights(out), reference)
+
+
+@pytest.mark.slow
+def test_the_released_recipe_trains_the_same_weights_as_620cf1d(image_root, tmp_path, reference,  # noqa: F811
+                                                                 format_1_tree):
+    """The recipe options added since (optimizers, schedules, mixing, losses, crops, repeats, resizing) leave
+    the released recipe as it was: the same run on the code of 620cf1d ends with bit-identical weights."""
+    out = tmp_path / "old"
+    args = tiny_args(image_root, out)
+    old = [str(format_1_tree / Path(arg).relative_to(ROOT)) if arg.startswith(str(ROOT)) else arg for arg in args]
+    result = subprocess.run([sys.executable, *old], cwd=format_1_tree, env=script_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_bit_identical(final_weights(out), reference)

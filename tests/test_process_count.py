@@ -170,6 +170,32 @@ def test_cutmix_bce_and_drop_path_do_not_depend_on_the_process_count(uninterrupt
     assert_close(trainable(one), trainable(four))
 
 
+# RandAugment per image, CutMix per micro-batch and each image 3 times per epoch, each copy its own draws: the
+# per-image and per-micro-batch draws of the newer recipes together (randaugment.py, mixing.py, order.py).
+NEWER = ("data.autoaugment=rand-m9-n2-mstd0.5", "data.autoaugment_on=crop", "train.cutmix_alpha=1.0",
+         "train.repeated_augment=3")
+
+
+def draws_by_slot(rows: list[dict]) -> dict:
+    """(epoch, step, micro-batch, slot) -> (sample, its draws): with repeats an image has several draws."""
+    return {(row["epoch"], row["step"], row["micro_batch"], slot): (sample, draws) for row in rows
+            for slot, (sample, draws) in enumerate(zip(row["samples"], row["draws"]))}
+
+
+def test_randaugment_cutmix_and_repeats_do_not_depend_on_the_process_count(uninterrupted):
+    """1 and 2 processes (torchvision) end within the recipe's tolerance, having read the same micro-batches
+    with the same draws; DALI on 2 processes draws the same for every slot of every micro-batch."""
+    one, two = (uninterrupted("torchvision", processes, NEWER) for processes in (1, 2))
+    dali = uninterrupted("dali", 2, NEWER)
+    for out in (one, two, dali):
+        assert_loss_falls(out)
+    assert_close(trainable(one), trainable(two))
+    slots = [draws_by_slot(recorded(out / "samples")) for out in (one, two, dali)]
+    assert slots[0] == slots[1] == slots[2] and len(slots[0]) == 2 * STEPS * GLOBAL
+    samples = Counter(sample for (epoch, *_), (sample, _) in slots[0].items() if epoch == 0)
+    assert max(samples.values()) > 1 and all("op" in draws for _, draws in slots[0].values())
+
+
 def test_both_backends_draw_the_same_augmentation(uninterrupted):
     """The same sample gets the same crop window, flip, jitter, lighting and AutoAugment draws on DALI and
     torchvision (draws.py; the image size each read from the image)."""

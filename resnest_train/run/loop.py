@@ -65,16 +65,22 @@ def train_epoch(run: Run, progress: Progress, reporter: RunReporter, stop, on_st
     batches = iter(run.train_loader)
     record = SampleRecord.from_env(run.dist.rank)
     reporter.start_epoch(progress.epoch)
+    accumulation = run.plan.layout.accumulation
     while progress.epoch_step < run.plan.steps_per_epoch:
         lr = start_step(run, progress.step)
         losses = []
-        for micro in range(run.plan.layout.accumulation):
+        for micro in range(accumulation):
             images, targets = next(batches)
             reporter.data_ready()
             record.write(progress, run.order.micro_batch_index(micro), run.train_loader.last_samples,
                          run.train_loader.last_draws)
-            losses.append(micro_step(run, progress.step, micro, images, targets, reporter))
-            if micro < run.plan.layout.accumulation - 1:
+            images, targets = draw_micro_batch(run, progress.step, micro, images, targets)
+            if progress.step == 0 and micro == 0:
+                reporter.image_grid(images)  # what the model sees first, mixed
+            losses.append(forward_backward(run.model, images, targets, criterion=run.criterion, scaler=run.scaler,
+                                           precision=run.precision, loss_scale=1.0 / accumulation,
+                                           sync=micro == accumulation - 1))
+            if micro < accumulation - 1:
                 reporter.micro_step_done()
         optimizer_step(run.optimizer, run.scaler, run.config.optim.clip_grad)
         write_failed = after_step(run, progress, reporter, losses, lr, on_step)
@@ -97,18 +103,15 @@ def start_step(run: Run, step: int) -> float:
     return lr
 
 
-def micro_step(run: Run, step: int, micro: int, images, targets, reporter: RunReporter) -> torch.Tensor:
-    """Micro-batch `micro` of optimizer step `step`: its own random draws (mixup/CutMix, DropBlock, drop path,
-    dropout) seeded from (seed, step, micro-batch), so they do not depend on the process that runs it."""
+def draw_micro_batch(run: Run, step: int, micro: int, images, targets):
+    """Micro-batch `micro` of optimizer step `step` gets its own random draws (mixup/CutMix here; DropBlock,
+    drop path and dropout in the forward that follows), seeded from (seed, step, micro-batch), so they do not
+    depend on the process that runs it. Returns the (mixed) images and targets."""
     key = (run.config.train.seed, step, run.order.micro_batch_index(micro))
     seed_micro_batch(*key)
     if run.mixup is not None:
         images, targets = run.mixup(images, targets, micro_batch_generator(*key))
-    if step == 0 and micro == 0:
-        reporter.image_grid(images)  # what the model sees first, mixed
-    accumulation = run.plan.layout.accumulation
-    return forward_backward(run.model, images, targets, criterion=run.criterion, scaler=run.scaler,
-                            precision=run.precision, loss_scale=1.0 / accumulation, sync=micro == accumulation - 1)
+    return images, targets
 
 
 def after_step(run: Run, progress: Progress, reporter: RunReporter, losses: list, lr: float,
