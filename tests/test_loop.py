@@ -52,7 +52,8 @@ class QuietReporter:
 
 
 def tiny_run(global_batch: int, micro_batch: int) -> types.SimpleNamespace:
-    config = from_dict({"model": {"num_classes": 3, "dropblock_prob": 0.0}, "data": {"backend": "synthetic", "synthetic_size": 32},
+    config = from_dict({"model": {"num_classes": 3, "dropblock_prob": 0.0},
+                        "data": {"backend": "synthetic", "synthetic_size": 32},
                         "train": {"global_batch": global_batch, "batch_size": micro_batch, "epochs": 2,
                                   "mixup_alpha": 0.0, "amp": "none"},
                         "schedule": {"warmup_epochs": 1}, "checkpoint": {"interval_steps": 0}})
