@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnest_train.recipe.engine import Precision, resolve_precision
+from resnest_train.recipe.engine import Precision, forward_backward, optimizer_step, resolve_precision
 from tests.fake_cuda import fake_cuda
 
 CUDA = torch.device("cuda", 0)
@@ -61,8 +61,9 @@ def test_autocast_and_scaler_on_fake_cuda_tensors(monkeypatch, amp, dtype):
 
 @pytest.mark.cuda
 def test_fp16_step_with_the_scaler_on_a_gpu():
-    """One step as the trainer takes it: the gradient unscaled before the update (equal to the fp32 one
-    within fp16's precision), the update made with it, the scale kept after a finite step."""
+    """One step as the trainer takes it (engine.forward_backward, engine.optimizer_step): the gradient unscaled
+    before the update (equal to the fp32 one within fp16's precision), the update made with it, the scale
+    kept after a finite step."""
     torch.manual_seed(0)
     layer = nn.Linear(8, 4).to(CUDA)
     reference = copy.deepcopy(layer)
@@ -70,15 +71,12 @@ def test_fp16_step_with_the_scaler_on_a_gpu():
     precision = resolve_precision("fp16", CUDA)
     scaler = torch.amp.GradScaler(CUDA.type, enabled=precision.needs_scaler)
     images, targets = torch.randn(16, 8, device=CUDA), torch.randint(0, 4, (16,), device=CUDA)
-    with precision.autocast():
-        loss = F.cross_entropy(layer(images), targets)
-    scaler.scale(loss).backward()
+    before = copy.deepcopy(layer.weight.detach())
+    forward_backward(layer, images, targets, criterion=nn.CrossEntropyLoss(), scaler=scaler, precision=precision)
     scale = scaler.get_scale()
-    scaler.unscale_(optimizer)
+    optimizer_step(optimizer, scaler)  # the trainer's step: scaler.step unscales the gradients in place first
     grad = layer.weight.grad.clone()
-    scaler.step(optimizer)
-    scaler.update()
     F.cross_entropy(reference(images), targets).backward()
     torch.testing.assert_close(grad, reference.weight.grad, rtol=0.02, atol=1e-3)
-    torch.testing.assert_close(layer.weight.detach(), reference.weight.detach() - 0.1 * grad)
+    torch.testing.assert_close(layer.weight.detach(), before - 0.1 * grad)
     assert scale > 1 and scaler.get_scale() == scale

@@ -164,7 +164,11 @@ def test_state_dict_strips_wrappers(tmp_path):
     model = create_model("resnest14", num_classes=4)
     path = tmp_path / "ddp.pt"
     torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, path)
-    load_pretrained(create_model("resnest14", num_classes=4), path)
+    torch.manual_seed(1)
+    loaded = create_model("resnest14", num_classes=4)
+    assert not torch.equal(loaded.conv1[0].weight, model.conv1[0].weight)  # another draw before loading
+    assert load_pretrained(loaded, path) == []
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 def test_channels_last_and_compile_split():
