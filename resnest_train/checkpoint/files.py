@@ -26,8 +26,7 @@ import numpy as np
 import torch
 
 from resnest_train.checkpoint.format import Checkpoint, FormatError, position_of
-from resnest_train.cluster.agreement import describe, free_bytes
-from resnest_train.errors import UserError
+from resnest_train.errors import UserError, describe, free_bytes
 
 log = logging.getLogger("resnest_train")
 

@@ -4,66 +4,21 @@ the resume decision, the dataset index, a checkpoint write) while the other rank
 `rank0_acts(act, dist)` runs `act()` on rank 0 alone and hands every rank its result, or, when it raised
 anything at all (the project's UserError, an OSError of the filesystem, a bug), the same UserError on
 every rank, so that each prints the same `error:` line and exits 2 instead of waiting in a collective
-that rank 0 never reaches. `describe` is the one wording of an exception as that line.
+that rank 0 never reaches; `errors.describe` words the exception as that line.
 """
 
 from __future__ import annotations
 
 import datetime
-import errno
 import logging
-import shutil
 from collections.abc import Callable
-from pathlib import Path
 from typing import TypeVar
 
 from resnest_train.cluster.distributed import DistInfo, announce_failure, broadcast_object, failure_of_another_rank
-from resnest_train.errors import UserError
+from resnest_train.errors import UserError, describe
 
 log = logging.getLogger("resnest_train")
 T = TypeVar("T")
-
-
-def size_text(nbytes: float) -> str:
-    """A byte count as people read it: '812 KB', '97 MB', '1.4 GB'."""
-    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}" if nbytes < 10 * scale else f"{nbytes / scale:.0f} {unit}"
-    return f"{nbytes:.0f} bytes"
-
-
-def free_bytes(path: str | Path) -> int | None:
-    """Free bytes on the filesystem of `path` (its nearest existing folder), or None when unknown."""
-    folder = Path(path)
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return None
-
-
-def free_space(path: str | Path | None) -> str:
-    """'N MB free' on the filesystem of `path`, or '' when unknown."""
-    free = free_bytes(path) if path is not None else None
-    return "" if free is None else f"{size_text(free)} free"
-
-
-def describe(exc: BaseException, *, needed_bytes: int | None = None) -> str:
-    """The `error:` line of an exception: a UserError's own words; an OSError as what failed on which path
-    (a full disk said as such, with the space needed and free); anything else by its type and first line."""
-    if isinstance(exc, UserError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        path = exc.filename if exc.filename is not None else ""
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            needed = f", {size_text(needed_bytes)} needed" if needed_bytes else ""
-            free = free_space(path)
-            return f"disk full at {path}{needed}{', ' + free if free else ''}"
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        return f"{path}: {reason}" if path else reason
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def rank0_acts(act: Callable[[], T], dist: DistInfo, *, timeout: datetime.timedelta | None = None) -> T:
