@@ -6,8 +6,6 @@ resumes mid-epoch bit-identically."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import Counter, defaultdict
 
 import pytest
@@ -18,9 +16,15 @@ from resnest_train.data.index import load_index
 from resnest_train.data.reader import EpochReader
 from resnest_train.data.torchvision import build_torch_train
 from resnest_train.recipe.randomness import epoch_permutation
-from tests.conftest import ROOT, dali_importable, make_order, make_plan, script_env
+from tests.conftest import dali_importable, make_order, make_plan, script_env
 from tests.test_crops import epoch_draws
-from tests.test_resume import assert_bit_identical, final_weights, run_train, tiny_args, wait_for
+from tests.test_resume import (
+    assert_bit_identical,
+    final_weights,
+    kill_after_step_2_and_resume,
+    run_train,
+    tiny_args,
+)
 
 
 def test_the_epoch_list_repeats_each_image_and_keeps_its_length():
@@ -131,14 +135,5 @@ def test_repeated_augment_trains_and_resumes_mid_epoch_bit_identical(image_root,
 
     out = tmp_path_factory.mktemp("repeats_resumed")
     args = tiny_args(image_root, out, *REPEATS, "checkpoint.interval_steps=1")
-    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=script_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    wait_for(out / "checkpoints" / "step-000000002.pt", process)
-    process.kill()
-    process.wait()
-    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    assert state["batch"] > 0  # a mid-epoch checkpoint, not an epoch boundary
-    result = run_train(args)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "resuming from" in result.stdout
+    kill_after_step_2_and_resume(args, out)
     assert_bit_identical(final_weights(out), final_weights(reference))

@@ -58,18 +58,22 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> Non
         time.sleep(0.05)
 
 
-def test_kill_after_mid_epoch_checkpoint_resumes_bit_identical(image_root, tmp_path, reference):
-    args = tiny_args(image_root, tmp_path, "checkpoint.interval_steps=2")
+def kill_after_step_2_and_resume(args: list[str], out: Path) -> None:
+    """The run of `args` killed (-9) once its step-2 checkpoint exists, mid-epoch, then run again to its end."""
     process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=script_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    wait_for(tmp_path / "checkpoints" / "step-000000002.pt", process)
+    wait_for(out / "checkpoints" / "step-000000002.pt", process)
     process.kill()
     process.wait()
-    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert state["batch"] > 0  # a mid-epoch checkpoint, not an epoch boundary
     result = run_train(args)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resuming from" in result.stdout
+
+
+def test_kill_after_mid_epoch_checkpoint_resumes_bit_identical(image_root, tmp_path, reference):
+    kill_after_step_2_and_resume(tiny_args(image_root, tmp_path, "checkpoint.interval_steps=2"), tmp_path)
     assert_bit_identical(final_weights(tmp_path), reference)
 
 

@@ -6,15 +6,18 @@ have to carry (CPU, train.deterministic=true, torchvision backend)."""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
-import torch
 import yaml
 
-from tests.conftest import ROOT, metrics, script_env
-from tests.test_resume import assert_bit_identical, final_weights, run_train, tiny_args, wait_for
+from tests.conftest import metrics
+from tests.test_resume import (
+    assert_bit_identical,
+    final_weights,
+    kill_after_step_2_and_resume,
+    run_train,
+    tiny_args,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -37,14 +40,5 @@ def test_mixes_train_and_resume_mid_epoch_bit_identical(image_root, tmp_path_fac
 
     out = tmp_path_factory.mktemp("mixes_resumed")
     args = tiny_args(image_root, out, *MIXES, "checkpoint.interval_steps=1")
-    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=script_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    wait_for(out / "checkpoints" / "step-000000002.pt", process)
-    process.kill()
-    process.wait()
-    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    assert state["batch"] > 0  # a mid-epoch checkpoint, not an epoch boundary
-    result = run_train(args)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "resuming from" in result.stdout
+    kill_after_step_2_and_resume(args, out)
     assert_bit_identical(final_weights(out), final_weights(reference))
