@@ -22,7 +22,7 @@ from nvidia.dali.ops import _registry  # noqa: E402
 
 from resnest_train.config_yaml import load_config  # noqa: E402
 from resnest_train.data import dali, dali_train  # noqa: E402
-from resnest_train.data.reader import MicroBatchFeed  # noqa: E402
+from resnest_train.data.dali_feed import MicroBatchFeed  # noqa: E402
 from resnest_train.data.samples import SampleList  # noqa: E402
 from tests.conftest import ROOT, make_plan  # noqa: E402
 

@@ -48,7 +48,7 @@ def graph(dali, plan, *, train: bool):
     graph is built by DALI's Python side only (`_build_graph`, DALI 2.4); `build()` would need CUDA."""
     if train:
         from resnest_train.data import dali_train
-        from resnest_train.data.reader import MicroBatchFeed
+        from resnest_train.data.dali_feed import MicroBatchFeed
         from resnest_train.data.samples import SampleList
         samples = SampleList.from_pairs("folder", ["."], [(0, "a.jpg", 0)])
         pipe = dali_train.train_pipeline(plan, MicroBatchFeed(plan, samples), batch_size=2)

@@ -13,7 +13,7 @@ import torch
 
 from resnest_train.data.draws import draw_batch
 from resnest_train.data.index import load_index
-from resnest_train.data.reader import EpochReader
+from resnest_train.data.reader import EpochCursor
 from resnest_train.data.torchvision import build_torch_train
 from resnest_train.recipe.randomness import epoch_permutation
 from tests.conftest import dali_importable, make_order, make_plan, script_env
@@ -45,7 +45,7 @@ def global_micro_batches(world_size: int, start_step: int = 0, repeats: int = 3)
     out = {}
     for rank in range(world_size):
         order = make_order(48, 4, world_size=world_size, rank=rank, global_batch=16, repeats=repeats)
-        reader = EpochReader(order, start=(2, start_step))
+        reader = EpochCursor(order, start=(2, start_step))
         for row, samples in enumerate(reader.set_epoch(2)):
             step, micro_step = divmod(row, order.layout.accumulation)
             copies = reader.repeats[row].tolist() if reader.repeats is not None else [0] * len(samples)
@@ -80,7 +80,7 @@ def test_without_repeats_the_order_is_dealt_as_before():
 
 def test_a_mid_epoch_resume_continues_the_same_sequence():
     order = make_order(48, 4, world_size=2, rank=1, global_batch=16, repeats=3)
-    full, resumed = EpochReader(order, start=(2, 0)), EpochReader(order, start=(2, 1))
+    full, resumed = EpochCursor(order, start=(2, 0)), EpochCursor(order, start=(2, 1))
     rows, rest = full.set_epoch(2), resumed.set_epoch(2)
     skip = order.layout.accumulation  # one step of this rank's micro-batches
     assert (rest == rows[skip:]).all() and (resumed.repeats == full.repeats[skip:]).all()

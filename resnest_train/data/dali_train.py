@@ -32,10 +32,11 @@ from resnest_train.data.dali import (
     graph_ops,
     lighting_mean,
 )
+from resnest_train.data.dali_feed import MicroBatchFeed
 from resnest_train.data.draws import augment_inputs
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
-from resnest_train.data.reader import EpochReader, MicroBatchFeed, ReaderLoader
+from resnest_train.data.reader import EpochCursor, ReaderLoader
 from resnest_train.data.sample_read import SampleReadError
 from resnest_train.data.samples import SampleList
 from resnest_train.data.undecodable import Replacement, undecodable_error
@@ -79,7 +80,7 @@ def train_pipeline(plan: DataPlan, feed, *, batch_size: int, ops: str = "auto"):
 class DaliTrainLoader(ReaderLoader):
     def __init__(self, plan: DataPlan, samples: SampleList, order: TrainOrder, *, start: tuple[int, int] = (0, 0),
                  replacement: Replacement | None = None, ops: str = "auto"):
-        self.plan, self.samples, self.reader = plan, samples, EpochReader(order, start)
+        self.plan, self.samples, self.reader = plan, samples, EpochCursor(order, start)
         replacement = replacement or Replacement(len(samples))
         # a known undecodable sample trains as its replacement, label included (undecodable.py)
         labels = samples.labels.copy()

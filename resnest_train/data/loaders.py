@@ -60,7 +60,7 @@ class ValLoader(Protocol):
 
 class TrainLoader(Protocol):
     """What every backend gives the loop: this process's micro-batches of the framework's data order
-    (`order.py`), read from the epoch's cursor (`reader.EpochReader`).
+    (`order.py`), read from the epoch's cursor (`reader.EpochCursor`).
 
     - `set_epoch(epoch)` before each epoch; one pass yields the rest of that epoch (all of it, or what
       remains after the step the loader was built from), then stops;

@@ -10,7 +10,7 @@ import torch
 
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
-from resnest_train.data.reader import EpochReader, ReaderLoader
+from resnest_train.data.reader import EpochCursor, ReaderLoader
 from resnest_train.recipe.randomness import SYNTHETIC, derive_seed
 
 POOL = 64  # distinct images: enough that mixup's pairs differ, small enough to make at once on any device
@@ -27,7 +27,7 @@ class SyntheticTrainLoader(ReaderLoader):
     """The `Loader` over the reader's micro-batches: pool images, labelled per sample."""
 
     def __init__(self, plan: DataPlan, order: TrainOrder, *, start: tuple[int, int] = (0, 0)):
-        self.reader, self.plan = EpochReader(order, start), plan
+        self.reader, self.plan = EpochCursor(order, start), plan
         self.pool_count = min(POOL, order.num_samples)
         self.pool, _ = _random_images(plan, self.pool_count, plan.crop_size, derive_seed(plan.seed, SYNTHETIC, 0))
         generator = torch.Generator().manual_seed(derive_seed(plan.seed, SYNTHETIC, 1))

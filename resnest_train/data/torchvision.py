@@ -28,7 +28,7 @@ from resnest_train.data.draws import draw_batch
 from resnest_train.data.index import DatasetError
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan
-from resnest_train.data.reader import EpochReader, ReaderLoader
+from resnest_train.data.reader import EpochCursor, ReaderLoader
 from resnest_train.data.sample_read import SHARDS, SampleReadError, read_sample
 from resnest_train.data.samples import SampleList
 from resnest_train.data.torchvision_augment import TrainAugment
@@ -177,7 +177,7 @@ class TorchTrainLoader(ReaderLoader):
     """The training `Loader` over a DataLoader: decodes the micro-batches the reader gives it."""
 
     def __init__(self, loader: DataLoader, plan: DataPlan, order: TrainOrder, *, start: tuple[int, int] = (0, 0)):
-        self.loader, self.plan, self.reader = loader, plan, EpochReader(order, start)
+        self.loader, self.plan, self.reader = loader, plan, EpochCursor(order, start)
         self.last_draws = None
         self.found: list[str] = []  # undecodable images met since `newly_undecodable` was last asked
 
