@@ -260,9 +260,7 @@ def bench_trace_check(args) -> dict:
             "ratio_min": min(ratios), "ratio_max": max(ratios)}
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="what", required=True)
+def _add_model_parser(sub) -> None:
     model = sub.add_parser("model")
     model.add_argument("--model", default="resnest50")
     model.add_argument("--batch-size", type=int, default=16)
@@ -278,6 +276,12 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--amp", choices=["none", "bf16"], default="none")
     model.add_argument("--image-sizes", type=int, nargs="+", metavar="N",
                        help="time the step at each size, rounds interleaved (progressive resizing's sizes)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    _add_model_parser(sub)
     data = sub.add_parser("data")
     data.add_argument("--root", required=True)
     data.add_argument("--backend", choices=["dali", "torchvision"], required=True)

@@ -80,17 +80,8 @@ class ResNeStBottleneck(nn.Module):
         self.drop1 = make_drop_block(dropblock_prob)
         self.act1 = nn.ReLU(inplace=True)
         self.avd_first = nn.AvgPool2d(3, stride, padding=1) if has_avd and avd_first else None
-        if radix >= 1:
-            self.conv2 = SplitAttentionConv2d(
-                group_width, group_width, kernel_size=3, stride=conv_stride, padding=dilation,
-                dilation=dilation, cardinality=cardinality, radix=radix, norm_layer=norm_layer)
-            self.bn2 = nn.Identity()
-            self.act2 = nn.Identity()
-        else:
-            self.conv2 = nn.Conv2d(group_width, group_width, 3, conv_stride, padding=dilation,
-                                   dilation=dilation, groups=cardinality, bias=False)
-            self.bn2 = norm_layer(group_width)
-            self.act2 = nn.ReLU(inplace=True)
+        self.conv2, self.bn2, self.act2 = _middle_conv(group_width, conv_stride, dilation, cardinality, radix,
+                                                       norm_layer)
         self.drop2 = make_drop_block(dropblock_prob)
         self.avd_last = nn.AvgPool2d(3, stride, padding=1) if has_avd and not avd_first else None
         self.conv3 = nn.Conv2d(group_width, planes * self.expansion, 1, bias=False)
@@ -261,3 +252,14 @@ class ResNeSt(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+
+def _middle_conv(width: int, stride: int, dilation: int, cardinality: int, radix: int,
+                 norm_layer: NormLayer) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """The block's 3x3 stage: split attention (its own BN and ReLU inside) for radix >= 1, else a grouped
+    conv with BN and ReLU (ResNeXt / ResNet-D)."""
+    if radix >= 1:
+        conv = SplitAttentionConv2d(width, width, kernel_size=3, stride=stride, padding=dilation, dilation=dilation,
+                                    cardinality=cardinality, radix=radix, norm_layer=norm_layer)
+        return conv, nn.Identity(), nn.Identity()
+    conv = nn.Conv2d(width, width, 3, stride, padding=dilation, dilation=dilation, groups=cardinality, bias=False)
+    return conv, norm_layer(width), nn.ReLU(inplace=True)
