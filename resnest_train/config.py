@@ -114,9 +114,24 @@ class DataConfig:
     interpolation: str = "bilinear"
     # [start_size, end_size, start_epoch, end_epoch]: the training crop ramps between them (data/plan.py)
     progressive_resize: tuple[int, int, int, int] | None = None
+    # data.root as s3://, gs:// or http(s):// (data/store.py): shards through a node-local cache
+    cache_dir: str | None = None  # None: ~/.cache/resnest_train/shards
+    cache_limit: int | None = None  # bytes; None: no limit (data/shard_cache.py)
+    prefetch_shards: int = 4  # shard downloads in flight ahead of the reader, per process
+    train_shards: str | None = None  # a brace pattern of train/'s shards where a store cannot list them
+    val_shards: str | None = None
+    shuffle: str = "global"  # global | shards (data/order.py)
+    shuffle_window: int = 8  # shards: samples are shuffled within windows of this many shards
 
     def __post_init__(self):
         _check_choice("data.backend", self.backend, ("dali", "torchvision", "synthetic"))
+        _check_choice("data.shuffle", self.shuffle, ("global", "shards"))
+        _check_range("data.shuffle_window", self.shuffle_window, 1)
+        _check_range("data.prefetch_shards", self.prefetch_shards, 0, 64)
+        if self.cache_limit is not None:
+            _check_range("data.cache_limit", self.cache_limit, 1)
+        if self.shuffle == "shards" and self.backend == "synthetic":
+            raise ConfigError("'data.shuffle' is shards but data.backend=synthetic has no shards: use global")
         _check_choice("data.dali_device", self.dali_device, ("auto", "cpu", "gpu"))
         _check_autoaugment(self.autoaugment)
         _check_choice("data.autoaugment_on", self.autoaugment_on, ("image", "crop"))
