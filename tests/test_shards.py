@@ -188,6 +188,6 @@ def test_tar_members_are_listed_as_tarfile_lists_them(tmp_path, tar_format):
             tar.addfile(info, io.BytesIO(bytes(info.size)))
     size = path.stat().st_size
     with open(path, "rb") as raw:
-        ours, problem = filescan._tar_members(raw, size)
-        assert (ours, problem) == filescan._tarfile_members(raw, size) and problem is None
+        ours, problem = filescan._tar_members(filescan.FileReader(raw, size))
+        assert (ours, problem) == filescan._tarfile_members(filescan.FileReader(raw, size)) and problem is None
         assert [name for name, _, _ in ours] == names

@@ -84,32 +84,52 @@ def _sample_key(name: str) -> tuple[str, str]:
 
 
 def scan_shard(path: str) -> tuple[int, int, list[tuple[str, int, int, int, str | None]]]:
-    """(size, mtime_ns, samples) of a webdataset tar shard; each sample (image member name, data offset,
-    size, label, reason) in the order of the tar, from its image (.jpg/.jpeg/.png) and its `.cls` member
-    (the class index as text, the public ImageNet-1k webdataset layout). Headers are read and data seeked
-    over: only the `.cls` members and each image's first and last bytes are read. A shard that is not whole
-    (cut short, empty, not a tar) adds a last sample named "" whose reason says so; a key used twice is a
-    `ScanError` (webdataset itself refuses it)."""
+    """(size, mtime_ns, samples) of a local webdataset tar shard (`scan_tar`)."""
     stat = os.stat(path)
-    images, labels, order = {}, {}, []
     with open(path, "rb") as raw:
-        members, problem = _tar_members(raw, stat.st_size)
-        for name, start, size in members:
-            key, ext = _sample_key(name)
-            if "." + ext in IMAGE_EXTENSIONS:
-                if key in images:
-                    raise ScanError(f"{path}: two images for the sample key {key!r} ({images[key][0]} and {name}): "
-                                    "webdataset keys must be unique in a shard")
-                order.append(key)
-                images[key] = (name, start, size)
-            elif ext == "cls":
-                if key in labels:
-                    raise ScanError(f"{path}: the sample key {key!r} has two .cls members")
-                labels[key] = os.pread(raw.fileno(), size, start)
-        samples = [_shard_sample(raw.fileno(), images[key], labels.get(key)) for key in order]
+        return stat.st_size, stat.st_mtime_ns, scan_tar(FileReader(raw, stat.st_size))
+
+
+class FileReader:
+    """A local shard as `scan_tar` reads it: `pread`, its `size` and `name`, a file object for tarfile."""
+
+    def __init__(self, raw, size: int):
+        self.raw, self.size, self.name = raw, size, raw.name
+
+    def pread(self, size: int, offset: int) -> bytes:
+        return os.pread(self.raw.fileno(), size, offset)
+
+    def fileobj(self):
+        self.raw.seek(0)
+        return self.raw
+
+
+def scan_tar(reader) -> list[tuple[str, int, int, int, str | None]]:
+    """The samples of a webdataset tar shard read through `reader` (a local file, or a remote object read by
+    byte ranges: store.RangeReader); each sample (image member name, data offset, size, label, reason) in
+    the order of the tar, from its image (.jpg/.jpeg/.png) and its `.cls` member (the class index as text,
+    the public ImageNet-1k webdataset layout). Headers are read and data skipped: only the `.cls` members
+    and each image's first and last bytes are read. A shard that is not whole (cut short, empty, not a tar)
+    adds a last sample named "" whose reason says so; a key used twice is a `ScanError` (webdataset itself
+    refuses it)."""
+    images, labels, order = {}, {}, []
+    members, problem = _tar_members(reader)
+    for name, start, size in members:
+        key, ext = _sample_key(name)
+        if "." + ext in IMAGE_EXTENSIONS:
+            if key in images:
+                raise ScanError(f"{reader.name}: two images for the sample key {key!r} ({images[key][0]} and "
+                                f"{name}): webdataset keys must be unique in a shard")
+            order.append(key)
+            images[key] = (name, start, size)
+        elif ext == "cls":
+            if key in labels:
+                raise ScanError(f"{reader.name}: the sample key {key!r} has two .cls members")
+            labels[key] = reader.pread(size, start)
+    samples = [_shard_sample(reader, images[key], labels.get(key)) for key in order]
     if problem:
         samples.append(("", 0, 0, -1, f"{problem}; {len(samples)} samples before it are used"))
-    return stat.st_size, stat.st_mtime_ns, samples
+    return samples
 
 
 def _member_name(path: str, raw_name: bytes) -> str:
@@ -119,17 +139,17 @@ def _member_name(path: str, raw_name: bytes) -> str:
         raise ScanError(f"{path}: member name {raw_name!r} is not UTF-8: repack the shard with UTF-8 names") from None
 
 
-def _tar_members(raw, file_size: int) -> tuple[list[tuple[str, int, int]], str | None]:
+def _tar_members(reader) -> tuple[list[tuple[str, int, int]], str | None]:
     """(name, data offset, size) of every regular file in a tar, and why the tar is not whole (or None).
     Plain ustar/GNU headers are parsed here (tarfile's own parser is most of a scan's time at ImageNet's
     2.6M members); a tar with anything else (pax headers, GNU long names, numbers in base 256) is listed by
     tarfile. A tar ends with zero blocks: a shard that ends without them, or inside a member, was cut short
     (an interrupted copy)."""
-    members, offset, fd = [], 0, raw.fileno()
+    members, offset, file_size = [], 0, reader.size
     if file_size == 0:
         return [], "empty shard (0 bytes)"
     while True:
-        header = os.pread(fd, 512, offset)
+        header = reader.pread(512, offset)
         if len(header) < 512:
             return members, CUT_SHORT + " (no end-of-archive blocks)"
         if header == bytes(512):
@@ -139,10 +159,10 @@ def _tar_members(raw, file_size: int) -> tuple[list[tuple[str, int, int]], str |
             if kind in (b"1", b"2", b"3", b"4", b"5", b"6", b"7") and header[257:262] == b"ustar":
                 offset += 512  # links, devices, folders: no data to list
                 continue
-            return _tarfile_members(raw, file_size)
+            return _tarfile_members(reader)
         size = int(size_field.strip(b"\0 ") or b"0", 8)
-        name = _member_name(raw.name, header[:100].split(b"\0", 1)[0])
-        prefix = _member_name(raw.name, header[345:500].split(b"\0", 1)[0])
+        name = _member_name(reader.name, header[:100].split(b"\0", 1)[0])
+        prefix = _member_name(reader.name, header[345:500].split(b"\0", 1)[0])
         name = f"{prefix}/{name}" if prefix else name
         if offset + 512 + size > file_size:
             return members, f"{CUT_SHORT} inside member {name}"
@@ -153,16 +173,15 @@ def _tar_members(raw, file_size: int) -> tuple[list[tuple[str, int, int]], str |
 CUT_SHORT = "shard cut short (an interrupted copy?): the samples after its end are missing"
 
 
-def _tarfile_members(raw, file_size: int) -> tuple[list[tuple[str, int, int]], str | None]:
-    raw.seek(0)
-    members = []
+def _tarfile_members(reader) -> tuple[list[tuple[str, int, int]], str | None]:
+    members, file_size = [], reader.size
     try:
-        with tarfile.open(fileobj=raw, mode="r:") as tar:
+        with tarfile.open(fileobj=reader.fileobj(), mode="r:") as tar:
             for member in iter(tar.next, None):
                 if member.offset_data + member.size > file_size:
                     return members, f"{CUT_SHORT} inside member {member.name}"
                 if member.isfile():
-                    members.append((_member_name(raw.name, member.name.encode(errors="surrogateescape")),
+                    members.append((_member_name(reader.name, member.name.encode(errors="surrogateescape")),
                                     member.offset_data, member.size))
             end = tar.offset
     except tarfile.ReadError as exc:
@@ -170,11 +189,11 @@ def _tarfile_members(raw, file_size: int) -> tuple[list[tuple[str, int, int]], s
             return [], f"not a tar archive ({exc})"
         return members, f"{CUT_SHORT} ({exc})"
     # tarfile stops quietly where the file ends at a block boundary: the end-of-archive block must be there
-    whole = os.pread(raw.fileno(), 512, end) == bytes(512)
+    whole = reader.pread(512, end) == bytes(512)
     return members, None if whole else CUT_SHORT + " (no end-of-archive blocks)"
 
 
-def _shard_sample(fd: int, image: tuple[str, int, int], label: bytes | None):
+def _shard_sample(reader, image: tuple[str, int, int], label: bytes | None):
     name, start, size = image
     try:
         value = int(label.decode().strip()) if label is not None else -1
@@ -182,7 +201,11 @@ def _shard_sample(fd: int, image: tuple[str, int, int], label: bytes | None):
         value = -1
     if value > MAX_CLASS_INDEX:
         return name, start, size, -1, f"class index {value} in its .cls member is too large"
-    reason = check_image(name, size, start, fd)
+    try:
+        reason = image_verdict(reader.pread(8, start), reader.pread(64, start + max(0, size - 64))) if size \
+            else "empty file"
+    except OSError as exc:
+        reason = f"unreadable ({exc.strerror or exc})"
     if reason is None and value < 0:
         reason = "no class index (.cls member missing or not a number)"
     return name, start, size, value, reason

@@ -28,6 +28,9 @@ from resnest_train.data.filescan import IMAGE_EXTENSIONS, ScanError
 from resnest_train.data.index_table import Chunk, Table, read_cache, scan_units
 from resnest_train.data.index_table import write_cache as write_table
 from resnest_train.data.samples import SampleList, pack, unpack
+from resnest_train.data.store import is_remote
+from resnest_train.data.store import join as join_url
+from resnest_train.data.store_index import remote_table
 from resnest_train.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ class DatasetIndex:
     train: SampleList  # (path relative to root, label) per sample; `shard.tar:member` inside a shard
     val: SampleList
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    stamps: dict[str, tuple[int, int]] = field(default_factory=dict)  # shard -> (mtime or ETag digest, size)
 
     @property
     def layout(self) -> str:
@@ -113,17 +117,27 @@ def _is_sharded(root: Path, splits: tuple[str, ...]) -> bool:
     return bool(_shard_files(folder)) and not any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
 
 
-def _shard_classes(root: Path, classes: list[str] | None, table: Table) -> tuple[list[str], np.ndarray | None]:
+def _join(root: str | Path, *parts: str) -> str:
+    """A path under the data root, as messages name it (a URL keeps its `//`)."""
+    return join_url(str(root), *parts) if is_remote(str(root)) else str(Path(root).joinpath(*parts))
+
+
+def _classes_lines(root: Path) -> list[str] | None:
+    path = root / CLASSES_FILE
+    return _read_classes_file(path) if path.is_file() else None
+
+
+def _shard_classes(root: str | Path, names: list[str] | None, classes: list[str] | None,
+                   table: Table) -> tuple[list[str], np.ndarray | None]:
     """The class names of a shard dataset and, where the `.cls` indices are not already indices into them,
     the map from a `.cls` index to one. A `.cls` index means line i of `root/classes.txt`; the caller's
     `classes` (a checkpoint's, or `--classes`) are the model's labels, which the lines are mapped onto by
     name, as class folders are. Without `classes.txt`, the indices are the caller's labels (or the classes
     are named by their index)."""
-    path, (top, where) = root / CLASSES_FILE, _largest_label(table)
-    if path.is_file():
-        names = _read_classes_file(path)
+    path, (top, where) = _join(root, CLASSES_FILE), _largest_label(table)
+    if names is not None:
         if top >= len(names):
-            raise DatasetError(f"{path} names {len(names)} classes but {root / where} has class index {top}: "
+            raise DatasetError(f"{path} names {len(names)} classes but {_join(root, where)} has class index {top}: "
                                f"it must name every class index (line i names class i)")
         if classes is None or names == list(classes):
             return names, None
@@ -135,7 +149,7 @@ def _shard_classes(root: Path, classes: list[str] | None, table: Table) -> tuple
         return list(classes), np.array([classes.index(name) for name in names], dtype=np.int64)
     if classes is not None:
         if top >= len(classes):
-            raise DatasetError(f"{root / where} has class index {top} but the model has {len(classes)} classes "
+            raise DatasetError(f"{_join(root, where)} has class index {top} but the model has {len(classes)} classes "
                                f"(and {root} has no {CLASSES_FILE})")
         return list(classes), None
     log.info("no %s in %s: the classes are named by their index", CLASSES_FILE, root)
@@ -171,10 +185,17 @@ def _units(root: Path, splits: tuple[str, ...], classes: list[str], sharded: boo
 
 def scan_files(root: str | Path, cached: Table | None = None, processes: int | None = None, *,
                classes: list[str] | None = None, splits: tuple[str, ...] = SPLITS,
-               recheck: bool = False) -> tuple[DatasetIndex, Table]:
+               recheck: bool = False, patterns: dict[str, str] | None = None) -> tuple[DatasetIndex, Table]:
     """Index `root`, reusing what `cached` (an earlier scan's table) knows of unchanged folders and shards
     (`recheck`: of nothing, every file is checked again). Returns the index and the new table.
-    `splits=("val",)`: evaluation's index, val/ alone, labelled by `classes` (a checkpoint's) when given."""
+    `splits=("val",)`: evaluation's index, val/ alone, labelled by `classes` (a checkpoint's) when given.
+    A remote root (store.py) holds shards, listed or named by `patterns` (split -> brace pattern)."""
+    if is_remote(str(root)):
+        table, names = remote_table(str(root), splits, patterns or {}, cached, recheck)
+        classes, label_map = _shard_classes(str(root), names, classes, table)
+        index = _build(str(root), classes, table, True, label_map)
+        _check_splits(str(root), index, splits)
+        return index, table
     root = Path(root)
     sharded = root.is_dir() and _is_sharded(root, splits)
     folder_classes = None if sharded else _check_layout(root, classes, splits)
@@ -184,13 +205,15 @@ def scan_files(root: str | Path, cached: Table | None = None, processes: int | N
         table = scan_units(root, units, sharded, cached, recheck=recheck, **kwargs)
     except ScanError as exc:
         raise DatasetError(str(exc)) from None
-    classes, label_map = _shard_classes(root, classes, table) if sharded else (folder_classes, None)
+    classes, label_map = _shard_classes(root, _classes_lines(root), classes, table) if sharded \
+        else (folder_classes, None)
     index = _build(root, classes, table, sharded, label_map)
     _check_splits(root, index, splits)
     return index, table
 
 
-def _build(root: Path, classes: list[str], table: Table, sharded: bool, label_map: np.ndarray | None) -> DatasetIndex:
+def _build(root: str | Path, classes: list[str], table: Table, sharded: bool,
+           label_map: np.ndarray | None) -> DatasetIndex:
     """The index from the scan table; `label_map` turns a shard's `.cls` index into a label."""
     label_of = {name: i for i, name in enumerate(classes)}
     lists, skipped = {}, []
@@ -210,14 +233,15 @@ def _build(root: Path, classes: list[str], table: Table, sharded: bool, label_ma
                 reasons[out_of_range] = len(chunk.texts) - 1
             if (reasons >= 0).any():
                 names = chunk.names()
-                skipped += [(_entry_path(root / unit, names[i], sharded), chunk.texts[reasons[i]])
+                skipped += [(_entry_path(_join(root, unit), names[i], sharded), chunk.texts[reasons[i]])
                             for i in np.flatnonzero(reasons >= 0).tolist()]
             pieces.append((dir_id, chunk, labels, reasons < 0))
         lists[split] = _sample_list("shards" if sharded else "folder", [u for u, _ in parts], pieces)
-    return DatasetIndex(str(root), classes, lists["train"], lists["val"], skipped)
+    stamps = {unit: tuple(chunk.stamp) for unit, chunk in zip(table.units, table.chunks)} if sharded else {}
+    return DatasetIndex(str(root), classes, lists["train"], lists["val"], skipped, stamps)
 
 
-def _entry_path(unit: Path, name: str, sharded: bool) -> str:
+def _entry_path(unit: str, name: str, sharded: bool) -> str:
     """A skipped entry's path: `shard.tar:member`, `folder/file`, or the shard itself (name "": it is not
     whole, filescan.scan_shard)."""
     return f"{unit}:{name}" if sharded and name else f"{unit}/{name}" if name else str(unit)
@@ -240,17 +264,18 @@ def _sample_list(kind: str, dirs: list[str], pieces: list) -> SampleList:
     return SampleList(kind, dirs, dir_ids, blob, offsets, labels, starts, sizes)
 
 
-def _check_splits(root: Path, index: DatasetIndex, splits: tuple[str, ...]) -> None:
+def _check_splits(root: str | Path, index: DatasetIndex, splits: tuple[str, ...]) -> None:
     if "train" in splits:
         used = set(np.unique(index.train.labels).tolist())
         empty = [name for label, name in enumerate(index.classes) if label not in used]
         if empty:
-            where = root / "train" / empty[0] if index.layout == "folder" else f"class {empty[0]} in {root / 'train'}"
+            where = _join(root, "train", empty[0]) if index.layout == "folder" \
+                else f"class {empty[0]} in {_join(root, 'train')}"
             raise DatasetError(f"class folder {where} has no usable images" if index.layout == "folder"
                                else f"{where} has no usable images")
     for split in splits:
         if not len(getattr(index, split)):
-            raise DatasetError(f"no images in {root / split}")
+            raise DatasetError(f"no images in {_join(root, split)}")
 
 
 def scan(root: str | Path) -> DatasetIndex:
@@ -259,11 +284,12 @@ def scan(root: str | Path) -> DatasetIndex:
 
 
 def load_index(root: str | Path, *, write_cache: bool = True, classes: list[str] | None = None,
-               splits: tuple[str, ...] = SPLITS, recheck: bool = False) -> DatasetIndex:
+               splits: tuple[str, ...] = SPLITS, recheck: bool = False,
+               patterns: dict[str, str] | None = None) -> DatasetIndex:
     """The index of `root`: unchanged folders and shards from the cache, the others listed again."""
-    root = Path(root)
-    cached = read_cache(root) if root.is_dir() else None
-    index, table = scan_files(root, cached, classes=classes, splits=splits, recheck=recheck)
+    root = str(root) if is_remote(str(root)) else Path(root)
+    cached = read_cache(root) if isinstance(root, str) or root.is_dir() else None
+    index, table = scan_files(root, cached, classes=classes, splits=splits, recheck=recheck, patterns=patterns)
     if cached is not None and splits != SPLITS:  # keep the other split's units
         kept = [(u, c) for u, c in zip(cached.units, cached.chunks) if u not in set(table.units)]
         table = Table([u for u, _ in kept] + table.units, [c for _, c in kept] + table.chunks)
@@ -285,14 +311,16 @@ def warn_skipped(index: DatasetIndex) -> None:
 
 def index_to_bytes(index: DatasetIndex) -> bytes:
     """The index as the one compressed buffer ranks receive."""
-    meta = {"root": index.root, "classes": index.classes, "skipped": index.skipped, "kind": index.val.kind}
+    meta = {"root": index.root, "classes": index.classes, "skipped": index.skipped, "kind": index.val.kind,
+            "stamps": index.stamps}
     return pack(meta, {"train": index.train, "val": index.val})
 
 
 def index_from_bytes(data: bytes) -> DatasetIndex:
     meta, lists = unpack(data, lambda meta: meta["kind"])
     return DatasetIndex(meta["root"], meta["classes"], lists["train"], lists["val"],
-                        [tuple(pair) for pair in meta["skipped"]])
+                        [tuple(pair) for pair in meta["skipped"]],
+                        {unit: tuple(stamp) for unit, stamp in meta.get("stamps", {}).items()})
 
 
 def main(argv: list[str] | None = None) -> int:

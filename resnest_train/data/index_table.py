@@ -171,7 +171,10 @@ def scan_units(root: Path, units: list[str], shard: bool, cached: Table | None, 
     return Table(list(units), chunks)
 
 
-def cache_paths(root: Path) -> list[Path]:
+def cache_paths(root: Path | str) -> list[Path]:
+    """Beside the data, else in ~/.cache; a remote root (a URL string) only in ~/.cache."""
+    if isinstance(root, str):
+        return [Path.home() / ".cache" / "resnest_train" / f"index-{hashlib.sha1(root.encode()).hexdigest()[:16]}.npz"]
     key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
     return [root / ".resnest_index.npz", Path.home() / ".cache" / "resnest_train" / f"index-{key}.npz"]
 

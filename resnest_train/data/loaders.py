@@ -29,6 +29,8 @@ from resnest_train.data.index import (
 )
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.plan import DataPlan, build_data_plan, resize_size
+from resnest_train.data.shard_cache import follow_order, open_cache
+from resnest_train.data.store import is_remote
 from resnest_train.data.undecodable import RECORD, Replacement, known_positions, read_record
 
 __all__ = ["TrainLoader", "ValLoader", "DataPlan", "DatasetError", "DatasetIndex", "TrainOrder", "build_data_plan",
@@ -122,12 +124,15 @@ def load_dataset_index(plan: DataPlan, dist: DistInfo, *, classes: list[str] | N
     loaded = {}
 
     def load() -> bytes | None:
-        loaded["index"] = load_index(plan.root, classes=classes, splits=splits)
+        loaded["index"] = load_index(plan.root, classes=classes, splits=splits, patterns=dict(plan.shard_patterns))
         warn_skipped(loaded["index"])
         return index_to_bytes(loaded["index"]) if dist.distributed else None
 
     buffer = rank0_acts(load, dist, timeout=INDEX_TIMEOUT)
-    return loaded["index"] if dist.is_main else index_from_bytes(buffer)
+    index = loaded["index"] if dist.is_main else index_from_bytes(buffer)
+    if is_remote(plan.root):
+        open_cache(plan.root, plan.cache_dir, index.stamps, plan.cache_limit, plan.prefetch_shards)
+    return index
 
 
 def num_train_images(plan: DataPlan, index: DatasetIndex | None) -> int:
@@ -165,6 +170,8 @@ def build_train_loader(plan: DataPlan, index: DatasetIndex | None, order: TrainO
     `undecodable`: training-list positions known not to decode, replaced without being tried."""
     samples = index.train if index is not None else None
     replacement = Replacement(len(samples) if samples is not None else order.num_samples, undecodable)
+    if is_remote(plan.root):
+        follow_order(plan.root, samples, order)
     return _builder(plan.backend, "train")(plan, samples, order, start=start, replacement=replacement)
 
 

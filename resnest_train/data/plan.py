@@ -75,6 +75,11 @@ class DataPlan:
     crop: str = "random_resized"  # the training crop's window rule (crops.py)
     crop_min_area: float = 0.1  # the efficientnet crop's smallest area fraction
     progressive_resize: tuple[int, int, int, int] | None = None  # data.progressive_resize: see `train_size`
+    # a remote root (store.py): its shards' brace patterns by split, the node's cache (shard_cache.py)
+    shard_patterns: tuple[tuple[str, str], ...] = ()
+    cache_dir: str | None = None
+    cache_limit: int | None = None
+    prefetch_shards: int = 0
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -115,4 +120,7 @@ def build_data_plan(config: Config, dist: DistInfo) -> DataPlan:
         val_crop_size=data.val_crop_size,
         val_resize_size=data.val_resize_size or resize_size(data.val_crop_size, data.val_resize_ratio),
         crop=data.crop, crop_min_area=data.crop_min_area,
-        progressive_resize=data.progressive_resize)
+        progressive_resize=data.progressive_resize,
+        shard_patterns=tuple((split, pattern) for split, pattern in (("train", data.train_shards),
+                                                                     ("val", data.val_shards)) if pattern),
+        cache_dir=data.cache_dir, cache_limit=data.cache_limit, prefetch_shards=data.prefetch_shards)

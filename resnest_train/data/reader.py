@@ -14,6 +14,7 @@ import torch
 
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.sample_read import SHARDS
+from resnest_train.data.shard_cache import epoch_started, step_reached
 
 
 class EpochCursor:
@@ -38,6 +39,7 @@ class EpochCursor:
         self.rows = samples.view(-1, self.order.layout.micro_batch).numpy()
         repeats = self.order.rank_repeats(self.start_step)
         self.repeats = repeats.view(self.rows.shape).numpy() if repeats is not None else None
+        epoch_started(epoch, self.start_step)  # a remote root's cache plans its fetches and evictions
         return self.rows
 
     def delivered(self, samples: torch.Tensor | None) -> None:
@@ -45,6 +47,8 @@ class EpochCursor:
         self.position += 1
         if samples is not None:
             self.last_samples = samples
+        if self.position % self.order.layout.accumulation == 0:
+            step_reached(self.epoch, self.start_step + self.position // self.order.layout.accumulation)
 
     def state(self) -> dict:
         step = self.start_step + self.position // self.order.layout.accumulation

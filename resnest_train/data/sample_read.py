@@ -24,6 +24,8 @@ from pathlib import Path
 from resnest_train.data.filescan import decode_bytes_error
 from resnest_train.data.index import DatasetError
 from resnest_train.data.samples import SampleList
+from resnest_train.data.shard_cache import cache_of
+from resnest_train.data.store import StoreError, is_remote, under
 
 MAX_OPEN_SHARDS = 64  # descriptors per process; a reading thread may hold one more while it is evicted
 READ_RETRY_DELAYS = (0.5, 2.0)  # seconds before the 2nd and 3rd try of a failed read (a remount, a hiccup)
@@ -102,16 +104,19 @@ SHARDS = ShardFiles()
 
 
 def _read_once(root: str | Path, samples: SampleList, i: int) -> bytes:
-    folder = os.path.join(root, samples.dirs[samples.dir_ids[i]])
-    if samples.kind == "shards":
+    if is_remote(root):  # a remote shard: its node-local copy (shard_cache.py)
         size = int(samples.sizes[i])
-        data = SHARDS.pread(folder, size, int(samples.starts[i]))
-        if len(data) != size:
-            raise OSError(f"the shard ends inside this member: changed since it was indexed ({len(data)} of "
-                          f"{size} bytes)")
-        return data
-    with open(os.path.join(folder, samples.name(i)), "rb") as file:
-        return file.read()
+        data = cache_of(root).read(samples.dirs[samples.dir_ids[i]], int(samples.starts[i]), size)
+    elif samples.kind == "shards":
+        size = int(samples.sizes[i])
+        data = SHARDS.pread(os.path.join(root, samples.dirs[samples.dir_ids[i]]), size, int(samples.starts[i]))
+    else:
+        with open(os.path.join(root, samples.dirs[samples.dir_ids[i]], samples.name(i)), "rb") as file:
+            return file.read()
+    if len(data) != size:
+        raise OSError(f"the shard ends inside this member: changed since it was indexed ({len(data)} of "
+                      f"{size} bytes)")
+    return data
 
 
 def read_sample(root: str | Path, samples: SampleList, i: int) -> bytes:
@@ -120,6 +125,8 @@ def read_sample(root: str | Path, samples: SampleList, i: int) -> bytes:
     for delay in (*READ_RETRY_DELAYS, None):
         try:
             return _read_once(root, samples, i)
+        except StoreError as exc:  # the store's own tries are done (store.attempt)
+            raise SampleReadError(f"{exc}: nothing is recorded about its images") from None
         except OSError as exc:
             if delay is None:
                 raise read_error(root, samples, i, exc) from None
@@ -129,7 +136,8 @@ def read_sample(root: str | Path, samples: SampleList, i: int) -> bytes:
 
 def read_error(root: str | Path, samples: SampleList, i: int, exc: OSError) -> SampleReadError:
     why = "deleted since the dataset was indexed" if isinstance(exc, FileNotFoundError) else (exc.strerror or str(exc))
-    return SampleReadError(f"cannot read {Path(root) / samples.path(i)} ({why}; tried {len(READ_RETRY_DELAYS) + 1} "
+    tries = len(READ_RETRY_DELAYS) + 1
+    return SampleReadError(f"cannot read {under(str(root), samples.path(i))} ({why}; tried {tries} "
                            "times): nothing is recorded about this image; rerun the same command once the data "
                            "is readable")
 

@@ -17,7 +17,6 @@ import io
 import logging
 import os
 import signal
-from pathlib import Path
 
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -31,6 +30,7 @@ from resnest_train.data.plan import DataPlan
 from resnest_train.data.reader import EpochCursor, ReaderLoader
 from resnest_train.data.sample_read import SHARDS, SampleReadError, read_sample
 from resnest_train.data.samples import SampleList
+from resnest_train.data.store import under
 from resnest_train.data.torchvision_augment import TrainAugment
 from resnest_train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from resnest_train.data.undecodable import Replacement
@@ -51,7 +51,7 @@ class ImageListDataset(Dataset):
     decoded."""
 
     def __init__(self, root: str, samples: SampleList, transform):
-        self.root = Path(root)
+        self.root = str(root)  # a folder, or a URL (store.py)
         self.samples = samples
         self.transform = transform
 
@@ -64,7 +64,7 @@ class ImageListDataset(Dataset):
             with Image.open(io.BytesIO(read_sample(self.root, self.samples, item))) as image:
                 return self.transform(to_rgb(image)), label, item
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            log.warning("skipping undecodable image %s: %s", self.root / self.samples.path(item), exc)
+            log.warning("skipping undecodable image %s: %s", under(self.root, self.samples.path(item)), exc)
             return None
 
 
@@ -157,7 +157,7 @@ class TrainImageDataset(ImageListDataset):
                 break
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 log.warning("undecodable training image %s (%s): replaced by the next image of the training "
-                            "list", self.root / self.samples.path(source), exc)
+                            "list", under(self.root, self.samples.path(source)), exc)
                 failed.append(self.samples.path(source))
                 source = (source + 1) % len(self.samples)
         else:

@@ -22,6 +22,7 @@ import numpy as np
 from resnest_train.data.index import DatasetError
 from resnest_train.data.sample_read import find_undecodable
 from resnest_train.data.samples import SampleList
+from resnest_train.data.store import under
 
 log = logging.getLogger("resnest_train")
 
@@ -40,7 +41,7 @@ def undecodable_error(root: str | Path, samples: SampleList, *, otherwise: str, 
     """The error of a decoder that failed on one of `samples` (the batches that can have failed): each image
     a full decode fails on, named; `otherwise` where none does."""
     found = find_undecodable(root, samples)
-    named = ", ".join(f"{Path(root) / path} ({why})" for path, why in found) or otherwise
+    named = ", ".join(f"{under(str(root), path)} ({why})" for path, why in found) or otherwise
     then = "replaces it by the next image of the training list" if training else "leaves it out of the evaluation"
     return UndecodableError(f"cannot decode {named}; rerun the same command: a run in this folder {then} "
                             f"({RECORD} in the run folder)", [path for path, _ in found])

@@ -1,0 +1,349 @@
+"""The node-local cache of a remote data root's shards: one download per node, never above its limit,
+evicting the shard whose next use is farthest away.
+
+Epoch e's order is a function of (seed, e) (order.py), so the node knows which shard every coming step
+reads: `NextUse` holds, per shard, the steps of this epoch and the next that read it, and the cache evicts
+the shard used farthest in the future (Belady's rule, optimal for a known sequence; an LRU cache re-fetches
+what it evicted a moment ago: MosaicML Streaming #658). Validation shards are next used at the epoch's end.
+
+Files: `<cache_dir>/<split>/<shard>.tar`, complete and checked (size) or absent. A download goes to a
+`.part` file of the shard's full size (counted in the total from its first byte), renamed when whole; the
+node's processes (ranks, DataLoader workers) agree through file locks: a shard's lock (one download per
+node: a process needing a shard another is fetching waits for it), the folder's lock (room is made and
+taken atomically, so the files never exceed `data.cache_limit`), and each reader's shared lock on the file it
+reads (an eviction skips a shard being read). A `.part` file of a process that died is removed at start.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import hashlib
+import logging
+import os
+import queue
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from resnest_train.data import store
+
+log = logging.getLogger(__name__)
+
+WAIT_FOR_ROOM = 120.0  # seconds a download waits for shards being read to be released before it gives up
+NEVER = float("inf")
+
+
+@contextmanager
+def locked(path: Path, mode: int = fcntl.LOCK_EX):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, mode)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+class NextUse:
+    """When each shard is read next, in steps from the run's start (epoch x steps + step)."""
+
+    def __init__(self, units: list[str]):
+        self.ids = {unit: i for i, unit in enumerate(units)}
+        self.times: list[np.ndarray] = [np.zeros(0) for _ in units]
+        self.steps_per_epoch = 0
+
+    def plan(self, spans: list[tuple[int, np.ndarray]], steps_per_epoch: int, global_batch: int) -> None:
+        """`spans`: (first step, the shard id of each position read from it on, `global_batch` per step)."""
+        self.steps_per_epoch = steps_per_epoch
+        keys = []
+        for first_step, ids in spans:
+            steps = first_step + np.arange(len(ids)) // global_batch
+            keys.append(ids.astype(np.int64) * (1 << 32) + steps)
+        keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+        units, steps = keys >> 32, keys & ((1 << 32) - 1)
+        bounds = np.searchsorted(units, np.arange(len(self.times) + 1))
+        self.times = [steps[bounds[i]:bounds[i + 1]] for i in range(len(self.times))]
+
+    def next(self, unit: str, now: float) -> float:
+        if unit.startswith("val/"):  # evaluation reads every validation shard at each epoch's end
+            return -(-now // self.steps_per_epoch) * self.steps_per_epoch if self.steps_per_epoch else now
+        times = self.times[self.ids[unit]] if unit in self.ids else ()
+        i = np.searchsorted(times, now) if len(times) else 0
+        return float(times[i]) if i < len(times) else NEVER
+
+    def coming(self, now: float, count: int) -> list[str]:
+        """The first `count` shards read from `now` on, soonest first."""
+        nexts = [(self.next(unit, now), unit) for unit in self.ids]
+        return [unit for when, unit in sorted(nexts) if when < NEVER][:count]
+
+
+class ShardCache:
+    """The cache of one remote root on this node; `stamps`: each shard's (tag, size) as the index saw it."""
+
+    def __init__(self, root: str, folder: str | Path, stamps: dict[str, tuple[int, int]], limit: int | None = None,
+                 prefetch: int = 0, policy: str = "belady"):
+        self.root, self.folder, self.stamps = root, Path(folder), stamps
+        self.limit, self.prefetch, self.policy = limit, prefetch, policy
+        self.future = NextUse(sorted(stamps))
+        self.now = 0.0
+        self.stats = {"downloaded": 0, "hits": 0, "misses": 0, "evicted": 0, "peak": 0}
+        self.pid, self.wake, self.inflight = os.getpid(), threading.Event(), set()
+        (self.folder / ".locks").mkdir(parents=True, exist_ok=True)
+        self._remove_stale_parts()
+        atexit.register(self._remove_own_parts)  # a prefetch cut short by the exit leaves no .part file
+        self.jobs: queue.Queue | None = None
+        self.order, self.unit_of_dir, self.dir_ids = None, np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+    def follow(self, samples, order) -> None:
+        """Learn the training order (`order.TrainOrder` over the training list `samples`): eviction and
+        prefetch follow it from the next `set_epoch`."""
+        self.order, self.dir_ids = order, samples.dir_ids
+        self.unit_of_dir = np.array([self.future.ids.get(unit, -1) for unit in samples.dirs], dtype=np.int64)
+
+    def set_epoch(self, epoch: int, start_step: int) -> None:
+        """The steps at which each shard is read, from `start_step` of `epoch` to the end of the next epoch
+        (the whole node's: every rank's micro-batches)."""
+        if self.order is None:
+            return
+        steps, batch = self.order.steps_per_epoch, self.order.layout.global_batch
+        spans = []
+        for e, first in ((epoch, start_step), (epoch + 1, 0)):
+            positions = self.order.epoch_order(e)[first * batch:steps * batch].numpy()
+            spans.append((e * steps + first, self.unit_of_dir[self.dir_ids[positions]]))
+        self.future.plan(spans, steps, batch)
+        self.advance(epoch * steps + start_step)
+
+    def advance(self, now: float) -> None:
+        """The node's reader is at step `now` (from the run's start): what is fetched ahead follows it."""
+        self.now = now
+        if not self.prefetch or os.getpid() != self.pid:  # a forked DataLoader worker fetches on demand only
+            return
+        if self.jobs is None:
+            self.jobs = queue.Queue()
+            for _ in range(self.prefetch):
+                threading.Thread(target=self._prefetcher, daemon=True, name="shard-prefetch").start()
+        for unit in self.future.coming(now, 2 * self.prefetch):
+            if len(self.inflight) >= self.prefetch:
+                break
+            if unit not in self.inflight and not self._present(unit):
+                self.inflight.add(unit)
+                self.jobs.put(unit)
+
+    def _prefetcher(self) -> None:
+        """One of `prefetch` threads: fetch the shards asked for; a failure is left for the read that needs
+        the shard, which meets it again and reports it."""
+        while True:
+            unit = self.jobs.get()
+            try:
+                self.fetch(unit, demand=False)
+            except Exception:  # noqa: BLE001 - reported by the read that needs it
+                log.debug("prefetch of %s failed", unit, exc_info=True)
+            finally:
+                self.inflight.discard(unit)
+
+    def path(self, unit: str) -> Path:
+        return self.folder / unit
+
+    def _lock_path(self, unit: str) -> Path:
+        return self.folder / ".locks" / (unit.replace("/", "__") + ".lock")
+
+    def _present(self, unit: str) -> bool:
+        try:
+            return self.path(unit).stat().st_size == self.stamps[unit][1]
+        except OSError:
+            return False
+
+    def read(self, unit: str, start: int, size: int) -> bytes:
+        """`size` bytes at `start` of the shard, from its local copy (fetched first where missing); the
+        copy is held by a shared lock while it is read, so no eviction removes it mid-read."""
+        for _ in range(3):
+            path = self.local(unit)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # evicted between the check and the open: fetched again
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                return os.pread(fd, size, start)
+            finally:
+                os.close(fd)
+        raise store.StoreError(f"the cached copy of {store.join(self.root, unit)} keeps being evicted while it is "
+                               f"needed: raise data.cache_limit ({self.limit} bytes)")
+
+    def local(self, unit: str) -> str:
+        """The local copy of `unit`, fetched now when missing (or waited for, when another process of the
+        node is fetching it)."""
+        if self._present(unit):
+            self.stats["hits"] += 1
+            if self.policy == "lru":
+                os.utime(self.path(unit))
+            return str(self.path(unit))
+        self.stats["misses"] += 1
+        self.fetch(unit, demand=True)
+        return str(self.path(unit))
+
+    def fetch(self, unit: str, demand: bool) -> bool:
+        """Download `unit` unless present; False where a prefetch found no room it may take."""
+        with locked(self._lock_path(unit)):  # one download per node
+            if self._present(unit):
+                return True
+            size = self.stamps[unit][1]
+            part = self.path(unit).with_name(f".{self.path(unit).name}.{os.getpid()}.{threading.get_ident()}.part")
+            if not self._take_room(unit, size, part, demand):
+                return False
+            try:
+                self._download(unit, part, size)
+                os.replace(part, self.path(unit))
+            finally:
+                part.unlink(missing_ok=True)
+            self.stats["downloaded"] += size
+            return True
+
+    def _download(self, unit: str, part: Path, size: int) -> None:
+        url = store.join(self.root, unit)
+        if store.stamp_of(store.info(url)) != self.stamps[unit]:
+            raise store.StoreError(f"{url} changed since the dataset was indexed (its ETag or size differs): nothing "
+                                   "is recorded about its images; rerun the same command to index it again")
+        store.download(url, str(part))
+        if part.stat().st_size != size:
+            raise store.StoreError(f"{url}: downloaded {part.stat().st_size} bytes, the index knows {size}: rerun "
+                                   "the same command")
+
+    def _take_room(self, unit: str, size: int, part: Path, demand: bool) -> bool:
+        """Under the folder's lock: evict until `size` more bytes fit, then reserve them (the `.part` file
+        at full size). A prefetch evicts only shards needed later than `unit`; a demand waits for shards
+        being read to be released."""
+        part.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + WAIT_FOR_ROOM
+        while True:
+            with locked(self.folder / ".locks" / "folder.lock"):
+                if self._make_room(unit, size, demand):
+                    with open(part, "wb") as file:
+                        file.truncate(size)
+                    self.stats["peak"] = max(self.stats["peak"], self.usage())
+                    return True
+            if not demand:
+                return False
+            if time.monotonic() > deadline:
+                raise store.StoreError(f"data.cache_limit ({self.limit} bytes) cannot hold the shards read at "
+                                       f"once and {unit} ({size} bytes): raise it, or lower data.shuffle_window")
+            time.sleep(0.05)
+
+    def usage(self) -> int:
+        return sum(path.stat().st_size for path in self.folder.rglob("*")
+                   if path.is_file() and path.parent.name != ".locks")
+
+    def _make_room(self, unit: str, size: int, demand: bool) -> bool:
+        if self.limit is None:
+            return True
+        free = self.limit - self.usage()
+        need = self.future.next(unit, self.now)
+        for when, other in self._candidates():
+            if free >= size:
+                break
+            if not demand and when <= need:
+                return False
+            free += self._evict(other)
+        return free >= size
+
+    def _candidates(self) -> list[tuple[float, str]]:
+        """Cached shards, the first to evict first: farthest next use (Belady), or least recently used."""
+        units = [unit for unit in self.stamps if self.path(unit).is_file()]
+        if self.policy == "lru":
+            stamp = {unit: self.path(unit).stat().st_mtime_ns for unit in units}
+            return [(NEVER, unit) for unit in sorted(units, key=stamp.get)]
+        return sorted(((self.future.next(unit, self.now), unit) for unit in units), reverse=True)
+
+    def _evict(self, unit: str) -> int:
+        """Remove `unit`'s copy unless a reader holds it; the bytes freed."""
+        try:
+            fd = os.open(self.path(unit), os.O_RDONLY)
+        except FileNotFoundError:
+            return 0
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return 0
+        try:
+            size = os.fstat(fd).st_size
+            self.path(unit).unlink()
+        finally:
+            os.close(fd)
+        self.stats["evicted"] += 1
+        return size
+
+    def _remove_own_parts(self) -> None:
+        for part in self.folder.rglob(f".*.{os.getpid()}.*.part"):
+            part.unlink(missing_ok=True)
+
+    def _remove_stale_parts(self) -> None:
+        for part in self.folder.rglob(".*.part"):
+            pid = int(part.name.split(".")[-3]) if part.name.split(".")[-3].isdigit() else 0
+            if pid and not _alive(pid):
+                part.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+CACHES: dict[str, ShardCache] = {}
+
+
+def cache_folder(root: str, cache_dir: str | None) -> Path:
+    """`<cache_dir>/<the root's last name>-<digest of the root>`: two roots never share a folder."""
+    base = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "resnest_train" / "shards"
+    name = root.rstrip("/").rsplit("/", 1)[-1] or "root"
+    return base / f"{name}-{hashlib.sha1(root.encode()).hexdigest()[:10]}"
+
+
+def open_cache(root: str, cache_dir: str | None, stamps: dict[str, tuple[int, int]], limit: int | None,
+               prefetch: int) -> ShardCache:
+    """This process's cache of `root` (kept for the process: its loaders and evaluation read through it)."""
+    largest = max((size for _, size in stamps.values()), default=0)
+    if limit is not None and limit < largest:
+        unit = max(stamps, key=lambda u: stamps[u][1])
+        raise store.StoreError(f"data.cache_limit={limit} bytes is below the largest shard, "
+                               f"{store.join(root, unit)} ({largest} bytes): the cache could never hold it")
+    cache = CACHES.get(root)
+    if cache is None or cache.stamps != stamps or cache.limit != limit:
+        try:
+            cache = ShardCache(root, cache_folder(root, cache_dir), stamps, limit, prefetch)
+        except OSError as exc:
+            raise store.StoreError(f"cannot use the shard cache {cache_folder(root, cache_dir)} "
+                                   f"(data.cache_dir): {exc.strerror or exc}") from None
+        CACHES[root] = cache
+    return cache
+
+
+def cache_of(root: str) -> ShardCache:
+    cache = CACHES.get(root)
+    if cache is None:
+        raise store.StoreError(f"{root}: no shard cache is open for this root")
+    return cache
+
+
+def follow_order(root: str, samples, order) -> None:
+    cache_of(root).follow(samples, order)
+
+
+def epoch_started(epoch: int, start_step: int) -> None:
+    """A training reader starts `epoch` at `start_step` (reader.EpochCursor): every cache plans ahead."""
+    for cache in CACHES.values():
+        cache.set_epoch(epoch, start_step)
+
+
+def step_reached(epoch: int, step: int) -> None:
+    for cache in CACHES.values():
+        if cache.order is not None:
+            cache.advance(epoch * cache.order.steps_per_epoch + step)
