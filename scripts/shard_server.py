@@ -6,8 +6,10 @@ and the benchmark's `https://`-like data root (`http://127.0.0.1:PORT/`).
 
 Python's own http.server answers a Range request with the whole file; this one answers `206 Partial
 Content`, gives an `ETag` (size and mtime, as nginx does), and can add a latency per request and a bandwidth
-cap. `--fail FILE` names a JSON file read at each request, `{"status": 503, "count": 3, "match": "train/"}`:
-the next `count` requests whose path holds `match` are answered `status` (throttling, an outage, a 403).
+cap. `--fail FILE` names a JSON file read at each request,
+`{"status": 503, "count": 3, "match": "train/", "method": "GET"}`: the next `count` requests (of
+`method`, where given) whose path holds `match` are answered `status` (throttling, an outage, a 403).
+`--no-listing`: folders are not listed (404), as on a CDN.
 It prints `port N` once listening, and the bytes it sent, per path, to `--log` (JSON) at each request.
 """
 
@@ -24,7 +26,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 
 class RangeHandler(SimpleHTTPRequestHandler):
-    latency, bandwidth, fail_file, log_file = 0.0, 0.0, None, None
+    latency, bandwidth, fail_file, log_file, listing = 0.0, 0.0, None, None, True
     sent: dict[str, int] = {}
     lock = threading.Lock()
 
@@ -37,7 +39,8 @@ class RangeHandler(SimpleHTTPRequestHandler):
         with self.lock:
             with open(self.fail_file) as file:
                 rule = json.load(file)
-            if rule.get("count", 0) <= 0 or rule.get("match", "") not in self.path:
+            if rule.get("count", 0) <= 0 or rule.get("match", "") not in self.path \
+                    or rule.get("method", self.command) != self.command:
                 return False
             rule["count"] -= 1
             with open(self.fail_file, "w") as file:
@@ -50,6 +53,9 @@ class RangeHandler(SimpleHTTPRequestHandler):
         if self._injected_failure():
             return None
         path = self.translate_path(self.path)
+        if os.path.isdir(path) and not self.listing:  # a CDN or a hub: nothing can be listed
+            self.send_error(404)
+            return None
         if os.path.isdir(path) or "Range" not in self.headers:
             return super().send_head()
         try:
@@ -84,8 +90,8 @@ class RangeHandler(SimpleHTTPRequestHandler):
             data = source.read(chunk if remaining is None else min(chunk, remaining))
             if not data:
                 break
+            self._count(len(data))  # before the write: a client that has the bytes finds them counted
             outputfile.write(data)
-            self._count(len(data))
             if remaining is not None:
                 remaining -= len(data)
             if self.bandwidth:
@@ -107,10 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to each request")
     parser.add_argument("--bandwidth", type=float, default=0.0, help="bytes per second per request (0: no cap)")
     parser.add_argument("--fail", help="a JSON file of failures to inject (see the module's docstring)")
+    parser.add_argument("--no-listing", action="store_true", help="answer 404 for folders")
     parser.add_argument("--log", help="a JSON file of the bytes sent per path, rewritten at each request")
     args = parser.parse_args(argv)
     RangeHandler.latency, RangeHandler.bandwidth = args.latency, args.bandwidth
-    RangeHandler.fail_file, RangeHandler.log_file = args.fail, args.log
+    RangeHandler.fail_file, RangeHandler.log_file, RangeHandler.listing = args.fail, args.log, not args.no_listing
+    ThreadingHTTPServer.request_queue_size = 256  # clients open many connections at once (socketserver's 5 drops them)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), partial(RangeHandler, directory=args.folder))
     print(f"port {server.server_address[1]}", flush=True)
     server.serve_forever()

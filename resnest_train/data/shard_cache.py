@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -89,7 +90,7 @@ class ShardCache:
         self.limit, self.prefetch, self.policy = limit, prefetch, policy
         self.future = NextUse(sorted(stamps))
         self.now = 0.0
-        self.stats = {"downloaded": 0, "hits": 0, "misses": 0, "evicted": 0, "peak": 0}
+        self.stats = {"downloaded": 0, "hits": 0, "misses": 0, "evicted": 0}  # this process's
         self.pid, self.wake, self.inflight = os.getpid(), threading.Event(), set()
         (self.folder / ".locks").mkdir(parents=True, exist_ok=True)
         self._remove_stale_parts()
@@ -102,6 +103,20 @@ class ShardCache:
         prefetch follow it from the next `set_epoch`."""
         self.order, self.dir_ids = order, samples.dir_ids
         self.unit_of_dir = np.array([self.future.ids.get(unit, -1) for unit in samples.dirs], dtype=np.int64)
+        if order.rank == 0:
+            self._warn_thrashing(order)
+
+    def _warn_thrashing(self, order) -> None:
+        """A cache below the training shards' size with the global order: most reads fetch a whole shard."""
+        data = sum(size for unit, (_, size) in self.stamps.items() if unit.startswith("train/"))
+        if self.limit is None or self.limit >= data or getattr(order, "shard_window", None):
+            return
+        held = self.limit / data
+        traffic = order.num_samples * (1 - held) * data / max(1, len(self.unit_of_dir))
+        log.warning("data.shuffle=global with data.cache_limit holding %.0f%% of the training shards: an image's "
+                    "shard is cached about %.0f%% of the time, so an epoch fetches about %.1f GB (%.0fx the data); "
+                    "data.shuffle=shards reads each shard about once per epoch", 100 * held, 100 * held,
+                    traffic / 1e9, traffic / data)
 
     def set_epoch(self, epoch: int, start_step: int) -> None:
         """The steps at which each shard is read, from `start_step` of `epoch` to the end of the next epoch
@@ -223,7 +238,7 @@ class ShardCache:
                 if self._make_room(unit, size, demand):
                     with open(part, "wb") as file:
                         file.truncate(size)
-                    self.stats["peak"] = max(self.stats["peak"], self.usage())
+                    self._count(size)
                     return True
             if not demand:
                 return False
@@ -231,6 +246,20 @@ class ShardCache:
                 raise store.StoreError(f"data.cache_limit ({self.limit} bytes) cannot hold the shards read at "
                                        f"once and {unit} ({size} bytes): raise it, or lower data.shuffle_window")
             time.sleep(0.05)
+
+    def _count(self, size: int) -> None:
+        """The node's totals (every process's downloads), under the folder's lock: `node_stats`."""
+        totals = self.node_stats()
+        totals["downloaded"] += size
+        totals["peak"] = max(totals["peak"], self.usage())
+        (self.folder / ".locks" / "stats.json").write_text(json.dumps(totals))
+
+    def node_stats(self) -> dict:
+        """Bytes downloaded by this node's processes since the cache folder was made, and the most it held."""
+        try:
+            return json.loads((self.folder / ".locks" / "stats.json").read_text())
+        except (OSError, ValueError):
+            return {"downloaded": 0, "peak": 0}
 
     def usage(self) -> int:
         return sum(path.stat().st_size for path in self.folder.rglob("*")
@@ -347,3 +376,17 @@ def step_reached(epoch: int, step: int) -> None:
     for cache in CACHES.values():
         if cache.order is not None:
             cache.advance(epoch * cache.order.steps_per_epoch + step)
+
+
+def epoch_report() -> str | None:
+    """One line on the caches' traffic since the last report (the run's log, each epoch's end)."""
+    lines = []
+    for cache in CACHES.values():
+        totals = cache.node_stats()
+        since = totals["downloaded"] - getattr(cache, "reported", 0)
+        cache.reported = totals["downloaded"]
+        data = sum(size for unit, (_, size) in cache.stamps.items() if unit.startswith("train/"))
+        limit = f"{cache.limit / 1e6:.1f} MB" if cache.limit else "no limit"
+        lines.append(f"shard cache {cache.folder}: {since / 1e6:.1f} MB downloaded ({since / max(data, 1):.2f}x the "
+                     f"training shards), at most {totals['peak'] / 1e6:.1f} MB held ({limit})")
+    return "; ".join(lines) or None

@@ -70,22 +70,25 @@ def fs_of(url: str):
     return filesystem(url.split("://", 1)[0])
 
 
-def _status(exc: BaseException) -> int | None:
-    """The HTTP status of a failed request, where the exception carries one."""
-    for name in ("status", "code"):
-        value = getattr(exc, name, None)
-        if isinstance(value, int):
-            return value
-    response = getattr(exc, "response", None)  # botocore's ClientError
-    if isinstance(response, dict):
-        return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+def _status(exc: BaseException | None) -> int | None:
+    """The HTTP status of a failed request, where the exception or its cause carries one (fsspec's HTTP
+    file system raises FileNotFoundError from a HEAD answered 403 or 503)."""
+    while exc is not None:
+        for name in ("status", "code"):
+            value = getattr(exc, name, None)
+            if isinstance(value, int) and 100 <= value < 600:
+                return value
+        response = getattr(exc, "response", None)  # botocore's ClientError
+        if isinstance(response, dict) and response.get("ResponseMetadata", {}).get("HTTPStatusCode"):
+            return response["ResponseMetadata"]["HTTPStatusCode"]
+        exc = exc.__cause__ or exc.__context__
     return None
 
 
 def _verdict(exc: BaseException) -> tuple[bool, str]:
     """(worth another try, why in words) for a failed request."""
     status = _status(exc)
-    if isinstance(exc, FileNotFoundError) or status == 404:
+    if status == 404 or (isinstance(exc, FileNotFoundError) and status is None):
         return False, "no such object"
     if isinstance(exc, PermissionError) or status in (401, 403):
         return False, "access denied (HTTP 403): check the credentials (AWS_*, GOOGLE_APPLICATION_CREDENTIALS)"
@@ -171,17 +174,25 @@ def download(url: str, destination: str) -> None:
 
 
 class RangeReader:
-    """A remote shard read by byte ranges for its index (filescan's tar walk): a window of `block` bytes is
-    fetched per request, so a header, the `.cls` member after it and the next image's first bytes usually
-    come in one."""
+    """A remote shard read by byte ranges for its index (filescan's tar walk). A request fetches `block`
+    bytes from a little before the offset asked, and the last few windows are kept: the walk reads a member's
+    header, and later its image's first and last bytes, so an image's tail, the `.cls` member after it and
+    the next header usually come in one request: about one per sample, never the images' bytes."""
+
+    BEFORE, KEEP = 1024, 16  # bytes fetched before the offset asked (an image's last 64 sit before the header)
 
     def __init__(self, url: str, size: int, block: int = 4096):
         self.name, self.size, self.block = url, size, block
-        self.window_start, self.window = 0, b""
+        self.windows: dict[int, bytes] = {}  # start -> bytes, oldest first
 
     def pread(self, size: int, offset: int) -> bytes:
         end = min(offset + size, self.size)
-        if offset < self.window_start or end > self.window_start + len(self.window):
-            self.window_start = offset
-            self.window = read_range(self.name, offset, min(self.size, offset + max(size, self.block)))
-        return self.window[offset - self.window_start:end - self.window_start]
+        for start, data in self.windows.items():
+            if start <= offset and end <= start + len(data):
+                return data[offset - start:end - start]
+        start = max(0, offset - self.BEFORE)
+        data = read_range(self.name, start, min(self.size, max(end, start + self.block)))
+        self.windows[start] = data
+        if len(self.windows) > self.KEEP:
+            del self.windows[next(iter(self.windows))]
+        return data[offset - start:end - start]

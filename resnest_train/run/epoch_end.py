@@ -13,8 +13,10 @@ epoch has one row.
 
 from __future__ import annotations
 
+import logging
 import time
 
+from resnest_train.data.shard_cache import epoch_report
 from resnest_train.recipe.averaging import distribute_bn
 from resnest_train.recipe.engine import validate
 from resnest_train.run.reporting import RunReporter
@@ -22,11 +24,16 @@ from resnest_train.run.resume import Progress
 from resnest_train.run.saving import save
 from resnest_train.run.wrapping import unwrap
 
+log = logging.getLogger("resnest_train")
+
 
 def end_epoch(run, progress: Progress, reporter: RunReporter, metrics: dict) -> None:
     """After an epoch's last step (`progress` at the start of the next epoch): the epoch's checkpoint and
     row, with its evaluation in between when one is due. `run` is the runner's `Run`."""
     train = run.config.train
+    traffic = epoch_report()  # a remote data root: what the node's shard cache fetched in the epoch
+    if traffic and run.dist.is_main:
+        log.info(traffic)
     if progress.epoch % train.eval_interval != 0 and progress.epoch != train.epochs:
         reporter.epoch_metrics({**metrics, "val_top1": None, "val_top5": None})
         save(run, progress)
