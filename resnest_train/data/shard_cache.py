@@ -38,14 +38,49 @@ WAIT_FOR_ROOM = 120.0  # seconds a download waits for shards being read to be re
 NEVER = float("inf")
 
 
+# Descriptors that hold a lock (flock: one per open file description, so a forked child's inherited copy
+# would keep the parent's lock alive for as long as the child lives): every one is opened here, and a
+# forked child (a DataLoader worker) closes its copies first thing, leaving the parent's locks its own.
+_HELD: set[int] = set()
+_HELD_LOCK = threading.Lock()
+
+
+def _open(path: Path, flags: int) -> int:
+    with _HELD_LOCK:
+        fd = os.open(path, flags, 0o644)
+        _HELD.add(fd)
+        return fd
+
+
+def _close(fd: int) -> None:
+    with _HELD_LOCK:
+        _HELD.discard(fd)
+        os.close(fd)
+
+
+def _after_fork_in_child() -> None:
+    global _HELD_LOCK
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+    _HELD_LOCK = threading.Lock()
+
+
+os.register_at_fork(before=lambda: _HELD_LOCK.acquire(), after_in_parent=lambda: _HELD_LOCK.release(),
+                    after_in_child=_after_fork_in_child)
+
+
 @contextmanager
 def locked(path: Path, mode: int = fcntl.LOCK_EX):
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open(path, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, mode)
         yield fd
     finally:
-        os.close(fd)
+        _close(fd)
 
 
 class NextUse:
@@ -109,7 +144,7 @@ class ShardCache:
     def _warn_thrashing(self, order) -> None:
         """A cache below the training shards' size with the global order: most reads fetch a whole shard."""
         data = sum(size for unit, (_, size) in self.stamps.items() if unit.startswith("train/"))
-        if self.limit is None or self.limit >= data or getattr(order, "shard_window", None):
+        if self.limit is None or self.limit >= data or order.groups is not None:
             return
         held = self.limit / data
         traffic = order.num_samples * (1 - held) * data / max(1, len(self.unit_of_dir))
@@ -177,14 +212,14 @@ class ShardCache:
         for _ in range(3):
             path = self.local(unit)
             try:
-                fd = os.open(path, os.O_RDONLY)
+                fd = _open(Path(path), os.O_RDONLY)
             except FileNotFoundError:  # evicted between the check and the open: fetched again
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH)
                 return os.pread(fd, size, start)
             finally:
-                os.close(fd)
+                _close(fd)
         raise store.StoreError(f"the cached copy of {store.join(self.root, unit)} keeps being evicted while it is "
                                f"needed: raise data.cache_limit ({self.limit} bytes)")
 
@@ -289,19 +324,19 @@ class ShardCache:
     def _evict(self, unit: str) -> int:
         """Remove `unit`'s copy unless a reader holds it; the bytes freed."""
         try:
-            fd = os.open(self.path(unit), os.O_RDONLY)
+            fd = _open(self.path(unit), os.O_RDONLY)
         except FileNotFoundError:
             return 0
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
+            _close(fd)
             return 0
         try:
             size = os.fstat(fd).st_size
             self.path(unit).unlink()
         finally:
-            os.close(fd)
+            _close(fd)
         self.stats["evicted"] += 1
         return size
 

@@ -12,6 +12,7 @@ object or a refusal (403) is not retried. What fails is a `StoreError` naming th
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,9 @@ from resnest_train.errors import UserError
 
 SCHEMES = ("s3://", "gs://", "gcs://", "http://", "https://")
 PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp"}
+# botocore says at INFO where it found credentials and endpoints, on every rank: kept for --verbose runs
+for _name in ("botocore", "aiobotocore", "s3fs", "fsspec"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)  # seconds between the tries of a throttled or dropped request
 TIMEOUTS = {"connect": 10, "read": 60}  # seconds: a store that does not answer is a failure, not a hang
 
