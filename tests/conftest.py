@@ -108,11 +108,14 @@ def make_plan(root, *, rank: int = 0, world_size: int = 1, seed: int = 0, channe
 
 
 def make_order(num_samples: int, batch_size: int, *, world_size: int = 1, rank: int = 0,
-               global_batch: int | None = None, seed: int = 0, repeats: int = 1) -> TrainOrder:
+               global_batch: int | None = None, seed: int = 0, repeats: int = 1, groups: torch.Tensor | None = None,
+               window: int = 1, earlier_seed: tuple[int, int] | None = None) -> TrainOrder:
     """Process `rank`'s data order over `num_samples` training samples (global batch: one micro-batch per
-    process unless given; `repeats`: train.repeated_augment)."""
+    process unless given; `repeats`: train.repeated_augment; `groups`, `window`: data.shuffle=shards with
+    each sample's shard and data.shuffle_window)."""
     layout = BatchLayout(global_batch or batch_size * world_size, batch_size, world_size)
-    return TrainOrder(seed, num_samples, layout, num_samples // layout.global_batch, rank, repeats=repeats)
+    return TrainOrder(seed, num_samples, layout, num_samples // layout.global_batch, rank, earlier_seed,
+                      repeats=repeats, groups=groups, window=window)
 
 
 @pytest.fixture(scope="session")

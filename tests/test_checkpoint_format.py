@@ -46,6 +46,19 @@ def test_format_1_is_read_and_its_dead_fields_set_aside():
     assert "data" not in checkpoint.ranks[0].to_state() and "format" not in state
 
 
+def test_the_order_an_epoch_was_dealt_with_is_kept_and_older_files_mean_global():
+    """`epoch_shuffle` (data/order.py's record): written and read back; a file without it (every file before
+    data.shuffle existed, format 1 and 2) was dealt a global permutation."""
+    shards = {"shuffle": "shards", "window": 8}
+    state = Checkpoint(model={}, optimizer={}, epoch=1, epoch_step=2, step=5, ranks=[], epoch_shuffle=shards).to_state()
+    assert state["epoch_shuffle"] == shards and Checkpoint.from_state(state).epoch_shuffle == shards
+    del state["epoch_shuffle"]
+    assert Checkpoint.from_state(state).epoch_shuffle == {"shuffle": "global"}
+    format_1 = {"model": {}, "optimizer": {}, "epoch": 2, "batch": 1, "step": 21, "ranks": [{}],
+                "config": {"data": {"shuffle": "shards"}}}  # the key existed in configs before it dealt anything
+    assert Checkpoint.from_state(format_1).epoch_shuffle == {"shuffle": "global"}
+
+
 @pytest.mark.parametrize("state,needle", [({"model": {}}, "no optimizer, epoch, batch, step, ranks"),
                                           ([1, 2], "a list, not a dict")])
 def test_what_is_not_a_checkpoint_is_named(state, needle):

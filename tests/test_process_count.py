@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from resnest_train.data.index import load_index
 from resnest_train.models import create_model
 from tests.conftest import ROOT, TORCHRUN, metrics, run_script, script_env, train_args
 
@@ -47,6 +48,20 @@ def root(tmp_path_factory) -> Path:
                     "--classes", "4", "--train-per-class", str(STEPS * GLOBAL // 4), "--val-per-class", "2",
                     "--size", "40"], check=True, capture_output=True)
     return out
+
+
+@pytest.fixture(scope="module")
+def shard_root(root, tmp_path_factory) -> Path:
+    """The 96 images in 12 shards, packed in a shuffled order (pack_dataset.py --shuffle)."""
+    out = tmp_path_factory.mktemp("shards96")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "pack_dataset.py"), "--root", str(root), "--out", str(out),
+                    "--shard-size", "20000", "--shuffle", "2"], check=True, capture_output=True)
+    return out
+
+
+def shard_order(shard_root: Path) -> tuple[str, ...]:
+    """data.shuffle=shards on the shards of the same images: windows of 3 shards, 4 windows per epoch."""
+    return f"data.root={shard_root}", "data.shuffle=shards", "data.shuffle_window=3"
 
 
 def args(root: Path, out: Path, backend: str, *extra: str) -> list[str]:
@@ -154,6 +169,28 @@ def test_weights_do_not_depend_on_the_process_count(uninterrupted, backend):
     assert len(draws_by_sample(rows[1])) == 2 * STEPS * GLOBAL
 
 
+def test_shard_windows_do_not_depend_on_the_process_count(uninterrupted, shard_root):
+    """data.shuffle=shards deals its windowed list as the global order is dealt: 1 and 2 processes read the
+    same micro-batches of every step and end within the recipe's tolerance; each epoch reads its shards
+    window by window (3 shards at a time), every image once."""
+    one, two = (uninterrupted("torchvision", processes, shard_order(shard_root)) for processes in (1, 2))
+    for out in (one, two):
+        assert_loss_falls(out)
+    assert_close(trainable(one), trainable(two))
+    rows = {p: recorded(out / "samples") for p, out in ((1, one), (2, two))}
+    micro_batches = {p: sorted((r["epoch"], r["step"], r["micro_batch"], tuple(r["samples"])) for r in rows[p])
+                     for p in rows}
+    assert micro_batches[1] == micro_batches[2] and len(micro_batches[1]) == 2 * STEPS * GLOBAL // 8
+    shard_of = load_index(shard_root).train.dir_ids
+    assert len(set(shard_of.tolist())) == 12
+    for epoch in (0, 1):
+        listed = [s for e, _, _, samples in micro_batches[1] if e == epoch for s in samples]
+        assert sorted(listed) == list(range(STEPS * GLOBAL))
+        reached = list(dict.fromkeys(shard_of[s] for s in listed))  # shards in the order the epoch reaches them
+        windows = [reached.index(shard_of[s]) // 3 for s in listed]
+        assert windows == sorted(windows) and windows[-1] == 3, windows  # window after window, never back
+
+
 # CutMix and mixup switching per micro-batch, some micro-batches left unmixed, BCE and drop path on top of the
 # recipe's DropBlock: more draws per micro-batch, all from (seed, step, micro-batch) (mixing.py, drop_path.py).
 MIXES = ("train.cutmix_alpha=1.0", "train.mixup_alpha=0.1", "train.mix_prob=0.8", "train.loss=bce",
@@ -223,16 +260,21 @@ def stop_mid_epoch(command: list[str], env: dict) -> None:
     assert job.returncode == 0 and time.time() - started < 300, output[-3000:]
 
 
-@pytest.mark.parametrize("backend", ["torchvision", "dali"])
-def test_stopped_on_two_processes_continued_on_one(root, tmp_path, uninterrupted, backend):
-    two = uninterrupted(backend, 2)
+@pytest.mark.parametrize("backend,shuffle", [("torchvision", "global"), ("dali", "global"),
+                                             ("torchvision", "shards")])
+def test_stopped_on_two_processes_continued_on_one(root, tmp_path, uninterrupted, backend, shuffle, request):
+    """data.shuffle=shards too: the checkpoint records the order its epoch was dealt with, and the rest of
+    the epoch's windows continue on another process count."""
+    extra = shard_order(request.getfixturevalue("shard_root")) if shuffle == "shards" else ()
+    two = uninterrupted(backend, 2, extra)
     record = tmp_path / "samples"
     record.mkdir()
     env = script_env(RESNEST_TRAIN_SAMPLE_LOG=str(record))
-    stop_mid_epoch([*launcher(2), *args(root, tmp_path, backend, "checkpoint.interval_steps=1")], env)
+    stop_mid_epoch([*launcher(2), *args(root, tmp_path, backend, *extra, "checkpoint.interval_steps=1")], env)
     state = torch.load(tmp_path / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert state["epoch"] == 0 and state["batch"] == 1 and state["world_size"] == 2
-    result = run_script(args(root, tmp_path, backend, "checkpoint.interval_steps=1"), env=env)
+    assert state["epoch_shuffle"] == ({"shuffle": "shards", "window": 3} if extra else {"shuffle": "global"})
+    result = run_script(args(root, tmp_path, backend, *extra, "checkpoint.interval_steps=1"), env=env)
     assert "resuming a run of world size 2 (global batch 32) with world size 1" in result.stdout
     assert "train.batch_size=8 per process is below 16" in result.stdout  # the guard rail, said at start
     rows = recorded(record)

@@ -1,5 +1,6 @@
 """Nothing lost: kill -9 after a mid-epoch checkpoint, SIGTERM, corrupt checkpoints; resumed runs end
-bit-identical to uninterrupted ones (CPU, train.deterministic=true, DALI backend)."""
+bit-identical to uninterrupted ones (CPU, train.deterministic=true, DALI backend); an epoch is finished in the
+order it was dealt (data.shuffle)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, TORCHRUN, metrics, run_script, script_env, train_args
+from tests.test_faults import one_line_error
+from tests.test_shards import pack
 
 pytestmark = pytest.mark.slow
 
@@ -153,3 +156,36 @@ def test_resume_at_epoch_boundary_with_more_processes(image_root, tmp_path):
     assert [(r["epoch"], r["world_size"]) for r in rows] == [(1, 1), (2, 2)]
     # 48 images: 6 steps of 8 on one process, then 3 steps of 2 x 8
     assert rows[-1]["step"] == 1 * 3 + 3
+
+
+@pytest.fixture(scope="module")
+def shuffled_shards(image_root, tmp_path_factory) -> Path:
+    """The 48 training images in 6 to 8 shards, packed in a shuffled order (pack_dataset.py --shuffle)."""
+    out = tmp_path_factory.mktemp("shuffled")
+    result = pack(image_root, out, "--shard-size", "20000", "--shuffle", "1")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_another_shuffle_is_refused_mid_epoch_and_taken_at_an_epoch_boundary(shuffled_shards, tmp_path):
+    """data.shuffle and data.shuffle_window deal the epoch's order: a mid-epoch resume with another would use
+    some images twice and others never, so it is one error line naming the key, checkpoint.allow_changes or
+    not; from the epoch's end the next epoch is dealt the new way, and the run says so."""
+    def args(*extra: str) -> list[str]:
+        return train_args(shuffled_shards, tmp_path, "data.backend=torchvision", "checkpoint.interval_steps=2",
+                          "checkpoint.keep_last=9", *extra)
+    first = run_script(args("train.epochs=1", "data.shuffle=shards", "data.shuffle_window=2"))
+    assert "data.shuffle=shards: images shuffled within windows of 2 shards (about " in first.stdout, first.stdout
+    mid = [f"checkpoint.resume={tmp_path}/checkpoints/step-000000002.pt", "train.epochs=2"]
+    for change, key, old, new in ((["data.shuffle=global"], "data.shuffle", "shards", "global"),
+                                  (["data.shuffle=shards"], "data.shuffle_window", "2", "8"),
+                                  (["data.shuffle=shards", "data.shuffle_window=3", "checkpoint.allow_changes=true"],
+                                   "data.shuffle_window", "2", "3")):
+        refused = run_script(args(*mid, *change), expect=2)
+        one_line_error(refused, f"taken mid-epoch with {key}={old}; resume it with {key}={old} (now {new})",
+                       "change it at an epoch boundary")
+    boundary = run_script(args("train.epochs=2", "data.shuffle=global"))
+    assert "data order from epoch 2: shards (windows of 2 shards) -> global (data.shuffle)" in boundary.stdout
+    assert [row["epoch"] for row in metrics(tmp_path)] == [1, 2]
+    saved = torch.load(tmp_path / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert saved["epoch_shuffle"] == {"shuffle": "global"}

@@ -191,3 +191,36 @@ def test_tar_members_are_listed_as_tarfile_lists_them(tmp_path, tar_format):
         ours, problem = filescan._tar_members(filescan.FileReader(raw, size))
         assert (ours, problem) == filescan._tarfile_members(filescan.FileReader(raw, size)) and problem is None
         assert [name for name, _, _ in ours] == names
+
+
+def test_shuffled_packing_is_seeded_mixes_classes_and_keeps_every_image(image_root, shards, tmp_path):
+    """--shuffle SEED: the training images in a random order from SEED (the same SEED, the same bytes), so a
+    shard holds several classes where the class-sorted packing holds one or two; the same images and labels,
+    as many as the packer says; validation packed as without it."""
+    one, again, other = (tmp_path / name for name in ("one", "again", "other"))
+    results = [pack(image_root, out, "--shard-size", "20000", "--shuffle", seed)
+               for out, seed in ((one, "3"), (again, "3"), (other, "4"))]
+    assert [result.returncode for result in results] == [0, 0, 0], results[0].stderr
+    tars = sorted(path.relative_to(one) for path in one.rglob("*.tar"))
+    assert tars == sorted(path.relative_to(again) for path in again.rglob("*.tar"))
+    assert all((one / path).read_bytes() == (again / path).read_bytes() for path in tars)
+    folder, packed, sorted_packing = load_index(image_root), load_index(one), load_index(shards)
+    assert packed.train.labels.tolist() != folder.train.labels.tolist()  # another order ...
+    assert packed.train.labels.tolist() != load_index(other).train.labels.tolist()  # ... from the seed
+    reported = [int(line.split(": ")[1].split()[0]) for line in results[0].stdout.splitlines() if " images in " in line]
+    assert reported == [len(packed.train), len(packed.val)] == [48, 20]
+    key = (lambda samples, i: (samples.path(i).rpartition(":")[2], int(samples.labels[i])))
+    assert sorted(key(packed.train, i) for i in range(48)) == sorted(key(sorted_packing.train, i) for i in range(48))
+    assert all(read_sample(one, packed.train, i) == read_sample(image_root, folder.train, folder.train.position(
+        "train/" + packed.train.path(i).rpartition(":")[2])) for i in range(48))
+
+    def classes_per_shard(samples) -> list[int]:
+        return [len(set(samples.labels[samples.dir_ids == d].tolist())) for d in range(len(samples.dirs))]
+    assert len(packed.train.dirs) > 2 and min(classes_per_shard(packed.train)) >= 3
+    assert max(classes_per_shard(sorted_packing.train)) <= 2  # class by class: a shard spans at most two
+    assert all((one / "val" / path.name).read_bytes() == path.read_bytes() for path in (shards / "val").glob("*.tar"))
+
+
+def test_a_negative_shuffle_seed_is_one_error_line(image_root, tmp_path):
+    result = pack(image_root, tmp_path / "out", "--shuffle", "-1")
+    assert result.returncode == 2 and result.stderr == "error: --shuffle must be non-negative, got -1\n"

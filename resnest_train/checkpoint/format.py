@@ -61,6 +61,9 @@ class Checkpoint:
     provenance: dict | None = None
     epoch_loss: tuple[float, int] = (0.0, 0)  # mid-epoch: the epoch's loss so far (sum, count)
     epoch_seed: int | None = None  # the seed that dealt `epoch` (train.seed, or an earlier one kept)
+    # how `epoch` was dealt (data/order.py shuffle_record: data.shuffle, and its window for shards); files
+    # written before data.shuffle lack it, and every epoch of theirs was a global permutation
+    epoch_shuffle: dict = field(default_factory=lambda: {"shuffle": "global"})
     epoch_metrics: dict | None = None  # at an epoch's end before its evaluation: the row the resumed run owes
     ema: dict | None = None  # the weight EMA's state dict (train.ema > 0)
 

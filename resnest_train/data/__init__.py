@@ -10,7 +10,7 @@ import importlib
 
 __all__ = ["TrainLoader", "ValLoader", "DataPlan", "DatasetError", "DatasetIndex", "TrainOrder", "build_data_plan",
            "build_train_loader", "build_val_loader", "check_classes", "known_undecodable", "load_dataset_index",
-           "num_train_images", "resize_size"]
+           "num_train_images", "resize_size", "shard_groups"]
 
 
 def __getattr__(name: str):

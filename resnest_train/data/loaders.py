@@ -27,7 +27,7 @@ from resnest_train.data.index import (
     load_index,
     warn_skipped,
 )
-from resnest_train.data.order import TrainOrder
+from resnest_train.data.order import TrainOrder, shard_groups
 from resnest_train.data.plan import DataPlan, build_data_plan, resize_size
 from resnest_train.data.shard_cache import follow_order, open_cache
 from resnest_train.data.store import is_remote
@@ -35,7 +35,7 @@ from resnest_train.data.undecodable import RECORD, Replacement, known_positions,
 
 __all__ = ["TrainLoader", "ValLoader", "DataPlan", "DatasetError", "DatasetIndex", "TrainOrder", "build_data_plan",
            "build_train_loader", "build_val_loader", "check_classes", "known_undecodable", "load_dataset_index",
-           "num_train_images", "resize_size"]
+           "num_train_images", "resize_size", "shard_groups"]
 
 log = logging.getLogger("resnest_train")
 

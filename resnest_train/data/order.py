@@ -22,16 +22,47 @@ two consecutive ones where k does not divide G), in different micro-batches (oth
 micro-steps; never normalised together by BatchNorm when M >= k), whatever the process count. A copy is
 named by its position mod k, and its augmentation is drawn from it (draws.py). k = 1 is the order above,
 unchanged.
+
+`data.shuffle` chooses the permutation; everything above deals it. `global` (the default) permutes all N
+images. `shards` is an order a node-local shard cache smaller than the data can serve (data in an object
+store): with a global permutation every micro-batch reads from random shards and a bounded cache thrashes.
+The shards (the training list's tar files, `SampleList.dir_ids`) are permuted from (seed, epoch), the
+permuted list is cut into windows of `data.shuffle_window` consecutive shards, and the epoch's list is
+window 0's images, then window 1's, ..., each window's images in a random order from (seed, epoch): the
+global permutation's order restricted to the window (a stable sort of it by window), so a window as large as
+the whole list gives the global order back. The shards' permutation has a stream of its own
+(`randomness.shard_permutation`). A reader then needs about one window of shards at a time (WebDataset's
+shard shuffle plus a sample buffer, and FFCV's QUASI_RANDOM order, trade randomness for locality the same
+way); a window should hold many classes, which `scripts/pack_dataset.py --shuffle` makes sure of.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from resnest_train.recipe.randomness import epoch_permutation
+from resnest_train.config import ConfigError
+from resnest_train.recipe.randomness import epoch_permutation, shard_permutation
 from resnest_train.recipe.schedule import BatchLayout
+
+
+def shuffle_record(shuffle: str, window: int) -> dict:
+    """How an epoch is dealt, as a checkpoint records it (`format.Checkpoint.epoch_shuffle`): data.shuffle
+    and, for shards, data.shuffle_window."""
+    return {"shuffle": shuffle} if shuffle == "global" else {"shuffle": shuffle, "window": window}
+
+
+def shard_groups(shuffle: str, index, root: str) -> torch.Tensor | None:
+    """The training samples' shards for data.shuffle=shards (None for global), from the dataset index
+    (`index.DatasetIndex` of `root`); a dataset of class folders has none to window."""
+    if shuffle == "global":
+        return None
+    if index is None or index.layout != "shards":
+        raise ConfigError(f"data.shuffle=shards needs a shard dataset (train/*.tar), but {root} holds class "
+                          "folders: pack it with scripts/pack_dataset.py --shuffle SEED, or set data.shuffle=global")
+    return torch.from_numpy(index.train.dir_ids.astype(np.int64))
 
 
 @dataclass(frozen=True)
@@ -47,6 +78,18 @@ class TrainOrder:
     # allowed by checkpoint.allow_changes: every image of the epoch still once; the new seed from the next)
     earlier_seed: tuple[int, int] | None = None
     repeats: int = 1  # train.repeated_augment: copies of each image in the epoch's list
+    # data.shuffle=shards: each training sample's shard (`shard_groups`), None for data.shuffle=global
+    groups: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    window: int = 1  # data.shuffle_window: the shards whose images are shuffled together
+
+    @property
+    def shuffle(self) -> dict:
+        """How every epoch of this run is dealt (`shuffle_record`), as checkpoints record it."""
+        return shuffle_record("global" if self.groups is None else "shards", self.window)
+
+    @property
+    def num_shards(self) -> int:
+        return int(self.groups.max()) + 1 if self.groups is not None and len(self.groups) else 0
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -58,12 +101,25 @@ class TrainOrder:
         return micro_step * self.layout.world_size + self.rank
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
-        """The epoch's list of training-list indices (N long): the permutation, each image repeated."""
-        order = epoch_permutation(self.epoch_seed(epoch), epoch, self.num_samples)
+        """The epoch's list of training-list indices (N long): the permutation (in shard windows for
+        data.shuffle=shards), each image repeated."""
+        seed = self.epoch_seed(epoch)
+        order = epoch_permutation(seed, epoch, self.num_samples)
+        if self.groups is not None:
+            order = self._in_shard_windows(order, seed, epoch)
         if self.repeats == 1:
             return order
         # (N,) -> (N * k,): [a, a, a, b, b, b, ...] as timm's torch.repeat_interleave, then its first N
         return order.repeat_interleave(self.repeats)[:self.num_samples]
+
+    def _in_shard_windows(self, permutation: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+        """`permutation`'s images window by window of the epoch's shard order, in the permutation's order
+        within each window (a stable sort by window)."""
+        shards = shard_permutation(seed, epoch, self.num_shards)
+        place = torch.empty_like(shards)
+        place[shards] = torch.arange(len(shards))  # each shard's place in the epoch's shard order
+        windows = (place // self.window)[self.groups]  # (N,): each image's window
+        return permutation[torch.sort(windows[permutation], stable=True).indices]
 
     def epoch_seed(self, epoch: int) -> int:
         """The seed that deals `epoch`'s order (checkpoints record it: a later mid-epoch resume keeps it)."""

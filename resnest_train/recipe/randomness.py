@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 # Stream tags, one per kind of draw; the values are part of every seed (2 and 4 were retired streams: not reused)
-ORDER, MICRO_BATCH, SYNTHETIC, AUGMENT = 1, 3, 5, 6
+ORDER, MICRO_BATCH, SYNTHETIC, AUGMENT, SHARD_ORDER = 1, 3, 5, 6, 7
 
 
 def derive_seed(seed: int, stream: int, *keys: int) -> int:
@@ -30,6 +30,13 @@ def epoch_permutation(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
     """Epoch `epoch`'s order of the training list: a permutation from (seed, epoch) alone."""
     generator = torch.Generator().manual_seed(derive_seed(seed, ORDER, epoch))
     return torch.randperm(num_samples, generator=generator)
+
+
+def shard_permutation(seed: int, epoch: int, num_shards: int) -> torch.Tensor:
+    """Epoch `epoch`'s order of the training shards (data.shuffle=shards): a permutation from (seed, epoch)
+    alone, on a stream of its own, independent of the samples' permutation that `epoch_permutation` draws."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, SHARD_ORDER, epoch))
+    return torch.randperm(num_shards, generator=generator)
 
 
 def _seed_global(value: int) -> None:

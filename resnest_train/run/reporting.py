@@ -201,10 +201,10 @@ def _duration(seconds: float) -> str:
 
 
 def start_summary(dist: DistInfo, data, index, plan: TrainPlan, resumed_world_size: int | None,
-                  progress) -> list[str]:
+                  progress, order) -> list[str]:
     """The start-up summary's lines: backend, data, batch layout, schedule, where the run starts
     (`resumed_world_size`: the processes of the run resumed, None for a fresh run; `progress`: where
-    training continues)."""
+    training continues), and with data.shuffle=shards the window of `order` (data/order.py)."""
     layout = "webdataset shards" if index is not None and index.layout == "shards" else "class folders"
     images = (f"{len(index.classes)} classes, {len(index.train)} training / {len(index.val)} validation images in "
               f"{data.root} ({layout})" if index is not None
@@ -222,4 +222,15 @@ def start_summary(dist: DistInfo, data, index, plan: TrainPlan, resumed_world_si
             f"global batch {plan.global_batch} = {dist.world_size} processes x micro-batch {plan.layout.micro_batch} "
             f"x {plan.layout.accumulation} accumulation steps",
             f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} in all ({plan.warmup_steps} warmup), peak "
-            f"lr {plan.peak_lr:g}", start]
+            f"lr {plan.peak_lr:g}", start, *_shard_window(order)]
+
+
+def _shard_window(order) -> list[str]:
+    """data.shuffle=shards: the window a shard cache has to hold, in shards and images (a mean shard's)."""
+    if order.groups is None:
+        return []
+    shards = order.num_shards
+    windows = -(-shards // order.window)
+    return [f"data.shuffle=shards: images shuffled within windows of {order.window} shards (about "
+            f"{order.num_samples * min(order.window, shards) / shards:.0f} images; {windows} window(s) of the "
+            f"{shards} training shards per epoch)"]

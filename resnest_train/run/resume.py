@@ -27,6 +27,7 @@ from resnest_train.checkpoint.format import Checkpoint, RankPart
 from resnest_train.cluster.distributed import DistInfo, broadcast_object, scatter_object
 from resnest_train.config import Config
 from resnest_train.config_yaml import to_dict
+from resnest_train.data.order import shuffle_record
 from resnest_train.errors import UserError
 from resnest_train.recipe.averaging import load_rank_buffers
 from resnest_train.recipe.schedule import TrainPlan
@@ -83,6 +84,7 @@ def decide(checkpoint: Checkpoint, plan: TrainPlan, current: dict, run_config: C
     run's provenance."""
     config, allow = to_dict(run_config), run_config.checkpoint.allow_changes
     _check_layout(checkpoint, plan)
+    _check_shuffle(checkpoint, config)
     changes, new_validation = _check_provenance(checkpoint, current, config, allow=allow)
     optimizer_before = checkpoint.config.get("optim", {}).get("name", "sgd")
     fresh_optimizer = optimizer_before != config["optim"]["name"]
@@ -111,6 +113,28 @@ def _check_layout(checkpoint: Checkpoint, plan: TrainPlan) -> None:
             f"checkpoint at step {checkpoint.step} was taken mid-epoch with a global batch of "
             f"{checkpoint.global_batch}; resume it with the same global batch (train.global_batch, or "
             f"train.batch_size x processes; now {plan.global_batch})")
+
+
+def _check_shuffle(checkpoint: Checkpoint, config: dict) -> None:
+    """Mid-epoch, the rest of the epoch is the rest of the order its data.shuffle dealt: another shuffle or
+    window would deal the epoch anew (some of its images twice, others never), so it is refused whatever
+    checkpoint.allow_changes says. At an epoch boundary the next epoch is dealt the new way (logged)."""
+    saved = checkpoint.epoch_shuffle
+    now = shuffle_record(config["data"]["shuffle"], config["data"]["shuffle_window"])
+    if saved == now:
+        return
+    key, old, new = (("data.shuffle", saved["shuffle"], now["shuffle"]) if saved["shuffle"] != now["shuffle"]
+                     else ("data.shuffle_window", saved["window"], now["window"]))
+    if checkpoint.epoch_step > 0:
+        raise CheckpointError(
+            f"checkpoint at step {checkpoint.step} was taken mid-epoch with {key}={old}; resume it with {key}={old} "
+            f"(now {new}): its epoch's order was dealt by it, and another would use some images twice and others "
+            "never; change it at an epoch boundary")
+    log.info("data order from epoch %d: %s -> %s (%s)", checkpoint.epoch + 1, _said(saved), _said(now), key)
+
+
+def _said(shuffle: dict) -> str:
+    return shuffle["shuffle"] + (f" (windows of {shuffle['window']} shards)" if "window" in shuffle else "")
 
 
 def _same_layout(checkpoint: Checkpoint, plan: TrainPlan) -> bool:

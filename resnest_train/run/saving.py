@@ -39,7 +39,8 @@ def save(run, progress: Progress, *, is_best: bool = False, epoch_loss: tuple[fl
             best_top1=progress.best_top1, config=to_dict(run.config), world_size=run.dist.world_size,
             global_batch=run.plan.global_batch, micro_batch=run.plan.layout.micro_batch,
             steps_per_epoch=run.plan.steps_per_epoch, provenance=run.provenance, epoch_loss=tuple(epoch_loss),
-            epoch_seed=run.order.epoch_seed(progress.epoch), epoch_metrics=epoch_metrics,
+            epoch_seed=run.order.epoch_seed(progress.epoch), epoch_shuffle=run.order.shuffle,
+            epoch_metrics=epoch_metrics,
             ema={**run.ema.state_dict(), **ema_statistics} if run.ema is not None else None)
         run.writer.save(checkpoint.to_state(), is_best=is_best)  # first waits for the write in flight
 

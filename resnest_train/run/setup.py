@@ -28,6 +28,7 @@ from resnest_train.data import (
     known_undecodable,
     load_dataset_index,
     num_train_images,
+    shard_groups,
 )
 from resnest_train.recipe.schedule import TrainPlan, build_train_plan, micro_batch_warning
 from resnest_train.run import resume
@@ -69,6 +70,7 @@ def prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tupl
     data = build_data_plan(config, dist)
     index = load_dataset_index(data, dist)
     check_classes(index, config.model.num_classes, config.data.root)
+    groups = shard_groups(config.data.shuffle, index, config.data.root)
     num_images = num_train_images(data, index)
     plan = build_train_plan(config, dist.world_size, num_images)
     if dist.is_main and (warning := micro_batch_warning(config.train.batch_size, sync_bn=config.model.sync_bn)):
@@ -79,7 +81,8 @@ def prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tupl
         if found is not None else None
     progress = decision.progress if decision is not None else resume.Progress()
     order = TrainOrder(config.train.seed, num_images, plan.layout, plan.steps_per_epoch, dist.rank,
-                       decision.order_seed if decision else None, repeats=config.train.repeated_augment)
+                       decision.order_seed if decision else None, repeats=config.train.repeated_augment,
+                       groups=groups, window=config.data.shuffle_window)
     train_loader, val_loader = _loaders(config, data, index, order, progress, dist, stack)
     # Closed (the write in flight finished) whatever ends the run; rank 0 alone writes.
     writer = stack.enter_context(CheckpointWriter(config.output_dir, keep_last=config.checkpoint.keep_last)) \
@@ -90,7 +93,7 @@ def prepare(config: Config, dist: DistInfo, stack: contextlib.ExitStack) -> tupl
               val_loader=val_loader, writer=writer, provenance=trained_on,
               changes=decision.changes if decision else [],
               summary=start_summary(dist, data, index, plan, decision.saved_layout[0] if decision else None,
-                                    progress),
+                                    progress, order),
               resumed_loss=decision.epoch_loss if decision else (0.0, 0), owed=decision.owed if decision else None)
     if decision is not None:
         resume.apply(run, checkpoint, decision)
