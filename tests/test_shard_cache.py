@@ -5,6 +5,7 @@ changed in the store refused, prefetch ahead of the reader. The store is a local
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
 import os
 import shutil
@@ -14,7 +15,9 @@ import numpy as np
 import pytest
 
 from resnest_train.data import shard_cache, store
-from resnest_train.data.shard_cache import NextUse, ShardCache, open_cache
+from resnest_train.data.cache_locks import locked
+from resnest_train.data.next_use import NextUse
+from resnest_train.data.shard_cache import ShardCache, open_cache
 
 ROOT = "s3://bucket/data"
 
@@ -167,3 +170,26 @@ def test_prefetch_fetches_the_coming_shards_ahead_of_the_reader(tmp_path, monkey
     time.sleep(0.2)
     assert sorted(fake.downloads) == ["train/s00.tar", "train/s01.tar", "train/s02.tar"]  # what fits, soonest
     assert cache.usage() <= 3000
+
+
+def test_a_child_forked_while_a_lock_is_held_does_not_keep_it(tmp_path):
+    """A DataLoader worker forked while a prefetch thread held a shard's lock: the lock is the parent's,
+    released when the parent releases it (the child's inherited copy of the descriptor is closed)."""
+    context = multiprocessing.get_context("fork")
+    with locked(tmp_path / "shard.lock"):
+        child = context.Process(target=time.sleep, args=(20,))
+        child.start()
+    fd = os.open(tmp_path / "shard.lock", os.O_RDWR)
+    deadline = time.monotonic() + 3  # the child closes its copy as it starts (the time it takes to be scheduled)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:  # the child holds a copy of the parent's locked descriptor
+                assert time.monotonic() < deadline, "the forked child keeps the parent's lock"
+                time.sleep(0.05)
+    finally:
+        os.close(fd)
+        child.terminate()
+        child.join()

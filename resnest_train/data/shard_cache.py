@@ -25,95 +25,17 @@ import os
 import queue
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from resnest_train.data import store
+from resnest_train.data.cache_locks import alive, close_held, locked, open_held
+from resnest_train.data.next_use import NEVER, NextUse
 
 log = logging.getLogger(__name__)
 
 WAIT_FOR_ROOM = 120.0  # seconds a download waits for shards being read to be released before it gives up
-NEVER = float("inf")
-
-
-# Descriptors that hold a lock (flock: one per open file description, so a forked child's inherited copy
-# would keep the parent's lock alive for as long as the child lives): every one is opened here, and a
-# forked child (a DataLoader worker) closes its copies first thing, leaving the parent's locks its own.
-_HELD: set[int] = set()
-_HELD_LOCK = threading.Lock()
-
-
-def _open(path: Path, flags: int) -> int:
-    with _HELD_LOCK:
-        fd = os.open(path, flags, 0o644)
-        _HELD.add(fd)
-        return fd
-
-
-def _close(fd: int) -> None:
-    with _HELD_LOCK:
-        _HELD.discard(fd)
-        os.close(fd)
-
-
-def _after_fork_in_child() -> None:
-    global _HELD_LOCK
-    for fd in _HELD:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _HELD.clear()
-    _HELD_LOCK = threading.Lock()
-
-
-os.register_at_fork(before=lambda: _HELD_LOCK.acquire(), after_in_parent=lambda: _HELD_LOCK.release(),
-                    after_in_child=_after_fork_in_child)
-
-
-@contextmanager
-def locked(path: Path, mode: int = fcntl.LOCK_EX):
-    fd = _open(path, os.O_RDWR | os.O_CREAT)
-    try:
-        fcntl.flock(fd, mode)
-        yield fd
-    finally:
-        _close(fd)
-
-
-class NextUse:
-    """When each shard is read next, in steps from the run's start (epoch x steps + step)."""
-
-    def __init__(self, units: list[str]):
-        self.ids = {unit: i for i, unit in enumerate(units)}
-        self.times: list[np.ndarray] = [np.zeros(0) for _ in units]
-        self.steps_per_epoch = 0
-
-    def plan(self, spans: list[tuple[int, np.ndarray]], steps_per_epoch: int, global_batch: int) -> None:
-        """`spans`: (first step, the shard id of each position read from it on, `global_batch` per step)."""
-        self.steps_per_epoch = steps_per_epoch
-        keys = []
-        for first_step, ids in spans:
-            steps = first_step + np.arange(len(ids)) // global_batch
-            keys.append(ids.astype(np.int64) * (1 << 32) + steps)
-        keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
-        units, steps = keys >> 32, keys & ((1 << 32) - 1)
-        bounds = np.searchsorted(units, np.arange(len(self.times) + 1))
-        self.times = [steps[bounds[i]:bounds[i + 1]] for i in range(len(self.times))]
-
-    def next(self, unit: str, now: float) -> float:
-        if unit.startswith("val/"):  # evaluation reads every validation shard at each epoch's end
-            return -(-now // self.steps_per_epoch) * self.steps_per_epoch if self.steps_per_epoch else now
-        times = self.times[self.ids[unit]] if unit in self.ids else ()
-        i = np.searchsorted(times, now) if len(times) else 0
-        return float(times[i]) if i < len(times) else NEVER
-
-    def coming(self, now: float, count: int) -> list[str]:
-        """The first `count` shards read from `now` on, soonest first."""
-        nexts = [(self.next(unit, now), unit) for unit in self.ids]
-        return [unit for when, unit in sorted(nexts) if when < NEVER][:count]
 
 
 class ShardCache:
@@ -212,14 +134,14 @@ class ShardCache:
         for _ in range(3):
             path = self.local(unit)
             try:
-                fd = _open(Path(path), os.O_RDONLY)
+                fd = open_held(Path(path), os.O_RDONLY)
             except FileNotFoundError:  # evicted between the check and the open: fetched again
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH)
                 return os.pread(fd, size, start)
             finally:
-                _close(fd)
+                close_held(fd)
         raise store.StoreError(f"the cached copy of {store.join(self.root, unit)} keeps being evicted while it is "
                                f"needed: raise data.cache_limit ({self.limit} bytes)")
 
@@ -324,19 +246,19 @@ class ShardCache:
     def _evict(self, unit: str) -> int:
         """Remove `unit`'s copy unless a reader holds it; the bytes freed."""
         try:
-            fd = _open(self.path(unit), os.O_RDONLY)
+            fd = open_held(self.path(unit), os.O_RDONLY)
         except FileNotFoundError:
             return 0
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            _close(fd)
+            close_held(fd)
             return 0
         try:
             size = os.fstat(fd).st_size
             self.path(unit).unlink()
         finally:
-            _close(fd)
+            close_held(fd)
         self.stats["evicted"] += 1
         return size
 
@@ -347,18 +269,8 @@ class ShardCache:
     def _remove_stale_parts(self) -> None:
         for part in self.folder.rglob(".*.part"):
             pid = int(part.name.split(".")[-3]) if part.name.split(".")[-3].isdigit() else 0
-            if pid and not _alive(pid):
+            if pid and not alive(pid):
                 part.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 CACHES: dict[str, ShardCache] = {}
