@@ -4,6 +4,9 @@ flock's lock belongs to an open file description, so a forked child's inherited 
 forked while a prefetch thread held a shard's lock) would keep the parent's lock for the child's whole life,
 and every other process of the node would wait on it. A forked child closes its copies first thing: the
 parent's locks stay the parent's.
+
+A fork also waits for the downloads in flight (`downloading`): a thread inside fsspec or botocore may hold
+an import lock or one of theirs, which a child forked then would wait on forever.
 """
 
 from __future__ import annotations
@@ -31,19 +34,47 @@ def close_held(fd: int) -> None:
         os.close(fd)
 
 
+_QUIET = threading.Condition()  # held by a fork; `active`: downloads in flight
+_ACTIVE = [0]
+
+
+@contextmanager
+def downloading():
+    """A download in flight: a fork of this process waits for it to end."""
+    with _QUIET:
+        _ACTIVE[0] += 1
+    try:
+        yield
+    finally:
+        with _QUIET:
+            _ACTIVE[0] -= 1
+            _QUIET.notify_all()
+
+
+def _before_fork() -> None:
+    _QUIET.acquire()
+    while _ACTIVE[0]:
+        _QUIET.wait()
+    _HELD_LOCK.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _HELD_LOCK.release()
+    _QUIET.release()
+
+
 def _after_fork_in_child() -> None:
-    global _HELD_LOCK
+    global _HELD_LOCK, _QUIET
     for fd in _HELD:
         try:
             os.close(fd)
         except OSError:
             pass
     _HELD.clear()
-    _HELD_LOCK = threading.Lock()
+    _HELD_LOCK, _QUIET, _ACTIVE[0] = threading.Lock(), threading.Condition(), 0
 
 
-os.register_at_fork(before=lambda: _HELD_LOCK.acquire(), after_in_parent=lambda: _HELD_LOCK.release(),
-                    after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 @contextmanager

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from resnest_train.data import store
-from resnest_train.data.cache_locks import alive, close_held, locked, open_held
+from resnest_train.data.cache_locks import alive, close_held, downloading, locked, open_held
 from resnest_train.data.next_use import NEVER, NextUse
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,8 @@ class ShardCache:
             if not self._take_room(unit, size, part, demand):
                 return False
             try:
-                self._download(unit, part, size)
+                with downloading():  # a fork (a DataLoader worker) waits for it
+                    self._download(unit, part, size)
                 os.replace(part, self.path(unit))
             finally:
                 part.unlink(missing_ok=True)
@@ -291,6 +292,7 @@ def open_cache(root: str, cache_dir: str | None, stamps: dict[str, tuple[int, in
         unit = max(stamps, key=lambda u: stamps[u][1])
         raise store.StoreError(f"data.cache_limit={limit} bytes is below the largest shard, "
                                f"{store.join(root, unit)} ({largest} bytes): the cache could never hold it")
+    store.fs_of(root)  # fsspec and its back end imported here, on the main thread, before any thread forks
     cache = CACHES.get(root)
     if cache is None or cache.stamps != stamps or cache.limit != limit:
         try:
