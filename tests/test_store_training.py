@@ -10,6 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -159,3 +161,34 @@ def test_an_unreachable_store_mid_run_is_one_line_on_every_rank(packed, tmp_path
     results = launch_ranks(command, **env)  # the server is gone
     line = assert_one_error_everywhere(results, "cannot read http://127.0.0.1")
     assert "unreachable" in line and not (tmp_path / "run" / "undecodable.txt").exists()
+
+
+def test_a_cache_of_a_fifth_of_the_data_in_shard_order_stays_within_it(root, tmp_path):  # noqa: F811
+    """data.cache_limit at 20% of the data, data.shuffle=shards: the cache never holds more than its limit
+    (polled, and its own record of the most it held), and each epoch downloads at most 1.2x the training
+    shards (the server's count of the bytes it sent)."""
+    data = tmp_path / "data"
+    assert pack(root, data, "--shard-size", "10000", "--shuffle", "1").returncode == 0
+    train_bytes = sum(path.stat().st_size for path in (data / "train").glob("*.tar"))
+    limit = sum(path.stat().st_size for path in data.rglob("*.tar")) // 5
+    cache = tmp_path / "cache"
+    most, done = [0], threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            most[0] = max(most[0], sum(p.stat().st_size for p in cache.rglob("*.tar*") if p.is_file()))
+            time.sleep(0.005)
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    with http_store(data, tmp_path / "server") as server:
+        sent = []
+        for epochs in (1, 2):  # one epoch per run: the server's count per epoch
+            run_script(train_args(server.url, tmp_path / "run", "data.backend=torchvision", "data.shuffle=shards",
+                                  "data.shuffle_window=1", f"data.cache_limit={limit}", f"data.cache_dir={cache}",
+                                  f"train.epochs={epochs}"), env=script_env(HOME=str(tmp_path / "home")))
+            sent.append(server.sent("/train/") - sum(sent))
+    done.set()
+    watcher.join()
+    peak = json.loads(next(cache.glob("*/.locks/stats.json")).read_text())["peak"]
+    assert 0 < most[0] <= limit and 0 < peak <= limit
+    assert all(train_bytes * 0.5 < epoch <= 1.2 * train_bytes for epoch in sent), (sent, train_bytes)

@@ -32,6 +32,7 @@ import numpy as np
 from resnest_train.data import store
 from resnest_train.data.cache_locks import alive, close_held, downloading, locked, open_held
 from resnest_train.data.next_use import NEVER, NextUse
+from resnest_train.errors import size_text
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,9 @@ class ShardCache:
         held = self.limit / data
         traffic = order.num_samples * (1 - held) * data / max(1, len(self.unit_of_dir))
         log.warning("data.shuffle=global with data.cache_limit holding %.0f%% of the training shards: an image's "
-                    "shard is cached about %.0f%% of the time, so an epoch fetches about %.1f GB (%.0fx the data); "
-                    "data.shuffle=shards reads each shard about once per epoch", 100 * held, 100 * held,
-                    traffic / 1e9, traffic / data)
+                    "shard is cached about %.0f%% of the time, so an epoch fetches about %s (%.0fx the data) or "
+                    "more; data.shuffle=shards reads each shard about once per epoch", 100 * held, 100 * held,
+                    size_text(traffic), traffic / data)
 
     def set_epoch(self, epoch: int, start_step: int) -> None:
         """The steps at which each shard is read, from `start_step` of `epoch` to the end of the next epoch
@@ -335,7 +336,7 @@ def epoch_report() -> str | None:
         since = totals["downloaded"] - getattr(cache, "reported", 0)
         cache.reported = totals["downloaded"]
         data = sum(size for unit, (_, size) in cache.stamps.items() if unit.startswith("train/"))
-        limit = f"{cache.limit / 1e6:.1f} MB" if cache.limit else "no limit"
-        lines.append(f"shard cache {cache.folder}: {since / 1e6:.1f} MB downloaded ({since / max(data, 1):.2f}x the "
-                     f"training shards), at most {totals['peak'] / 1e6:.1f} MB held ({limit})")
+        limit = f"limit {size_text(cache.limit)}" if cache.limit else "no limit"
+        lines.append(f"shard cache {cache.folder}: {size_text(since)} downloaded ({since / max(data, 1):.2f}x the "
+                     f"training shards), at most {size_text(totals['peak'])} held ({limit})")
     return "; ".join(lines) or None
