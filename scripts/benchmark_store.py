@@ -73,7 +73,8 @@ def replay(args, shuffle: str, limit_share: float, policy: str, work: Path) -> l
         positions = order.epoch_order(epoch)[:order.steps_per_epoch * args.batch].numpy()
         for step in range(order.steps_per_epoch):
             cache.now = epoch * order.steps_per_epoch + step
-            for unit in dict.fromkeys(units[g] for g in groups.numpy()[positions[step * args.batch:(step + 1) * args.batch]]):
+            step_groups = groups.numpy()[positions[step * args.batch:(step + 1) * args.batch]]
+            for unit in dict.fromkeys(units[g] for g in step_groups):
                 reads += 1
                 hits += cache._present(unit)
                 cache.local(unit)
@@ -115,7 +116,8 @@ def timed_run(root: str, out: Path, extra: list[str]) -> dict:
 
 def run_benchmark(args) -> list[dict]:
     server = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "shard_server.py"), args.root, "--latency",
-                               str(args.latency), "--bandwidth", str(args.bandwidth)], stdout=subprocess.PIPE, text=True)
+                               str(args.latency), "--bandwidth", str(args.bandwidth)],
+                              stdout=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{server.stdout.readline().split()[1]}"
     rows = []
     try:

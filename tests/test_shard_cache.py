@@ -14,10 +14,11 @@ import time
 import numpy as np
 import pytest
 
-from resnest_train.data import shard_cache, store
+from resnest_train.data import shard_caches, store
 from resnest_train.data.cache_locks import locked
 from resnest_train.data.next_use import NextUse
-from resnest_train.data.shard_cache import ShardCache, open_cache
+from resnest_train.data.shard_cache import ShardCache
+from resnest_train.data.shard_caches import open_cache
 
 ROOT = "s3://bucket/data"
 
@@ -95,10 +96,10 @@ def optimal_misses(sequence: list[str], capacity: int) -> int:
 def test_next_use_of_training_and_validation_shards():
     future = NextUse(["train/a.tar", "train/b.tar", "val/v.tar"])
     future.plan([(3, np.array([0, 0, 1, 0])), (10, np.array([1, 1]))], steps_per_epoch=10, global_batch=2)
-    assert [future.next("train/a.tar", t) for t in (0, 4, 5)] == [3, 4, float("inf")]
+    assert [future.next("train/a.tar", t) for t in (0, 4, 5)] == [3, 4.5, float("inf")]  # image 2 of step 4
     assert [future.next("train/b.tar", t) for t in (0, 5)] == [4, 10]
-    assert future.next("val/v.tar", 4) == 10 and future.next("val/v.tar", 10) == 10  # the epoch's end
-    assert future.coming(4, 2) == ["train/a.tar", "train/b.tar"]
+    assert future.next("val/v.tar", 4) == 10 and future.next("val/v.tar", 10) == 20  # the epoch's end
+    assert future.coming(4, 2) == ["train/b.tar", "train/a.tar"]  # b at 4.0, a at 4.5
 
 
 def test_a_corrupt_or_interrupted_copy_is_never_read(tmp_path, monkeypatch):
@@ -152,7 +153,7 @@ def test_one_download_per_node_for_processes_reading_the_same_shard(tmp_path, mo
 
 def test_a_limit_below_the_largest_shard_is_refused(tmp_path, monkeypatch):
     fake = FakeStore(tmp_path / "store", units(2), monkeypatch)
-    monkeypatch.setattr(shard_cache, "CACHES", {})
+    monkeypatch.setattr(shard_caches, "CACHES", {})
     with pytest.raises(store.StoreError, match=r"data.cache_limit=999 bytes is below the largest shard, "
                                                r"s3://bucket/data/train/s0\d.tar \(1000 bytes\)"):
         open_cache(ROOT, str(tmp_path / "cache"), fake.stamps(), 999, 0)

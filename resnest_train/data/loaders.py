@@ -29,7 +29,7 @@ from resnest_train.data.index import (
 )
 from resnest_train.data.order import TrainOrder, shard_groups
 from resnest_train.data.plan import DataPlan, build_data_plan, resize_size
-from resnest_train.data.shard_cache import follow_order, open_cache
+from resnest_train.data.shard_caches import follow_order, open_cache
 from resnest_train.data.store import is_remote
 from resnest_train.data.undecodable import RECORD, Replacement, known_positions, read_record
 

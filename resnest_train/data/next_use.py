@@ -12,7 +12,9 @@ NEVER = float("inf")
 
 
 class NextUse:
-    """When each shard is read next, in steps from the run's start (epoch x steps + step)."""
+    """When each shard is read next, in steps from the run's start (epoch x steps + step); the images of a
+    step are spread over it (image i of a global batch of G at step + i / G), so the shards a step reads are
+    ranked by where in it they are read."""
 
     def __init__(self, units: list[str]):
         self.ids = {unit: i for i, unit in enumerate(units)}
@@ -22,23 +24,31 @@ class NextUse:
     def plan(self, spans: list[tuple[int, np.ndarray]], steps_per_epoch: int, global_batch: int) -> None:
         """`spans`: (first step, the shard id of each position read from it on, `global_batch` per step)."""
         self.steps_per_epoch = steps_per_epoch
-        keys = []
+        units, slots = [], []
         for first_step, ids in spans:
-            steps = first_step + np.arange(len(ids)) // global_batch
-            keys.append(ids.astype(np.int64) * (1 << 32) + steps)
-        keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
-        units, steps = keys >> 32, keys & ((1 << 32) - 1)
+            units.append(ids.astype(np.int64))
+            slots.append(first_step * global_batch + np.arange(len(ids), dtype=np.int64))
+        units = np.concatenate(units) if units else np.zeros(0, np.int64)
+        slots = np.concatenate(slots) if slots else np.zeros(0, np.int64)
+        order = np.lexsort((slots, units))  # by shard, then by time
+        units, times = units[order], slots[order] / global_batch
         bounds = np.searchsorted(units, np.arange(len(self.times) + 1))
-        self.times = [steps[bounds[i]:bounds[i + 1]] for i in range(len(self.times))]
+        self.times = [times[bounds[i]:bounds[i + 1]] for i in range(len(self.times))]
 
-    def next(self, unit: str, now: float) -> float:
-        if unit.startswith("val/"):  # evaluation reads every validation shard at each epoch's end
-            return -(-now // self.steps_per_epoch) * self.steps_per_epoch if self.steps_per_epoch else now
+    def next(self, unit: str, now: float, evaluating: bool = False) -> float:
+        """The step at which `unit` is read next from `now` (NEVER: not in the two epochs planned). A
+        validation shard is read now during an evaluation, else at the end of the epoch."""
+        if unit.startswith("val/"):
+            if evaluating or not self.steps_per_epoch:
+                return now
+            return (now // self.steps_per_epoch + 1) * self.steps_per_epoch
         times = self.times[self.ids[unit]] if unit in self.ids else ()
         i = np.searchsorted(times, now) if len(times) else 0
         return float(times[i]) if i < len(times) else NEVER
 
-    def coming(self, now: float, count: int) -> list[str]:
-        """The first `count` shards read from `now` on, soonest first."""
-        nexts = [(self.next(unit, now), unit) for unit in self.ids]
+    def coming(self, now: float, count: int, evaluating: bool = False) -> list[str]:
+        """The first `count` shards read from `now` on, soonest first (validation shards only during an
+        evaluation: they are not fetched ahead of the epoch's end)."""
+        nexts = [(self.next(unit, now, evaluating), unit) for unit in self.ids
+                 if evaluating or not unit.startswith("val/")]
         return [unit for when, unit in sorted(nexts) if when < NEVER][:count]

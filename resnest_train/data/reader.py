@@ -14,7 +14,7 @@ import torch
 
 from resnest_train.data.order import TrainOrder
 from resnest_train.data.sample_read import SHARDS
-from resnest_train.data.shard_cache import epoch_started, step_reached
+from resnest_train.data.shard_caches import epoch_started, step_reached
 
 
 class EpochCursor:

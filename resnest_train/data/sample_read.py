@@ -24,7 +24,7 @@ from pathlib import Path
 from resnest_train.data.filescan import decode_bytes_error
 from resnest_train.data.index import DatasetError
 from resnest_train.data.samples import SampleList
-from resnest_train.data.shard_cache import cache_of
+from resnest_train.data.shard_caches import cache_of
 from resnest_train.data.store import StoreError, is_remote, under
 
 MAX_OPEN_SHARDS = 64  # descriptors per process; a reading thread may hold one more while it is evicted

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import atexit
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -54,6 +53,8 @@ class ShardCache:
         self._remove_stale_parts()
         atexit.register(self._remove_own_parts)  # a prefetch cut short by the exit leaves no .part file
         self.jobs: queue.Queue | None = None
+        self.evaluating = False  # an evaluation is reading the validation shards (`evaluation`)
+        self.reported = self.node_stats()["downloaded"]  # epoch_report: the traffic since
         self.order, self.unit_of_dir, self.dir_ids = None, np.zeros(0, np.int64), np.zeros(0, np.int64)
 
     def follow(self, samples, order) -> None:
@@ -87,18 +88,24 @@ class ShardCache:
             positions = self.order.epoch_order(e)[first * batch:steps * batch].numpy()
             spans.append((e * steps + first, self.unit_of_dir[self.dir_ids[positions]]))
         self.future.plan(spans, steps, batch)
+        self.now = -1.0  # a new epoch, or a run resumed: the clock starts where the reader does
         self.advance(epoch * steps + start_step)
 
     def advance(self, now: float) -> None:
-        """The node's reader is at step `now` (from the run's start): what is fetched ahead follows it."""
-        self.now = now
+        """The node's reader is at step `now` (from the run's start): what is fetched ahead follows it, and
+        the node's forked readers (DataLoader workers) read the step from the clock file."""
+        if now > self.now and os.getpid() == self.pid:
+            clock = self.folder / ".locks" / f"clock.{os.getpid()}"
+            clock.write_text(str(now))
+            os.replace(clock, self.folder / ".locks" / "clock")
+        self.now = max(self.now, now)
         if not self.prefetch or os.getpid() != self.pid:  # a forked DataLoader worker fetches on demand only
             return
         if self.jobs is None:
             self.jobs = queue.Queue()
             for _ in range(self.prefetch):
                 threading.Thread(target=self._prefetcher, daemon=True, name="shard-prefetch").start()
-        for unit in self.future.coming(now, 2 * self.prefetch):
+        for unit in self.future.coming(now, 2 * self.prefetch, self.evaluating):
             if len(self.inflight) >= self.prefetch:
                 break
             if unit not in self.inflight and not self._present(unit):
@@ -132,6 +139,9 @@ class ShardCache:
     def read(self, unit: str, start: int, size: int) -> bytes:
         """`size` bytes at `start` of the shard, from its local copy (fetched first where missing); the
         copy is held by a shared lock while it is read, so no eviction removes it mid-read."""
+        when = self.future.next(unit, self.now, self.evaluating)
+        if when < NEVER and not unit.startswith("val/"):  # the reader is at least where this shard is read next
+            self.now = max(self.now, when)
         for _ in range(3):
             path = self.local(unit)
             try:
@@ -221,14 +231,28 @@ class ShardCache:
             return {"downloaded": 0, "peak": 0}
 
     def usage(self) -> int:
-        return sum(path.stat().st_size for path in self.folder.rglob("*")
-                   if path.is_file() and path.parent.name != ".locks")
+        """The bytes the cache holds and has reserved: a `.part` file counts at its shard's full size (a
+        download writes it from its first byte: its size on disk is not what it will take)."""
+        total = 0
+        for split in ("train", "val"):
+            for entry in os.scandir(self.folder / split) if (self.folder / split).is_dir() else ():
+                if entry.name.endswith(".part"):
+                    stamp = self.stamps.get(f"{split}/{entry.name[1:].split('.tar.')[0]}.tar")
+                    total += stamp[1] if stamp else _size(entry)
+                else:
+                    total += _size(entry)
+        return total
 
     def _make_room(self, unit: str, size: int, demand: bool) -> bool:
         if self.limit is None:
             return True
+        if os.getpid() != self.pid:  # a forked reader: at least the step its parent has reached
+            try:
+                self.now = max(self.now, float((self.folder / ".locks" / "clock").read_text()))
+            except (OSError, ValueError):
+                pass
         free = self.limit - self.usage()
-        need = self.future.next(unit, self.now)
+        need = self.future.next(unit, self.now, self.evaluating)
         for when, other in self._candidates():
             if free >= size:
                 break
@@ -243,7 +267,7 @@ class ShardCache:
         if self.policy == "lru":
             stamp = {unit: self.path(unit).stat().st_mtime_ns for unit in units}
             return [(NEVER, unit) for unit in sorted(units, key=stamp.get)]
-        return sorted(((self.future.next(unit, self.now), unit) for unit in units), reverse=True)
+        return sorted(((self.future.next(unit, self.now, self.evaluating), unit) for unit in units), reverse=True)
 
     def _evict(self, unit: str) -> int:
         """Remove `unit`'s copy unless a reader holds it; the bytes freed."""
@@ -275,68 +299,8 @@ class ShardCache:
                 part.unlink(missing_ok=True)
 
 
-CACHES: dict[str, ShardCache] = {}
-
-
-def cache_folder(root: str, cache_dir: str | None) -> Path:
-    """`<cache_dir>/<the root's last name>-<digest of the root>`: two roots never share a folder."""
-    base = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "resnest_train" / "shards"
-    name = root.rstrip("/").rsplit("/", 1)[-1] or "root"
-    return base / f"{name}-{hashlib.sha1(root.encode()).hexdigest()[:10]}"
-
-
-def open_cache(root: str, cache_dir: str | None, stamps: dict[str, tuple[int, int]], limit: int | None,
-               prefetch: int) -> ShardCache:
-    """This process's cache of `root` (kept for the process: its loaders and evaluation read through it)."""
-    largest = max((size for _, size in stamps.values()), default=0)
-    if limit is not None and limit < largest:
-        unit = max(stamps, key=lambda u: stamps[u][1])
-        raise store.StoreError(f"data.cache_limit={limit} bytes is below the largest shard, "
-                               f"{store.join(root, unit)} ({largest} bytes): the cache could never hold it")
-    store.fs_of(root)  # fsspec and its back end imported here, on the main thread, before any thread forks
-    cache = CACHES.get(root)
-    if cache is None or cache.stamps != stamps or cache.limit != limit:
-        try:
-            cache = ShardCache(root, cache_folder(root, cache_dir), stamps, limit, prefetch)
-        except OSError as exc:
-            raise store.StoreError(f"cannot use the shard cache {cache_folder(root, cache_dir)} "
-                                   f"(data.cache_dir): {exc.strerror or exc}") from None
-        CACHES[root] = cache
-    return cache
-
-
-def cache_of(root: str) -> ShardCache:
-    cache = CACHES.get(root)
-    if cache is None:
-        raise store.StoreError(f"{root}: no shard cache is open for this root")
-    return cache
-
-
-def follow_order(root: str, samples, order) -> None:
-    cache_of(root).follow(samples, order)
-
-
-def epoch_started(epoch: int, start_step: int) -> None:
-    """A training reader starts `epoch` at `start_step` (reader.EpochCursor): every cache plans ahead."""
-    for cache in CACHES.values():
-        cache.set_epoch(epoch, start_step)
-
-
-def step_reached(epoch: int, step: int) -> None:
-    for cache in CACHES.values():
-        if cache.order is not None:
-            cache.advance(epoch * cache.order.steps_per_epoch + step)
-
-
-def epoch_report() -> str | None:
-    """One line on the caches' traffic since the last report (the run's log, each epoch's end)."""
-    lines = []
-    for cache in CACHES.values():
-        totals = cache.node_stats()
-        since = totals["downloaded"] - getattr(cache, "reported", 0)
-        cache.reported = totals["downloaded"]
-        data = sum(size for unit, (_, size) in cache.stamps.items() if unit.startswith("train/"))
-        limit = f"limit {size_text(cache.limit)}" if cache.limit else "no limit"
-        lines.append(f"shard cache {cache.folder}: {size_text(since)} downloaded ({since / max(data, 1):.2f}x the "
-                     f"training shards), at most {size_text(totals['peak'])} held ({limit})")
-    return "; ".join(lines) or None
+def _size(entry: os.DirEntry) -> int:
+    try:
+        return entry.stat().st_size
+    except FileNotFoundError:  # evicted or renamed while listed
+        return 0

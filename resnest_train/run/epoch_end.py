@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 
-from resnest_train.data.shard_cache import epoch_report
+from resnest_train.data.shard_caches import epoch_report, evaluation
 from resnest_train.recipe.averaging import distribute_bn
 from resnest_train.recipe.engine import validate
 from resnest_train.run.reporting import RunReporter
@@ -62,6 +62,7 @@ def evaluate(run) -> dict:
     for suffix, module in models.items():
         distribute_bn(module, run.dist, run.config.train.dist_bn)
         on_device = module if suffix == "" else run.ema.on(run.dist.device)
-        result = validate(on_device, run.val_loader, run.dist, run.precision)
+        with evaluation():  # a remote root's cache keeps the validation shards meanwhile
+            result = validate(on_device, run.val_loader, run.dist, run.precision)
         metrics.update({f"val_top1{suffix}": result.top1, f"val_top5{suffix}": result.top5})
     return {**metrics, "val_images": result.num_images, "val_seconds": time.perf_counter() - started}
