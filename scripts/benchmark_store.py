@@ -77,7 +77,7 @@ def replay(args, shuffle: str, limit_share: float, policy: str, work: Path) -> l
             for unit in dict.fromkeys(units[g] for g in step_groups):
                 reads += 1
                 hits += cache._present(unit)
-                cache.local(unit)
+                cache.read(unit, 0, 1)
         fetched = sum(sizes[url.removeprefix(URL + "/")] for url in downloads[before:])
         rows.append({"shuffle": shuffle, "limit": limit_share, "policy": policy, "epoch": epoch + 1,
                      "downloaded_x_data": round(fetched / data, 3), "hit_rate": round(hits / reads, 3),
@@ -96,13 +96,14 @@ def cache_benchmark(args) -> list[dict]:
     return rows
 
 
-def timed_run(root: str, out: Path, extra: list[str]) -> dict:
-    """train.py for one epoch: seconds from launch to step 1's line, and the epoch's images/s."""
+def timed_run(root: str, out: Path, home: Path, extra: list[str]) -> dict:
+    """train.py for one epoch with an empty shard cache (`home`: where the index cache lives): seconds from
+    launch to step 1's line, and the epoch's images/s."""
     command = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
                f"output_dir={out}", f"data.root={root}", f"data.cache_dir={out / 'cache'}", *extra]
     started, first = time.monotonic(), None
     job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env=dict(os.environ, HOME=str(out / "home")))
+                           env=dict(os.environ, HOME=str(home)))
     lines = []
     for line in job.stdout:
         lines.append(line)
@@ -119,16 +120,19 @@ def run_benchmark(args) -> list[dict]:
                                str(args.latency), "--bandwidth", str(args.bandwidth)],
                               stdout=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{server.stdout.readline().split()[1]}"
-    rows = []
+    rows, homes = [], {name: Path(tempfile.mkdtemp(prefix=f"store-home-{name}-")) for name in ("disk", "http")}
     try:
-        for round_ in range(args.rounds):
+        for round_ in range(args.rounds):  # round 0 indexes the shards, later rounds find the index cached
             for name, root in (("disk", args.root), ("http", url)):
                 out = Path(tempfile.mkdtemp(prefix=f"store-run-{name}-"))
-                rows.append({"round": round_, "root": name, **timed_run(root, out, args.overrides)})
+                rows.append({"round": round_, "index": "cold" if round_ == 0 else "warm", "root": name,
+                             **timed_run(root, out, homes[name], args.overrides)})
                 shutil.rmtree(out)
                 print(json.dumps(rows[-1]), flush=True)
     finally:
         server.terminate()
+        for home in homes.values():
+            shutil.rmtree(home, ignore_errors=True)
     return rows
 
 

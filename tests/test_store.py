@@ -107,7 +107,8 @@ def test_shards_named_by_a_brace_pattern_or_by_info_json_where_nothing_lists(sha
         (data / path.parent.name).mkdir(exist_ok=True)
         os.link(path, data / path.parent.name / path.name)
     with http_store(data, tmp_path / "server", "--no-listing") as server:
-        with pytest.raises(store.UserError, match=r"no shards \(\*.tar\) found in .*/train: .*data.train_shards"):
+        with pytest.raises(store.UserError, match=r"no shards \(\*.tar\) found in .*/train \(a remote data.root "
+                                                  r"holds shards; .*data.train_shards"):
             load_index(server.url)
         patterns = {"train": "train-{000000..000006}.tar", "val": "val-{000000..000002}.tar"}
         by_pattern = load_index(server.url, patterns=patterns)

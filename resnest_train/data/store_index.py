@@ -55,7 +55,8 @@ def split_shards(root: str, split: str, pattern: str | None) -> dict[str, tuple[
         names = sorted(listed) or _info_names(root, split) or []
     if not names:
         key = "train_shards" if split == "train" else "val_shards"
-        raise RemoteDatasetError(f"no shards (*.tar) found in {folder}: where the store cannot list them "
+        raise RemoteDatasetError(f"no shards (*.tar) found in {folder} (a remote data.root holds shards; folders "
+                                 f"of images are read from a local disk): where the store cannot list them "
                                  f"(https), name them with data.{key}, e.g. 'shard-{{0000..0099}}.tar', or "
                                  f"in {store.join(root, INFO_FILE)}")
     urls = [store.join(folder, name) for name in names]
