@@ -145,3 +145,17 @@ def test_store_failures_are_one_line_and_retried_only_where_they_may_pass(shards
         load_index(f"http://127.0.0.1:{free_port()}/")
     assert time.monotonic() - started < 10
     assert "\n" not in message
+
+
+def test_a_store_whose_package_is_missing_is_one_line(monkeypatch):
+    import fsspec
+
+    def missing(protocol, **options):
+        raise ImportError(f"Install gcsfs to access {protocol}")
+    monkeypatch.setattr(fsspec, "filesystem", missing)
+    store.filesystem.cache_clear()
+    try:
+        with pytest.raises(store.StoreError, match=r"reading gs:// needs the package gcsfs: pip install gcsfs"):
+            store.fs_of("gs://bucket/imagenet")
+    finally:
+        store.filesystem.cache_clear()
