@@ -8,7 +8,8 @@
       order. The store is local sparse files (no bytes copied): what is counted is what a node would fetch.
   benchmark_store.py run --root DIR [--latency 0.1] [--bandwidth 50e6] [--rounds 2] [train.py overrides...]
       train.py on shards on local disk vs the same shards served over HTTP (scripts/shard_server.py, with a
-      latency per request and a bandwidth cap), rounds interleaved: time to the first step and images/s.
+      latency per request and a bandwidth cap) and from a local S3 server (moto's server mode), rounds
+      interleaved: time to the first step (index cold, then cached) and images/s.
 Prints one JSON line last.
 """
 
@@ -19,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -115,15 +117,36 @@ def timed_run(root: str, out: Path, home: Path, extra: list[str]) -> dict:
     return {"first_step_s": round(first, 2), "img_per_s": round(float(np.median(rates[len(rates) // 2:])), 1)}
 
 
+def moto_s3(folder: str) -> tuple[subprocess.Popen, str]:
+    """A local S3 server (moto's server mode) holding `folder` as s3://bench-shards/data; AWS_* set here."""
+    import boto3
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    time.sleep(3)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="bench-shards")
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file() and not path.name.startswith("."):
+            client.upload_file(str(path), "bench-shards", f"data/{path.relative_to(folder)}")
+    return server, "s3://bench-shards/data"
+
+
 def run_benchmark(args) -> list[dict]:
     server = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "shard_server.py"), args.root, "--latency",
                                str(args.latency), "--bandwidth", str(args.bandwidth)],
                               stdout=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{server.stdout.readline().split()[1]}"
-    rows, homes = [], {name: Path(tempfile.mkdtemp(prefix=f"store-home-{name}-")) for name in ("disk", "http")}
+    s3_server, s3_url = moto_s3(args.root)
+    roots = {"disk": args.root, "http": url, "s3": s3_url}
+    rows, homes = [], {name: Path(tempfile.mkdtemp(prefix=f"store-home-{name}-")) for name in roots}
     try:
         for round_ in range(args.rounds):  # round 0 indexes the shards, later rounds find the index cached
-            for name, root in (("disk", args.root), ("http", url)):
+            for name, root in roots.items():
                 out = Path(tempfile.mkdtemp(prefix=f"store-run-{name}-"))
                 rows.append({"round": round_, "index": "cold" if round_ == 0 else "warm", "root": name,
                              **timed_run(root, out, homes[name], args.overrides)})
@@ -131,6 +154,7 @@ def run_benchmark(args) -> list[dict]:
                 print(json.dumps(rows[-1]), flush=True)
     finally:
         server.terminate()
+        s3_server.terminate()
         for home in homes.values():
             shutil.rmtree(home, ignore_errors=True)
     return rows

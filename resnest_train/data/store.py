@@ -183,7 +183,9 @@ class RangeReader:
     header, and later its image's first and last bytes, so an image's tail, the `.cls` member after it and
     the next header usually come in one request: about one per sample, never the images' bytes."""
 
-    BEFORE, KEEP = 1024, 16  # bytes fetched before the offset asked (an image's last 64 sit before the header)
+    # bytes fetched before the offset asked (an image's last 64 sit before the next header); windows kept: a
+    # shard's whole walk (the image checks come after it; 4 KB per member, 16 MB at most)
+    BEFORE, KEEP = 1024, 4096
 
     def __init__(self, url: str, size: int, block: int = 4096):
         self.name, self.size, self.block = url, size, block

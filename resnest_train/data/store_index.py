@@ -23,7 +23,7 @@ from resnest_train.errors import UserError
 
 INFO_FILE = "_info.json"
 INFO_SPLITS = {"train": ("train",), "val": ("val", "validation")}
-SCAN_THREADS = 16  # shards indexed at once: each is a sequence of small range requests
+SCAN_THREADS = 64  # shards indexed at once: each is a sequence of small range requests, bound by latency
 
 
 class RemoteDatasetError(UserError):
