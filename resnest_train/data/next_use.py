@@ -17,9 +17,12 @@ class NextUse:
     ranked by where in it they are read."""
 
     def __init__(self, units: list[str]):
+        self.names = list(units)
         self.ids = {unit: i for i, unit in enumerate(units)}
         self.times: list[np.ndarray] = [np.zeros(0) for _ in units]
         self.steps_per_epoch = 0
+        # every planned read, by time: the shards read next from any step (`coming`, asked at each step)
+        self.flat_times, self.flat_units = np.zeros(0), np.zeros(0, np.int64)
 
     def plan(self, spans: list[tuple[int, np.ndarray]], steps_per_epoch: int, global_batch: int) -> None:
         """`spans`: (first step, the shard id of each position read from it on, `global_batch` per step)."""
@@ -34,6 +37,8 @@ class NextUse:
         units, times = units[order], slots[order] / global_batch
         bounds = np.searchsorted(units, np.arange(len(self.times) + 1))
         self.times = [times[bounds[i]:bounds[i + 1]] for i in range(len(self.times))]
+        by_time = np.argsort(times, kind="stable")
+        self.flat_times, self.flat_units = times[by_time], units[by_time]
 
     def next(self, unit: str, now: float, evaluating: bool = False) -> float:
         """The step at which `unit` is read next from `now` (NEVER: not in the two epochs planned). A
@@ -49,6 +54,10 @@ class NextUse:
     def coming(self, now: float, count: int, evaluating: bool = False) -> list[str]:
         """The first `count` shards read from `now` on, soonest first (validation shards only during an
         evaluation: they are not fetched ahead of the epoch's end)."""
-        nexts = [(self.next(unit, now, evaluating), unit) for unit in self.ids
-                 if evaluating or not unit.startswith("val/")]
-        return [unit for when, unit in sorted(nexts) if when < NEVER][:count]
+        chosen = dict.fromkeys(unit for unit in self.names if evaluating and unit.startswith("val/"))
+        i = int(np.searchsorted(self.flat_times, now))
+        while len(chosen) < count and i < len(self.flat_units):
+            for unit in self.flat_units[i:i + 4 * count].tolist():  # the reads from `now` on, a few at a time
+                chosen.setdefault(self.names[unit])
+            i += 4 * count
+        return list(chosen)[:count]

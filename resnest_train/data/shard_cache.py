@@ -47,7 +47,6 @@ class ShardCache:
         self.limit, self.prefetch, self.policy = limit, prefetch, policy
         self.future = NextUse(sorted(stamps))
         self.now = 0.0
-        self.stats = {"downloaded": 0, "hits": 0, "misses": 0, "evicted": 0}  # this process's
         self.pid, self.wake, self.inflight = os.getpid(), threading.Event(), set()
         (self.folder / ".locks").mkdir(parents=True, exist_ok=True)
         self._remove_stale_parts()
@@ -160,11 +159,9 @@ class ShardCache:
         """The local copy of `unit`, fetched now when missing (or waited for, when another process of the
         node is fetching it)."""
         if self._present(unit):
-            self.stats["hits"] += 1
             if self.policy == "lru":
                 os.utime(self.path(unit))
             return str(self.path(unit))
-        self.stats["misses"] += 1
         self.fetch(unit, demand=True)
         return str(self.path(unit))
 
@@ -183,7 +180,6 @@ class ShardCache:
                 os.replace(part, self.path(unit))
             finally:
                 part.unlink(missing_ok=True)
-            self.stats["downloaded"] += size
             return True
 
     def _download(self, unit: str, part: Path, size: int) -> None:
@@ -285,7 +281,6 @@ class ShardCache:
             self.path(unit).unlink()
         finally:
             close_held(fd)
-        self.stats["evicted"] += 1
         return size
 
     def _remove_own_parts(self) -> None:

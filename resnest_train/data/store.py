@@ -25,12 +25,17 @@ PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "htt
 # botocore says at INFO where it found credentials and endpoints, on every rank: kept for --verbose runs
 for _name in ("botocore", "aiobotocore", "s3fs", "fsspec"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+MISSING = "no such object"
 RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)  # seconds between the tries of a throttled or dropped request
 TIMEOUTS = {"connect": 10, "read": 60}  # seconds: a store that does not answer is a failure, not a hang
 
 
 class StoreError(UserError):
     """An object store could not give what was asked (unreachable, missing, refused, changed)."""
+
+
+class NoSuchObject(StoreError):
+    """The object asked for does not exist (HTTP 404)."""
 
 
 def is_remote(root) -> bool:
@@ -93,7 +98,7 @@ def _verdict(exc: BaseException) -> tuple[bool, str]:
     """(worth another try, why in words) for a failed request."""
     status = _status(exc)
     if status == 404 or (isinstance(exc, FileNotFoundError) and status is None):
-        return False, "no such object"
+        return False, MISSING
     if isinstance(exc, PermissionError) or status in (401, 403):
         return False, "access denied (HTTP 403): check the credentials (AWS_*, GOOGLE_APPLICATION_CREDENTIALS)"
     if status == 429 or (status is not None and status >= 500):
@@ -119,7 +124,8 @@ def attempt(what: str, call, *args, delays: tuple[float, ...] | None = None, **k
             again, why = _verdict(exc)
             if not again or delay is None:
                 tried = f"; tried {tries} times" if tries > 1 else ""
-                raise StoreError(f"cannot read {what}: {why}{tried}") from None
+                kind = NoSuchObject if why == MISSING else StoreError
+                raise kind(f"cannot read {what}: {why}{tried}") from None
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -148,10 +154,8 @@ def listing(folder: str) -> dict[str, dict]:
     fs = fs_of(folder)
     try:
         entries = attempt(folder, fs.ls, folder, detail=True)
-    except StoreError as exc:
-        if "no such object" in str(exc):
-            return {}
-        raise
+    except NoSuchObject:
+        return {}
     return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry for entry in entries
             if entry.get("type", "file") == "file"}
 
@@ -160,10 +164,8 @@ def read_text(url: str) -> str | None:
     """The object's text, or None where there is no such object."""
     try:
         return attempt(url, fs_of(url).cat_file, url).decode("utf-8")
-    except StoreError as exc:
-        if "no such object" in str(exc):
-            return None
-        raise
+    except NoSuchObject:
+        return None
     except UnicodeDecodeError as exc:
         raise StoreError(f"cannot read {url}: not UTF-8 text ({exc})") from None
 
