@@ -4,8 +4,8 @@ backends for the same sample."""
 
 from __future__ import annotations
 
-import hashlib
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,12 +108,23 @@ GOLDEN_DRAWS = {
          "lighting": [0.13568809628486633, -0.16265903413295746, -0.13537263870239258], "sub_policy": 15,
          "run": [0.5904350280761719, 0.9219615459442139], "negate": [1, 0]}],
 }
-# sha256 of TrainAugment's tensors for samples 0..5 of epoch 2 on one 61 x 83 image (seed 0, 32 px crops)
-GOLDEN_IMAGES = {
-    ("imagenet", "image"): "683e30d496b78b102713662dc57e1416f2bde2518c4500661c22c053b32c01d0",
-    ("imagenet", "crop"): "2ac1f27d914c67ba70907a3b78f4de3f18492020fdfcbce94923933038eedbe6",
-    ("none", "image"): "4375c42c02aeaccfc69fd20eea314c0edda23eaf640cc32b25808890340169fd",
-}
+# TrainAugment's tensors for samples 0..5 of epoch 2 on one 61 x 83 image (seed 0, 32 px crops), written by
+# the code of 620cf1d (tests/golden/train_augment_620cf1d.npz, one array per policy and place). Compared
+# within 1e-4, not bit for bit: the lighting's small matrix product and torch's float kernels round the last
+# bits differently on other CPUs (these hashes differed between an Intel and an AMD machine of one kind), while
+# a change of the augmentation moves a pixel by at least one grey level, 1 / 255 / 0.229 = 0.017 here.
+GOLDEN_IMAGES = Path(__file__).parent / "golden" / "train_augment_620cf1d.npz"
+
+
+def stable_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Ramps, integer noise and pixels clipped at 15 and 235, built from integers only (the same bytes on
+    every CPU, unlike float sines), with a low-contrast band."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([(x * 5 + y * 3 + 60 * c) % 220 for c in range(3)], axis=-1) + 18
+    image = np.clip(base + rng.integers(-25, 26, base.shape), 15, 235)
+    image[:, :9] = image[:, :9] * 2 // 5 + 70
+    return image.astype(np.uint8)
 
 
 @pytest.mark.parametrize("policy,seed", sorted(GOLDEN_DRAWS))
@@ -123,11 +134,11 @@ def test_autoaugment_and_no_augment_draws_are_unchanged(tmp_path, policy, seed):
     assert [draws.row(i) for i in range(3)] == GOLDEN_DRAWS[policy, seed]
 
 
-@pytest.mark.parametrize("policy,where", sorted(GOLDEN_IMAGES))
+@pytest.mark.parametrize("policy,where", [("imagenet", "image"), ("imagenet", "crop"), ("none", "image")])
 def test_autoaugment_and_no_augment_images_are_unchanged(tmp_path, policy, where):
-    from tests.test_autoaugment import structured
     plan = make_plan(tmp_path, autoaugment=policy, autoaugment_on=where, color_jitter=0.4, lighting=0.1)
-    augment, image, digest = TrainAugment(plan), Image.fromarray(structured(61, 83)), hashlib.sha256()
-    for sample in range(6):
-        digest.update(augment(image, draw_batch(plan, 2, [sample], [(61, 83)]).row(0)).numpy().tobytes())
-    assert digest.hexdigest() == GOLDEN_IMAGES[policy, where]
+    augment, image = TrainAugment(plan), Image.fromarray(stable_image(61, 83))
+    ours = np.stack([augment(image, draw_batch(plan, 2, [sample], [(61, 83)]).row(0)).numpy()
+                     for sample in range(6)])
+    golden = np.load(GOLDEN_IMAGES)[f"{policy}-{where}"]
+    np.testing.assert_allclose(ours, golden, rtol=0, atol=1e-4)
