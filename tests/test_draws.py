@@ -110,9 +110,9 @@ GOLDEN_DRAWS = {
 }
 # TrainAugment's tensors for samples 0..5 of epoch 2 on one 61 x 83 image (seed 0, 32 px crops), written by
 # the code of 620cf1d (tests/golden/train_augment_620cf1d.npz, one array per policy and place). Compared
-# within 1e-4, not bit for bit: the lighting's small matrix product and torch's float kernels round the last
-# bits differently on other CPUs (these hashes differed between an Intel and an AMD machine of one kind), while
-# a change of the augmentation moves a pixel by at least one grey level, 1 / 255 / 0.229 = 0.017 here.
+# within 1e-4, not bit for bit: sha256 pins of these tensors held on an Intel machine and not on an AMD one
+# with the same code (float kernels and the old test image's float sines round differently per CPU), while a
+# change of the augmentation moves a pixel by at least one grey level, 1 / 255 / 0.229 = 0.017 here.
 GOLDEN_IMAGES = Path(__file__).parent / "golden" / "train_augment_620cf1d.npz"
 
 
